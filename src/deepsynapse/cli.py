@@ -1,0 +1,182 @@
+"""The ``deepsynapse`` command: train, eval.
+
+Bad input (config keys, data rows, model names, checkpoints) ends with a one-line error that
+names what was wrong and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/demo-cpu.yaml"
+
+
+def _default_config() -> str | None:
+    """configs/demo-cpu.yaml next to the working dir or the source checkout, if present."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = base / DEFAULT_CONFIG
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepsynapse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", help="GRPO training from a YAML recipe plus key=value overrides"
+    )
+    train.add_argument("overrides", nargs="*", help="config overrides such as grpo.beta=0.02")
+    train.add_argument("--config", "-c", help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest complete checkpoint (RUN_DIR, or train.run_name)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="accuracy and format validity on held-out GSM8K")
+    ev.add_argument(
+        "--model", default="smollm2-135m-instruct", help="alias, folder, .gguf or hub id"
+    )
+    ev.add_argument("--adapter", help="PEFT adapter folder, or a run folder / checkpoint")
+    ev.add_argument("--data", default="gsm8k", help="gsm8k, a .jsonl file, a hub id or synthetic")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--schema", default="base", choices=["base", "deepsynapse"])
+    ev.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ev.add_argument("--output", "-o", help="write the JSON result (with every completion) here")
+    ev.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deepsynapse.config import load_config
+    from deepsynapse.rl.trainer import Trainer, find_run_dir
+
+    run_dir = None
+    if args.resume is not None:
+        if args.resume:
+            run_dir = find_run_dir(args.resume)
+            cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
+        else:
+            cfg = load_config(args.config or _default_config(), args.overrides)
+            if not cfg.train.run_name:
+                raise SystemExit(_fail("--resume without RUN_DIR needs train.run_name=NAME"))
+    else:
+        cfg = load_config(args.config or _default_config(), args.overrides)
+    trainer = Trainer(cfg, run_dir=run_dir, progress=not args.quiet)
+    summary = trainer.train(resume=args.resume is not None)
+    if trainer.accelerator.is_main_process:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"run: {summary['run_dir']}  ({summary['steps']} GRPO steps, {summary.get('mean_step_seconds') or 0:.1f} s/step)"
+    ]
+    k = summary["window"]
+    lines.append(f"{'metric':32s} {'first ' + str(k):>10s} {'last ' + str(k):>10s}")
+    for key, first in summary["first_steps"].items():
+        last = summary["last_steps"].get(key)
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"{key:32s} {fmt(first):>10s} {fmt(last):>10s}")
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if before or after:
+        lines.append(f"held-out ({(after or before)['n']} problems)      before      after")
+        for key in ("accuracy", "format_validity", "mean_length"):
+            b = "n/a" if not before else f"{before[key]:.3f}"
+            a = "n/a" if not after else f"{after[key]:.3f}"
+            lines.append(f"  {key:28s} {b:>10s} {a:>10s}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from deepsynapse.config import Config
+    from deepsynapse.eval.harness import evaluate
+    from deepsynapse.formats import get_schema
+    from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
+    from deepsynapse.rl.trainer import build_problems
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(args.dtype, device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype.dtype, tokenizer).to(device)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resolve_adapter(args.adapter)))
+    cfg = Config()
+    problems, _ = build_problems(args.data, args.split, cfg)
+    if args.limit:
+        problems = problems[: args.limit]
+    result = evaluate(
+        model,
+        tokenizer,
+        problems,
+        get_schema(args.schema),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet,
+    )
+    result["model"], result["adapter"], result["data"] = args.model, args.adapter, args.data
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1))
+    brief = {k: v for k, v in result.items() if k != "records"}
+    print(json.dumps(brief, indent=1))
+    return 0
+
+
+def resolve_adapter(path: str) -> Path:
+    """An adapter folder, a checkpoint folder, or a run folder (its newest checkpoint)."""
+    from deepsynapse.checkpoint import latest_checkpoint
+
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        return p
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    ckpt = latest_checkpoint(p / "checkpoints")
+    if ckpt is not None:
+        return ckpt / "adapter"
+    raise FileNotFoundError(f"{p}: no PEFT adapter here (adapter_config.json), nor a checkpoint")
+
+
+def _fail(message: str) -> int:
+    print(f"deepsynapse: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from deepsynapse.checkpoint import CheckpointError
+    from deepsynapse.config import ConfigError
+    from deepsynapse.data.problems import DataError
+    from deepsynapse.models.loading import ModelLoadError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

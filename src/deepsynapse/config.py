@@ -1,0 +1,433 @@
+"""Typed, strict configuration: nested dataclasses from YAML plus ``key.sub=value`` overrides.
+
+Every field has a default and a help line (its ``metadata["help"]``). An unknown key fails
+and names the nearest valid one; a wrong type fails with the key's full path and the type
+expected. Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration input; the message names the key (and file) and what was expected."""
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a help line; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "smollm2-135m-instruct",
+        "alias (smollm2-135m-instruct, tiny-random), local folder, .gguf file or hub id",
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", "compute dtype of the frozen base; auto = bf16 where the hardware has it"
+    )
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(16, "LoRA rank")
+    alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)")
+    dropout: float = _f(0.0, "LoRA dropout")
+    target_modules: list[str] = _f(
+        ["all-linear"], "modules to adapt; 'all-linear' = every linear layer but the output head"
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = _f(
+        "gsm8k", "training problems: gsm8k (local copy), a .jsonl path, a hub id, or synthetic"
+    )
+    eval: str = _f("gsm8k", "held-out problems for before/after evaluation (test split)")
+    synthetic_difficulty: list[int] = _f([1, 3], "min and max steps of synthetic problems")
+    synthetic_size: int = _f(2000, "number of synthetic problems generated when train=synthetic")
+    skip_malformed: bool = _f(False, "skip (and count) malformed dataset rows instead of failing")
+
+
+@dataclass
+class RolloutConfig:
+    num_generations: int = _f(4, "G: completions sampled per prompt (one group)")
+    max_new_tokens: int = _f(128, "completion token budget; longer completions are truncated")
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling threshold (1.0 = off)")
+    prefix_sharing: bool = _f(
+        True, "prefill each prompt once and share its KV cache with its G samples"
+    )
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = _f(4, "prompts per optimizer step, over all processes")
+    micro_batch_size: int = _f(16, "completions per forward/backward pass on one process")
+    advantage: Literal["grpo", "dr_grpo", "batch"] = _f(
+        "grpo", "grpo: (r-mean)/std per group; dr_grpo: r-mean; batch: (r-mean_group)/std_batch"
+    )
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = _f(
+        "token",
+        "token: mean over all tokens (DAPO); sequence: mean of per-sequence means (GRPO); dr_grpo: sum / (N * max_new_tokens)",
+    )
+    importance_sampling: Literal["token", "sequence"] = _f(
+        "token", "token: per-token ratios (GRPO); sequence: length-normalised sequence ratio (GSPO)"
+    )
+    epsilon_low: float = _f(0.2, "lower clip range of the ratio")
+    epsilon_high: float = _f(0.28, "upper clip range (clip-higher when > epsilon_low)")
+    num_iterations: int = _f(1, "inner updates per generated batch (mu), reusing old log-probs")
+    beta: float = _f(0.04, "KL coefficient (k3 estimator, reference = base with adapters off)")
+    mask_truncated: bool = _f(False, "exclude completions that hit max_new_tokens from the loss")
+    dynamic_sampling: bool = _f(False, "drop groups whose correctness does not vary (no signal)")
+    max_resample_rounds: int = _f(
+        2, "with dynamic sampling: extra rollout rounds to refill the batch"
+    )
+    logprob_chunk_tokens: int = _f(
+        1024, "tokens per chunk of the output head (no full-vocab tensor for the batch)"
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-5, "peak learning rate of AdamW")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.99], "AdamW betas")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    schedule: Literal["constant", "linear", "cosine"] = _f("constant", "decay after warm-up")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+
+
+@dataclass
+class RewardsConfig:
+    schema: Literal["base", "deepsynapse"] = _f("base", "XML schema of completions")
+    weights: dict[str, float] = _f(
+        {"correctness": 1.0, "strict_format": 0.5, "soft_format": 0.5},
+        "reward components and their fusion weights",
+    )
+
+
+@dataclass
+class SFTConfig:
+    steps: int = _f(0, "supervised warm-up steps on gold solutions in the XML format (0 = off)")
+    batch_size: int = _f(8, "examples per warm-up step")
+    lr: float = _f(2e-4, "warm-up learning rate")
+    data: str = _f("gsm8k", "source of worked solutions (same names as data.train)")
+
+
+@dataclass
+class EvalConfig:
+    limit: int = _f(32, "held-out problems evaluated before and after training (0 = off)")
+    max_new_tokens: int = _f(200, "completion budget at evaluation")
+    batch_size: int = _f(16, "prompts per generation batch at evaluation")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(20, "GRPO optimizer steps")
+    seed: int = _f(0, "seed of data order, sampling and initialisation")
+    output_dir: str = _f("runs", "parent folder of run folders")
+    run_name: str = _f("", "run folder name (default: derived from time)")
+    save_every: int = _f(10, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = _f(2, "newest complete checkpoints kept")
+    log_samples_every: int = _f(1, "write some completions to samples.jsonl every N steps")
+    samples_per_log: int = _f(4, "completions written each time")
+    trackers: list[str] = _f([], "extra trackers through Accelerate: tensorboard, wandb, ...")
+    threads: int = _f(0, "torch CPU threads (0 = all cores)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def batch_plan(self, world_size: int = 1) -> BatchPlan:
+        """Check that batch settings fit together for ``world_size`` processes."""
+        return plan_batch(self, world_size)
+
+
+# ---------------------------------------------------------------- batch arithmetic
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    prompts_per_step: int
+    num_generations: int
+    prompts_per_process: int
+    completions_per_process: int
+    micro_batch_size: int
+    micro_batches: int
+    num_iterations: int
+
+    def describe(self) -> str:
+        total = self.prompts_per_step * self.num_generations
+        return (
+            f"one optimizer step = {self.prompts_per_step} prompts x {self.num_generations} "
+            f"completions = {total} completions over {self.world_size} process(es): "
+            f"{self.prompts_per_process} prompts ({self.completions_per_process} completions) per "
+            f"process, in {self.micro_batches} micro-batch(es) of up to {self.micro_batch_size}, "
+            f"x{self.num_iterations} inner iteration(s)"
+        )
+
+
+def plan_batch(cfg: Config, world_size: int) -> BatchPlan:
+    """Refuse batch settings that do not divide evenly, naming a valid alternative."""
+    prompts = cfg.grpo.prompts_per_step
+    if prompts % world_size:
+        lower = max(world_size, prompts - prompts % world_size)
+        raise ConfigError(
+            f"grpo.prompts_per_step={prompts} does not divide over {world_size} processes; "
+            f"use grpo.prompts_per_step={lower} or {lower + world_size}"
+        )
+    per_process = prompts // world_size
+    completions = per_process * cfg.rollout.num_generations
+    micro = min(cfg.grpo.micro_batch_size, completions)
+    return BatchPlan(
+        world_size=world_size,
+        prompts_per_step=prompts,
+        num_generations=cfg.rollout.num_generations,
+        prompts_per_process=per_process,
+        completions_per_process=completions,
+        micro_batch_size=micro,
+        micro_batches=-(-completions // micro),
+        num_iterations=cfg.grpo.num_iterations,
+    )
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    expected = _type_name(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _check_value(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {value!r}, expected a list ({expected})")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r}, expected a mapping ({expected})")
+        key_tp, val_tp = typing.get_args(tp)
+        return {
+            _check_value(k, key_tp, f"{key} key"): _check_value(v, val_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected an integer")
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: got {value!r}, expected a number") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{key}: got {value!r}, expected a finite number")
+            return float(value)
+        raise ConfigError(f"{key}: got {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = prefix or "the config"
+        raise ConfigError(f"{where}: got {type(data).__name__}, expected a mapping of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown key '{path}'{hint} (valid: {', '.join(sorted(fields))})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_mapping(tp, value if value is not None else {}, path)
+        else:
+            kwargs[key] = _check_value(value, tp, path)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "lora.r": cfg.lora.r,
+        "rollout.num_generations": cfg.rollout.num_generations,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "grpo.prompts_per_step": cfg.grpo.prompts_per_step,
+        "grpo.micro_batch_size": cfg.grpo.micro_batch_size,
+        "grpo.num_iterations": cfg.grpo.num_iterations,
+        "grpo.logprob_chunk_tokens": cfg.grpo.logprob_chunk_tokens,
+        "optim.lr": cfg.optim.lr,
+        "sft.batch_size": cfg.sft.batch_size,
+        "eval.batch_size": cfg.eval.batch_size,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: got {value}, expected a value > 0")
+    non_negative = {
+        "train.steps": cfg.train.steps,
+        "sft.steps": cfg.sft.steps,
+        "grpo.beta": cfg.grpo.beta,
+        "grpo.epsilon_low": cfg.grpo.epsilon_low,
+        "grpo.epsilon_high": cfg.grpo.epsilon_high,
+        "eval.limit": cfg.eval.limit,
+        "train.save_every": cfg.train.save_every,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.max_grad_norm": cfg.optim.max_grad_norm,
+        "train.threads": cfg.train.threads,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: got {value}, expected a value >= 0")
+    if cfg.rollout.num_generations < 2:
+        raise ConfigError(
+            "rollout.num_generations: got 1, expected >= 2 (group-relative advantages need a group)"
+        )
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p: got {cfg.rollout.top_p}, expected 0 < top_p <= 1")
+    if cfg.rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature: got {cfg.rollout.temperature}, expected > 0")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints: expected >= 1")
+    lo_hi = cfg.data.synthetic_difficulty
+    if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+        raise ConfigError(
+            f"data.synthetic_difficulty: got {lo_hi}, expected [min, max] with 1 <= min <= max"
+        )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML, so 1e-5, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}': empty key part in '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the defaults), apply overrides, validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"{path}: expected a mapping of sections, got {type(loaded).__name__}"
+            )
+        data = loaded
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = value
+    try:
+        cfg = _from_mapping(Config, data, "")
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every field: the source of the config docs table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+            f.default_factory
+        ):
+            rows += describe_fields(f.default_factory, key + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((key, repr(default), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,152 @@
+"""The policy: a frozen base model with PEFT LoRA adapters, and its log-prob forward.
+
+The reference policy for KL is the same module with the adapters disabled (no second copy
+of the weights). Log-probs are computed from the last hidden states in chunks of tokens, on
+completion tokens only (no compute on padding), so the full-vocabulary logits never exist for
+the whole batch at once; with gradients, each chunk is recomputed in backward instead of
+being kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as ``generate`` computes them. [N, L]"""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+@torch.no_grad()
+def _chunk_entropy(hidden: torch.Tensor, head: nn.Module, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def selected_token_logprobs(
+    hidden: torch.Tensor,
+    head: nn.Module,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) for each row of ``hidden`` [M, H] -> ([M] fp32, entropy [M] or None)."""
+    out, ent = [], []
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h = hidden[start : start + chunk_tokens]
+        t = targets[start : start + chunk_tokens]
+        if grad:
+            out.append(checkpoint(_chunk_logprobs, h, head, t, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(h, head, t, temperature))
+        if with_entropy:
+            ent.append(_chunk_entropy(h.detach(), head, temperature))
+    logp = torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    entropy = (torch.cat(ent) if ent else logp.new_zeros(0)) if with_entropy else None
+    return logp, entropy
+
+
+@dataclass
+class LogprobOutput:
+    logp: torch.Tensor  # [N, T] fp32, zero where mask == 0
+    entropy: torch.Tensor | None  # [N, T] fp32 or None
+
+
+class PolicyModule(nn.Module):
+    """Wraps the PEFT model so one ``forward`` returns completion log-probs.
+
+    Going through ``forward`` matters under DDP/FSDP: the wrapper's hooks see the call.
+    """
+
+    def __init__(self, peft_model: nn.Module, chunk_tokens: int = 1024):
+        super().__init__()
+        self.peft_model = peft_model
+        self.chunk_tokens = chunk_tokens
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The transformers model with LoRA layers injected (``LlamaForCausalLM``...)."""
+        return self.peft_model.get_base_model()
+
+    def reference(self) -> contextlib.AbstractContextManager:
+        """Context in which the adapters are off: the reference policy."""
+        return self.peft_model.disable_adapter()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N, P + T] prompts left-padded, completions right-padded
+        attention_mask: torch.Tensor,  # [N, P + T]
+        completion_mask: torch.Tensor,  # [N, T] 1 on completion tokens that count
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> LogprobOutput:
+        lm = self.causal_lm
+        t = completion_mask.shape[1]
+        body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        hidden = body(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids_from_mask(attention_mask[:, :-1]),
+            use_cache=False,
+        ).last_hidden_state[:, -t:]  # [N, T, H]: states that predict the completion tokens
+        sel = completion_mask.bool()
+        targets = input_ids[:, -t:][sel]
+        logp_sel, ent_sel = selected_token_logprobs(
+            hidden[sel],
+            lm.get_output_embeddings(),
+            targets,
+            self.chunk_tokens,
+            temperature,
+            with_entropy,
+        )
+        logp = torch.zeros(completion_mask.shape, dtype=torch.float32, device=input_ids.device)
+        logp = logp.masked_scatter(sel, logp_sel)
+        entropy = None
+        if ent_sel is not None:
+            entropy = torch.zeros_like(logp).masked_scatter(sel, ent_sel)
+        return LogprobOutput(logp, entropy)
+
+
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str]):
+    """Freeze ``model`` and add PEFT LoRA adapters (fp32 weights even on a bf16 base)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = (
+        "all-linear" if target_modules == ["all-linear"] else list(target_modules)
+    )
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    for p in peft_model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def trainable_parameters(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]

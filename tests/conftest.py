@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny-random config that runs the whole pipeline in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+TINY = [
+    "model.name=tiny-random",
+    "model.dtype=fp32",
+    "lora.r=4",
+    "lora.alpha=8",
+    "data.train=gsm8k",
+    "data.eval=gsm8k",
+    "rollout.num_generations=2",
+    "rollout.max_new_tokens=12",
+    "grpo.prompts_per_step=2",
+    "grpo.micro_batch_size=2",
+    "optim.lr=1e-3",
+    "sft.steps=2",
+    "sft.batch_size=2",
+    "eval.limit=2",
+    "eval.max_new_tokens=8",
+    "train.steps=2",
+    "train.save_every=1",
+    "rewards.weights={correctness: 1.0, strict_format: 0.5, soft_format: 0.5, completion_length: 0.2}",
+]
+
+
+def completion_length(prompts, completions, **_):
+    """A reward in TRL's convention that varies on random text, so tiny runs have signal."""
+    return [len(c) / 50.0 for c in completions]
+
+
+EXTRA_REWARDS = {"completion_length": completion_length}
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    return list(TINY)

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+
+from deepsynapse.config import Config, ConfigError, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(
+        None, ["grpo.beta=0.1", "rollout.num_generations=8", "lora.target_modules=[q_proj, v_proj]"]
+    )
+    assert cfg.grpo.beta == 0.1 and cfg.rollout.num_generations == 8
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert isinstance(cfg, Config)
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'grpo.betta'; did you mean 'grpo.beta'"):
+        load_config(None, ["grpo.betta=0.1"])
+    f = tmp_path / "c.yaml"
+    f.write_text("rollout:\n  temprature: 0.5\n")
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: unknown key 'rollout.temprature'.*rollout.temperature"
+    ):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grpo.beta=abc", r"grpo.beta: got 'abc', expected a number"),
+        ("train.steps=1.5", r"train.steps: got 1.5, expected an integer"),
+        (
+            "grpo.advantage=ppo",
+            r"grpo.advantage: got 'ppo', expected one of 'grpo', 'dr_grpo', 'batch'",
+        ),
+        ("model.gradient_checkpointing=3", r"expected true or false"),
+        ("rollout.num_generations=1", r"rollout.num_generations: got 1, expected >= 2"),
+        ("grpo=3", r"grpo: got int, expected a mapping"),
+        ("novalue", r"expected key.sub=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_config(f)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_config(empty).grpo.beta == Config().grpo.beta
+
+
+def test_batch_plan_refuses_and_suggests():
+    cfg = load_config(None, ["grpo.prompts_per_step=5"])
+    with pytest.raises(
+        ConfigError,
+        match=r"prompts_per_step=5 does not divide over 2 processes; use grpo.prompts_per_step=4 or 6",
+    ):
+        cfg.batch_plan(2)
+    cfg = load_config(None, ["grpo.prompts_per_step=4", "grpo.micro_batch_size=3"])
+    plan = cfg.batch_plan(2)
+    assert (plan.prompts_per_process, plan.completions_per_process, plan.micro_batches) == (2, 8, 3)
+    assert "4 prompts x 4 completions = 16 completions over 2 process(es)" in plan.describe()
+
+
+def test_shipped_recipes_load():
+    for name in ("configs/demo-cpu.yaml", "configs/gsm8k-gpu.yaml"):
+        load_config(Path(__file__).resolve().parents[1] / name)

@@ -1,0 +1,38 @@
+"""Two processes on CPU (gloo) through Accelerate: rollouts sharded, parameters identical."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_two_process_launch(tmp_path):
+    worker = Path(__file__).parent / "dist_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(worker),
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    # Each rank rolled out its own half of each step's prompts.
+    for a, b in zip(r0["seen"][:2], r1["seen"][:2], strict=True):
+        assert len(a) == len(b) == 2 and not set(a) & set(b)
+    # DDP kept the trainable parameters identical, and they moved from LoRA's zero init.
+    assert r0["params"].keys() == r1["params"].keys()
+    for name, value in r0["params"].items():
+        assert abs(value - r1["params"][name]) < 1e-6 * max(1.0, abs(value)), name
+    assert any(abs(v) > 0 for n, v in r0["params"].items() if "lora_B" in n)
+    # Evaluation was sharded and gathered: 4 problems in all.
+    assert r0["eval_n"] == 4
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -1,0 +1,123 @@
+"""Tests for the synthetic word-problem generator."""
+
+from __future__ import annotations
+
+import re
+import time
+from fractions import Fraction
+
+import pytest
+
+from deepsynapse.data.answers import normalize_answer
+from deepsynapse.data.synthetic import generate_problems
+
+# "... 3 * 12 = 36 ..." or "... 24 * 75 / 100 = 18 ..."
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+)(?: / (100))? = \$?(\d+)")
+
+
+def _evaluate(a: str, op: str, b: str, percent: str | None) -> Fraction:
+    x, y = Fraction(a), Fraction(b)
+    value = {"+": x + y, "-": x - y, "*": x * y, "/": x / y}[op]
+    return value / 100 if percent else value
+
+
+def test_same_seed_same_problems() -> None:
+    assert generate_problems(50, seed=11) == generate_problems(50, seed=11)
+
+
+def test_different_seeds_differ() -> None:
+    a = [p.question for p in generate_problems(50, seed=1)]
+    b = [p.question for p in generate_problems(50, seed=2)]
+    assert a != b
+    assert len(set(a) & set(b)) < 5
+
+
+def test_prefix_stable() -> None:
+    assert generate_problems(10, seed=4) == generate_problems(30, seed=4)[:10]
+
+
+def test_problem_fields() -> None:
+    problems = generate_problems(200, seed=5, difficulty=(1, 6))
+    assert [p.id for p in problems] == [f"synthetic-5-{i}" for i in range(200)]
+    for p in problems:
+        assert p.source == "synthetic"
+        assert p.question.endswith("?")
+        assert re.fullmatch(r"\d+", p.answer), p.answer
+        assert int(p.answer) >= 0
+        assert normalize_answer(p.answer) == p.answer
+        lines = p.solution.split("\n")
+        assert p.difficulty == len(lines)
+        assert all(line.strip() == line and line for line in lines)
+        assert "<<" not in p.solution
+
+
+def test_intermediates_match_solution_arithmetic() -> None:
+    """Each solution line computes its intermediate, and the last one is the answer."""
+    for p in generate_problems(300, seed=9, difficulty=(1, 6)):
+        intermediates = p.columns["intermediates"]
+        assert len(intermediates) == p.difficulty
+        assert all(isinstance(x, str) and x.isdigit() for x in intermediates)
+        assert intermediates[-1] == p.answer
+        for line, expected in zip(p.solution.split("\n"), intermediates, strict=True):
+            match = _EQUATION.search(line)
+            assert match, line
+            a, op, b, percent, result = match.groups()
+            assert result == expected, line
+            assert _evaluate(a, op, b, percent) == int(result), line
+
+
+def test_operands_appear_in_question() -> None:
+    """Every number a solution starts from is given in the question or computed before."""
+    for p in generate_problems(200, seed=3, difficulty=(1, 6)):
+        known = set(re.findall(r"\d+", p.question)) | {"2", "60", "100", "1000"}
+        for line, result in zip(p.solution.split("\n"), p.columns["intermediates"], strict=True):
+            match = _EQUATION.search(line)
+            assert match
+            a, _, b, _, _ = match.groups()
+            assert a in known and b in known, (p.question, line)
+            known.add(result)
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5, 6])
+def test_exact_difficulty(difficulty: int) -> None:
+    problems = generate_problems(40, seed=difficulty, difficulty=difficulty)
+    assert {p.difficulty for p in problems} == {difficulty}
+
+
+def test_difficulty_range_respected_and_covered() -> None:
+    problems = generate_problems(300, seed=0, difficulty=(2, 4))
+    assert {p.difficulty for p in problems} == {2, 3, 4}
+    default = generate_problems(300, seed=0)
+    assert {p.difficulty for p in default} == {1, 2, 3}
+
+
+def test_variety() -> None:
+    problems = generate_problems(500, seed=8, difficulty=(1, 6))
+    assert len({p.question for p in problems}) == 500
+    first_words = {p.question.split()[0] for p in problems}
+    assert len(first_words) > 20
+    steps = {name for p in problems for name in p.columns["steps"]}
+    assert {"groups", "travel", "wage", "percent", "share", "buy", "sell"} <= steps
+    # units named in the task description all show up somewhere
+    text = " ".join(p.question for p in problems)
+    for unit in ("$", "hours", "minutes", "miles", "meters", "kilograms", "%"):
+        assert unit in text, unit
+
+
+@pytest.mark.parametrize("bad", [(0, 3), (3, 2), (1, 7), 0, 7])
+def test_invalid_difficulty(bad: int | tuple[int, int]) -> None:
+    with pytest.raises(ValueError):
+        generate_problems(3, difficulty=bad)
+
+
+def test_zero_and_negative_n() -> None:
+    assert generate_problems(0) == []
+    with pytest.raises(ValueError):
+        generate_problems(-1)
+
+
+def test_500_problems_quickly() -> None:
+    start = time.perf_counter()
+    problems = generate_problems(500, seed=123, difficulty=(1, 6))
+    assert len(problems) == 500
+    assert time.perf_counter() - start < 2.0

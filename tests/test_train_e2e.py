@@ -1,0 +1,128 @@
+"""End-to-end runs of the real trainer on the tiny random model (seconds each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import EXTRA_REWARDS
+from safetensors.torch import load_file
+
+from deepsynapse.config import ConfigError, load_config
+from deepsynapse.rl.trainer import Trainer
+from deepsynapse.telemetry.run_logger import read_jsonl
+
+REQUIRED = [
+    "rewards/correctness/mean",
+    "rewards/correctness/std",
+    "rewards/strict_format/mean",
+    "rewards/soft_format/std",
+    "reward/fused/mean",
+    "reward/fused/std",
+    "kl/mean",
+    "entropy/mean",
+    "clip/fraction",
+    "completion/length_mean",
+    "completion/truncated_rate",
+    "timing/generation",
+    "timing/scoring",
+    "timing/update",
+    "throughput/tokens_per_s",
+    "memory/peak_rss_mb",
+    "loss/total",
+]
+
+
+def run(tmp_path, overrides, name="run", **train_kwargs):
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, run_dir=tmp_path / name, progress=False, reward_fns=EXTRA_REWARDS)
+    summary = trainer.train(**train_kwargs)
+    return trainer, summary
+
+
+def adapter(run_dir, step):
+    return load_file(
+        str(run_dir / "checkpoints" / f"step-{step}" / "adapter" / "adapter_model.safetensors")
+    )
+
+
+def test_end_to_end_tiny_run(tmp_path, tiny_overrides):
+    trainer, summary = run(tmp_path, tiny_overrides + ["grpo.beta=0.1", "grpo.num_iterations=2"])
+    run_dir = tmp_path / "run"
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward/fused/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in REQUIRED:
+        assert key in rows[0], key
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in rows)
+    assert any(r.get("sft/loss") for r in read_jsonl(run_dir / "metrics.jsonl"))
+    # LoRA B starts at zero: after SFT + GRPO the adapter must have moved.
+    final = adapter(run_dir, 2)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in final.items())
+    # The GRPO steps moved it further than SFT alone.
+    after_sft = adapter(run_dir, 0) if (run_dir / "checkpoints/step-0").exists() else None
+    if after_sft is not None:
+        assert any(not torch.equal(final[k], after_sft[k]) for k in final)
+    kinds = {e["kind"] for e in read_jsonl(run_dir / "events.jsonl")}
+    assert {"start", "sft_done", "checkpoint"} <= kinds
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    assert samples and {"completion", "rewards", "fused_reward", "advantage"} <= set(samples[0])
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
+    assert summary["eval_before"]["n"] == 2 and summary["eval_after"]["n"] == 2
+    assert json.loads((run_dir / "eval_after.json").read_text())["records"]
+
+
+def test_unknown_reward_is_refused_before_loading_anything(tmp_path):
+    cfg = load_config(None, ["model.name=tiny-random", "rewards.weights={correctnes: 1.0}"])
+    with pytest.raises(
+        ConfigError, match="unknown reward 'correctnes'; did you mean 'correctness'"
+    ):
+        Trainer(cfg, run_dir=tmp_path / "x", progress=False)
+
+
+def test_peft_loads_the_adapter(tmp_path, tiny_overrides):
+    from peft import PeftModel
+
+    trainer, _ = run(tmp_path, tiny_overrides + ["train.steps=1", "sft.steps=0", "eval.limit=0"])
+    base = trainer.unwrapped.peft_model.get_base_model()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        ours = trainer.unwrapped.peft_model(input_ids=ids).logits
+        from deepsynapse.models.loading import build_tiny_random
+
+        fresh = build_tiny_random(trainer.tokenizer)
+        loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "run/checkpoints/step-1/adapter"))
+        theirs = loaded(input_ids=ids).logits
+    assert base is not None
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["grpo.loss_aggregation=sequence", "grpo.advantage=dr_grpo"],
+        ["grpo.importance_sampling=sequence", "grpo.num_iterations=2", "grpo.mask_truncated=true"],
+        ["grpo.dynamic_sampling=true", "grpo.loss_aggregation=dr_grpo", "grpo.beta=0"],
+    ],
+)
+def test_variants_run(tmp_path, tiny_overrides, variant):
+    _, summary = run(
+        tmp_path, tiny_overrides + ["sft.steps=0", "eval.limit=0", "train.steps=1"] + variant
+    )
+    assert summary["steps"] == 1
+
+
+def test_resume_is_exact(tmp_path, tiny_overrides):
+    base = tiny_overrides + ["train.steps=4", "train.save_every=2", "eval.limit=0"]
+    run(tmp_path, base, name="straight")
+    _, first = run(tmp_path, base, name="split", stop_after=2)
+    assert first["steps"] == 2
+    run(tmp_path, base, name="split", resume=True)
+    a, b = adapter(tmp_path / "straight", 4), adapter(tmp_path / "split", 4)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    steps = [
+        r["step"] for r in read_jsonl(tmp_path / "split/metrics.jsonl") if "reward/fused/mean" in r
+    ]
+    assert steps == [1, 2, 3, 4]  # every step logged exactly once

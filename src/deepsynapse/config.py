@@ -118,6 +118,7 @@ class RewardsConfig:
         {"correctness": 1.0, "strict_format": 0.5, "soft_format": 0.5},
         "reward components and their fusion weights",
     )
+    timeout_s: float = _f(60.0, "a component that runs longer scores None for the step (0 = no limit)")
 
 
 @dataclass
@@ -147,6 +148,7 @@ class TrainConfig:
     samples_per_log: int = _f(4, "completions written each time")
     trackers: list[str] = _f([], "extra trackers through Accelerate: tensorboard, wandb, ...")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each is skipped)")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,23 +122,53 @@ class ComponentFailure:
     error: str
 
 
+def _call_with_timeout(fn: Callable[[], Any], timeout: float | None) -> Any:
+    """Run ``fn`` in a daemon thread; raise TimeoutError if it does not finish in time.
+
+    A hung component cannot be killed from Python: its thread is abandoned (daemon, so it
+    never blocks exit) and the step goes on without it.
+    """
+    if not timeout:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True, name="reward-component")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"did not finish within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def call_components(
     components: Sequence[Callable[..., Scores]],
     prompts: Sequence[Any],
     completions: Sequence[str],
     columns: dict[str, Any],
+    timeout: float | None = None,
 ) -> tuple[dict[str, Scores], list[ComponentFailure]]:
     """Score every completion with every component, isolating failures.
 
-    A component that raises, returns the wrong length or a non-finite value scores None for
-    the whole step; the failure is returned (to be logged as an event) and training goes on.
+    A component that raises, hangs past ``timeout`` seconds, returns the wrong length or a
+    non-finite value scores None for the whole step; the failure is returned (to be logged
+    as an event) and training goes on.
     """
     scores: dict[str, Scores] = {}
     failures: list[ComponentFailure] = []
     for component in components:
         name = component_name(component)
         try:
-            values = list(component(prompts, completions, **columns))
+            values = list(
+                _call_with_timeout(lambda c=component: c(prompts, completions, **columns), timeout)
+            )
             if len(values) != len(completions):
                 raise ValueError(
                     f"returned {len(values)} scores for {len(completions)} completions"

@@ -78,6 +78,10 @@ from deepsynapse.telemetry.run_logger import (
 logger = logging.getLogger(__name__)
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the message names the last good checkpoint."""
+
+
 # ------------------------------------------------------------------ the batch contract
 
 
@@ -160,11 +164,35 @@ def select_groups(batch: GroupBatch, keep: torch.Tensor, group_size: int) -> Gro
 # ------------------------------------------------------------------ builders
 
 
-def build_accelerator(cfg: Config):
+def build_accelerator(cfg: Config, run_dir: Path):
+    """Accelerate owns processes, devices, DDP and the trackers (TensorBoard, W&B, ...)."""
     from accelerate import Accelerator
 
     trackers = list(cfg.train.trackers) or None
-    return Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers)
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=trackers,
+        project_dir=str(run_dir / "trackers") if trackers else None,
+    )
+
+
+def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
+    """Start the configured trackers; W&B runs offline unless WANDB_MODE says otherwise."""
+    if not cfg.train.trackers:
+        return
+    flat = {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
+    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+    accelerator.init_trackers(
+        project_name="deepsynapse",
+        config=flat,
+        init_kwargs={
+            "wandb": {
+                "dir": str(run_dir),
+                "name": run_dir.name,
+                "mode": os.environ.get("WANDB_MODE", "offline"),
+            }
+        },
+    )
 
 
 def build_problems(
@@ -253,7 +281,8 @@ class Trainer:
         self.progress = progress
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.accelerator = build_accelerator(cfg)
+        self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+        self.accelerator = build_accelerator(cfg, self.run_dir)
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.plan = cfg.batch_plan(self.world)
@@ -261,7 +290,6 @@ class Trainer:
         self.schema = get_schema(cfg.rewards.schema)
         self.stops = stop_strings(self.schema)
         self.reward_fns = build_rewards(cfg, reward_fns)
-        self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
         self.log = RunLogger(
             self.run_dir, self.accelerator, enabled=self.accelerator.is_main_process
         )
@@ -292,6 +320,8 @@ class Trainer:
         self.step = 0
         self.sft_done = cfg.sft.steps == 0
         self.bad_steps = 0
+        self.skipped_steps = 0
+        self._stop_requested: str | None = None
 
     # -------------------------------------------------------------- small helpers
 
@@ -421,7 +451,9 @@ class Trainer:
             "truncated": batch.rollout.truncated.tolist(),
         }
         prompts = [p for p in batch.prompts for _ in range(g)]
-        batch.scores, failures = call_components(self.reward_fns, prompts, texts, columns)
+        batch.scores, failures = call_components(
+            self.reward_fns, prompts, texts, columns, timeout=self.cfg.rewards.timeout_s or None
+        )
         for failure in failures:
             self.event(
                 "reward_error",
@@ -568,12 +600,20 @@ class Trainer:
             self.bad_steps = 0
         else:
             self.bad_steps += 1
+            self.skipped_steps += 1
             self.event(
                 "nonfinite_gradients",
                 "gradient norm is not finite; optimizer step skipped",
                 grad_norm=str(norm),
+                in_a_row=self.bad_steps,
             )
         self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            last = latest_checkpoint(self.run_dir / "checkpoints")
+            raise TrainingDiverged(
+                f"{self.bad_steps} steps in a row had non-finite loss or gradients (lower "
+                f"optim.lr, or check the rewards); last good checkpoint: {last or 'none'}"
+            )
         return norm
 
     def step_metrics(
@@ -807,6 +847,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+        init_trackers(acc, cfg, self.run_dir)
         resumed_from = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
         if resume and resumed_from is None:
             self.say(
@@ -849,7 +890,28 @@ class Trainer:
         stop_at = (
             cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
         )
-        while self.step < stop_at:
+        with self.graceful_stop():
+            self.run_steps(stop_at, bar)
+        bar.close()
+        self.save_checkpoint()
+        if self.step < cfg.train.steps:
+            why = f" ({self._stop_requested})" if self._stop_requested else ""
+            self.say(
+                f"stopped at step {self.step}{why}; resume with: "
+                f"deepsynapse train --resume {self.run_dir}"
+            )
+            return self.summary(None)
+        after = self.evaluate_heldout("after")
+        summary = self.summary(after)
+        if acc.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        acc.end_training()
+        return summary
+
+    def run_steps(self, stop_at: int, bar) -> None:
+        """GRPO steps until ``stop_at`` or a stop request; checkpoints on schedule."""
+        cfg = self.cfg
+        while self.step < stop_at and not self.stop_requested():
             metrics = self.train_step(self.step)
             self.step += 1
             self.log.metrics(self.step, metrics)
@@ -861,25 +923,41 @@ class Trainer:
                 fmt=f"{metrics['format/valid_rate']:.2f}",
                 s=f"{metrics['timing/step']:.1f}",
             )
-            if (
-                cfg.train.save_every
-                and self.step % cfg.train.save_every == 0
-                and self.step < cfg.train.steps
-            ):
+            due = cfg.train.save_every and self.step % cfg.train.save_every == 0
+            if due and self.step < cfg.train.steps:
                 self.save_checkpoint()
-        bar.close()
-        self.save_checkpoint()
-        if self.step < cfg.train.steps:
-            self.say(
-                f"stopped at step {self.step}; resume with: deepsynapse train --resume {self.run_dir}"
-            )
-            return self.summary(None)
-        after = self.evaluate_heldout("after")
-        summary = self.summary(after)
-        if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        acc.end_training()
-        return summary
+
+    @contextlib.contextmanager
+    def graceful_stop(self):
+        """SIGINT/SIGTERM: finish the current step, checkpoint, exit 0 (a second one stops now)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = signal.Signals(signum).name
+            self.say(f"{self._stop_requested} received: finishing this step, then checkpointing")
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def stop_requested(self) -> bool:
+        """Whether any process asked to stop (all must agree, or collectives would hang)."""
+        flag = torch.tensor([1 if self._stop_requested else 0])
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, reduction="max")
+        if int(flag) and not self._stop_requested:
+            self._stop_requested = "stop requested on another process"
+        return bool(int(flag))
 
     def write_samples(self, metrics: dict[str, float]) -> None:
         cfg = self.cfg
@@ -913,7 +991,7 @@ class Trainer:
         self.log.samples(self.step, rows)
 
     def say(self, text: str) -> None:
-        if self.accelerator.is_main_process and self.progress:
+        if self.accelerator.is_main_process:
             print(f"[deepsynapse] {text}", flush=True)
 
     def summary(self, after: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The ``deepsynapse`` command: train, eval.
+"""The ``deepsynapse`` command: train, eval, export, generate, chat.
 
 Bad input (config keys, data rows, model names, checkpoints) ends with a one-line error that
 names what was wrong and exit code 2, never a traceback.
@@ -58,7 +58,60 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ev.add_argument("--output", "-o", help="write the JSON result (with every completion) here")
     ev.add_argument("--quiet", action="store_true")
+    add_export_parser(sub)
+    add_generate_parser(sub)
+    add_chat_parser(sub)
     return parser
+
+
+def add_export_parser(sub) -> None:
+    ex = sub.add_parser(
+        "export", help="a run as a PEFT adapter, a merged transformers folder or a GGUF file"
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="run folder (holds config.yaml)")
+    ex.add_argument(
+        "--format", "-f", default="merged", choices=["peft", "merged", "gguf"], dest="fmt"
+    )
+    ex.add_argument(
+        "--out", "-o", help="output folder, empty or absent (default RUN_DIR/export-FORMAT)"
+    )
+    ex.add_argument("--checkpoint", help="step-N (default: the newest complete checkpoint)")
+    ex.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="merged weights dtype"
+    )
+    ex.add_argument(
+        "--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensors"
+    )
+
+
+def _add_model_arguments(p) -> None:
+    p.add_argument(
+        "model",
+        metavar="MODEL_OR_RUN",
+        help="run folder, checkpoint, exported folder or .gguf, alias, model folder or hub id",
+    )
+    p.add_argument("--checkpoint", help="step-N of a run (default: the newest)")
+    p.add_argument(
+        "--schema",
+        choices=["base", "deepsynapse"],
+        help="XML schema (default: the run's, else base)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+
+
+def add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="answer one question; print the parsed XML fields")
+    _add_model_arguments(gen)
+    gen.add_argument("question", help="the math word problem")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (temperature > 0)")
+    gen.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def add_chat_parser(sub) -> None:
+    chat = sub.add_parser("chat", help="interactive loop: one question per line, exit to quit")
+    _add_model_arguments(chat)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -156,6 +209,66 @@ def resolve_adapter(path: str) -> Path:
     raise FileNotFoundError(f"{p}: no PEFT adapter here (adapter_config.json), nor a checkpoint")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from deepsynapse.export import export_run
+
+    path = export_run(
+        args.run_dir,
+        args.fmt,
+        args.out,
+        args.checkpoint,
+        gguf_dtype=args.gguf_type,
+        dtype=args.dtype,
+    )
+    folder = path if path.is_dir() else path.parent
+    print(f"exported {args.fmt} to {path} (model card: {folder / 'README.md'})")
+    return 0
+
+
+def _check_generation_args(args: argparse.Namespace) -> None:
+    from deepsynapse.config import ConfigError
+
+    if args.max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens: got {args.max_new_tokens}, expected > 0")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature: got {args.temperature}, expected >= 0")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from deepsynapse.api import open_model
+    from deepsynapse.interactive import complete, render
+
+    _check_generation_args(args)
+    loaded = open_model(args.model, checkpoint=args.checkpoint, dtype=args.dtype)
+    result = complete(
+        loaded.model,
+        loaded.tokenizer,
+        args.question,
+        args.schema or loaded.schema or "base",
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(json.dumps(result.to_dict(), indent=1) if args.json else render(result))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from deepsynapse.api import open_model
+    from deepsynapse.interactive import chat
+
+    _check_generation_args(args)
+    loaded = open_model(args.model, checkpoint=args.checkpoint, dtype=args.dtype)
+    chat(
+        loaded.model,
+        loaded.tokenizer,
+        args.schema or loaded.schema or "base",
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+    )
+    return 0
+
+
 def _fail(message: str) -> int:
     print(f"deepsynapse: error: {message}", file=sys.stderr)
     return 2
@@ -169,10 +282,24 @@ def main(argv: list[str] | None = None) -> int:
     from deepsynapse.config import ConfigError
     from deepsynapse.data.problems import DataError
     from deepsynapse.models.loading import ModelLoadError
+    from deepsynapse.rl.trainer import TrainingDiverged
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval}[args.command](args)
-    except (ConfigError, DataError, ModelLoadError, CheckpointError, FileNotFoundError) as exc:
+        return {
+            "train": cmd_train,
+            "eval": cmd_eval,
+            "export": cmd_export,
+            "generate": cmd_generate,
+            "chat": cmd_chat,
+        }[args.command](args)
+    except (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        CheckpointError,
+        TrainingDiverged,
+        FileNotFoundError,
+    ) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted")

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from deepsynapse.control.build import ControlConfig
+
 
 class ConfigError(ValueError):
     """Bad configuration input; the message names the key (and file) and what was expected."""
@@ -49,6 +51,33 @@ class LoraConfig:
     target_modules: list[str] = _f(
         ["all-linear"], "modules to adapt; 'all-linear' = every linear layer but the output head"
     )
+    nested_rank: bool = _f(False, "DyLoRA: each step trains a random prefix of the rank components")
+    nested_min_rank: int = _f(1, "smallest prefix rank drawn when nested_rank is on")
+    module_scales: bool = _f(
+        False, "a learnable scalar per LoRA module (init 1), baked in at export"
+    )
+
+
+@dataclass
+class HypernetConfig:
+    enabled: bool = _f(False, "scale LoRA per prompt by a hypernetwork of its context embedding")
+    granularity: Literal["layer", "module"] = _f(
+        "layer", "one multiplier per decoder layer or per LoRA module"
+    )
+    bottleneck: int = _f(64, "hidden width of the hypernetwork MLP")
+    max_change: float = _f(1.0, "multipliers lie in 1 +- max_change")
+    context_layer: int = _f(-1, "decoder layer whose mean output (frozen base) is the context")
+    cache_size: int = _f(4096, "prompts whose context embedding is cached (LRU)")
+    lr_mult: float = _f(10.0, "hypernetwork learning rate as a multiple of optim.lr")
+
+
+@dataclass
+class NeuralMemoryConfig:
+    enabled: bool = _f(False, "gated neural memory: learned slots read by attention from a layer")
+    slots: int = _f(32, "number of key/value slots")
+    heads: int = _f(4, "attention heads of the memory read")
+    depth: float = _f(0.5, "relative depth of the decoder layer it attaches to (0 first, 1 last)")
+    lr_mult: float = _f(10.0, "memory learning rate as a multiple of optim.lr")
 
 
 @dataclass
@@ -118,7 +147,66 @@ class RewardsConfig:
         {"correctness": 1.0, "strict_format": 0.5, "soft_format": 0.5},
         "reward components and their fusion weights",
     )
-    timeout_s: float = _f(60.0, "a component that runs longer scores None for the step (0 = no limit)")
+    timeout_s: float = _f(
+        60.0, "a component that runs longer scores None for the step (0 = no limit)"
+    )
+    calibration: Literal["none", "running", "rank"] = _f(
+        "none", "scale components before weighting: running z-score or rank within the group"
+    )
+    calibration_window: int = _f(4096, "samples the running statistics remember")
+    calibration_clip: float = _f(5.0, "limit on the absolute value of a running z-score")
+    kl_mode: Literal["loss", "reward"] = _f(
+        "loss", "KL in the loss (GRPO) or as a per-sequence penalty in the reward (weight 'kl')"
+    )
+    allocator: Literal["static", "phase", "neural", "mirror"] = _f(
+        "static", "reward-weight allocator (3.11)"
+    )
+    allocator_options: dict[str, Any] = _f(
+        {}, "allocator options (floor, total, eta, lr, seed, phases...)"
+    )
+    length_penalty: Literal["none", "linear", "cosine", "truncation"] = _f(
+        "linear", "shape of the length_penalty component beyond the budget"
+    )
+    length_budget: int = _f(256, "token budget of the length_penalty component")
+    contrastive_mode: Literal["share", "margin"] = _f(
+        "share", "contrastive reward: gold's softmax share or margin"
+    )
+    confident_wrong_penalty: float = _f(
+        0.5, "extra calibration penalty for confidently wrong answers"
+    )
+    verifier_backbone: str = _f(
+        "auto", "verifier encoder: auto (MiniLM if installed), minilm, hashing, or a path"
+    )
+
+
+@dataclass
+class DiscoveryConfig:
+    enabled: bool = _f(
+        False, "mine recent rollouts for recurring failures; switch penalty terms on/off (3.12)"
+    )
+    window: int = _f(256, "recent rollouts the miner reads")
+    min_records: int = _f(32, "rollouts needed before any decision")
+    on_threshold: float = _f(0.2, "pattern frequency that switches a term on")
+    off_threshold: float = _f(0.05, "pattern frequency below which a term retires")
+    patience: int = _f(3, "observations a threshold must hold")
+    max_active: int = _f(4, "most terms active at once")
+    cluster: bool = _f(True, "also propose terms from clusters of unexplained wrong answers")
+    cluster_weight: float = _f(-0.2, "weight of a term proposed from a cluster")
+
+
+@dataclass
+class EpisodicConfig:
+    attempts_per_problem: int = _f(8, "attempts remembered per problem (spans epochs)")
+    max_problems: int = _f(10000, "problems remembered (LRU)")
+    solutions_per_problem: int = _f(2, "verified solutions kept per problem")
+
+
+@dataclass
+class ProbesConfig:
+    every: int = _f(0, "run the skill probes every N steps (0 = only before/after)")
+    per_skill: int = _f(4, "probe items per skill")
+    seed: int = _f(1234, "probe suite seed (fixed: same items every time)")
+    max_new_tokens: int = _f(128, "completion budget of a probe")
 
 
 @dataclass
@@ -155,11 +243,17 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    memory: NeuralMemoryConfig = field(default_factory=NeuralMemoryConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    episodic: EpisodicConfig = field(default_factory=EpisodicConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -235,6 +329,10 @@ def _type_name(tp: Any) -> str:
 
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _from_mapping(tp, value if value is not None else {}, key)
     origin = typing.get_origin(tp)
     expected = _type_name(tp)
     if origin is Literal:
@@ -242,6 +340,9 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: got {value!r}, expected {expected}")
     if origin in (typing.Union, types.UnionType):
+        classes = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if classes and isinstance(value, dict):  # keep the inner key's own error message
+            return _from_mapping(classes[0], value, key)
         for arg in typing.get_args(tp):
             if arg is type(None) and value is None:
                 return None
@@ -303,12 +404,20 @@ def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{near[0]}'?" if near else ""
             raise ConfigError(f"unknown key '{path}'{hint} (valid: {', '.join(sorted(fields))})")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _from_mapping(tp, value if value is not None else {}, path)
-        else:
-            kwargs[key] = _check_value(value, tp, path)
-    return cls(**kwargs)
+        kwargs[key] = _check_value(value, hints[key], path)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix or cls.__name__}: missing key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{prefix}: {exc}" if prefix else str(exc)) from None
 
 
 def _validate(cfg: Config) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_HUB_ID",
     "GSM8K_DIR_ENV",
     "GSM8KSource",
+    "calculator_annotations",
     "load_gsm8k",
     "load_gsm8k_jsonl",
     "resolve_gsm8k_source",
@@ -71,8 +72,37 @@ class _BadRow(Exception):
         self.expected = expected
 
 
-def _problem_from_row(row: Any, problem_id: str) -> Problem:
-    """Build a Problem from one decoded GSM8K row, or raise _BadRow saying why not."""
+def calculator_annotations(text: str) -> list[tuple[str, str]]:
+    """The ``<<expression=result>>`` annotations of a GSM8K solution, in order.
+
+    They are the exact arithmetic of each step, which distractors reuse (a wrong operation,
+    an intermediate result); annotations without ``=`` or unterminated ones are skipped.
+
+    >>> calculator_annotations("48/2 = <<48/2=24>>24 clips, <<48+24=72>>72 in all")
+    [('48/2', '24'), ('48+24', '72')]
+    """
+    found: list[tuple[str, str]] = []
+    pos = 0
+    while True:
+        start = text.find("<<", pos)
+        if start < 0:
+            break
+        end = text.find(">>", start + 2)
+        if end < 0:
+            break
+        expression, sep, result = text[start + 2 : end].rpartition("=")
+        if sep and expression.strip() and result.strip():
+            found.append((expression.strip(), result.strip()))
+        pos = end + 2
+    return found
+
+
+def _problem_from_row(row: Any, problem_id: str, calculations: bool = False) -> Problem:
+    """Build a Problem from one decoded GSM8K row, or raise _BadRow saying why not.
+
+    With ``calculations``, ``columns["calculations"]`` keeps the calculator annotations as
+    (expression, result) pairs before they are stripped from the solution.
+    """
     if not isinstance(row, Mapping):
         raise _BadRow(f"row is a JSON {type(row).__name__}, not an object", _ROW_EXPECTED)
     for key in ("question", "answer"):
@@ -96,6 +126,8 @@ def _problem_from_row(row: Any, problem_id: str) -> Problem:
         ) from None
     lines = solution_lines(answer[:marker])
     extras = {key: value for key, value in row.items() if key not in ("question", "answer")}
+    if calculations:
+        extras["calculations"] = calculator_annotations(answer[:marker])
     return Problem(
         id=problem_id,
         question=question,
@@ -113,13 +145,18 @@ def _check_limit(limit: int | None) -> None:
 
 
 def load_gsm8k_jsonl(
-    path: str | Path, *, skip_malformed: bool = False, limit: int | None = None
+    path: str | Path,
+    *,
+    skip_malformed: bool = False,
+    limit: int | None = None,
+    calculations: bool = False,
 ) -> tuple[list[Problem], int]:
     """Read a GSM8K JSONL file into problems; return ``(problems, skipped_rows)``.
 
     The file is read as bytes and decoded line by line so that a bad byte is reported
     with its line number rather than as an opaque decode error for the whole file.
-    ``limit`` caps the number of problems returned (reading stops early).
+    ``limit`` caps the number of problems returned (reading stops early); ``calculations``
+    keeps the calculator annotations as ``columns["calculations"]``.
     """
     _check_limit(limit)
     path = Path(path)
@@ -159,7 +196,9 @@ def load_gsm8k_jsonl(
                     raise _BadRow(
                         f"invalid JSON ({exc.msg} at column {exc.colno})", _ROW_EXPECTED
                     ) from None
-                problems.append(_problem_from_row(row, f"gsm8k-{path.stem}-{line_number}"))
+                problems.append(
+                    _problem_from_row(row, f"gsm8k-{path.stem}-{line_number}", calculations)
+                )
             except _BadRow as bad:
                 if skip_malformed:
                     skipped += 1
@@ -250,7 +289,7 @@ def _looks_offline(exc: BaseException) -> bool:
 
 
 def _load_from_hub(
-    source: GSM8KSource, *, skip_malformed: bool, limit: int | None
+    source: GSM8KSource, *, skip_malformed: bool, limit: int | None, calculations: bool = False
 ) -> tuple[list[Problem], int]:
     label = f"{source.location}[{source.split}]"
     try:
@@ -275,7 +314,9 @@ def _load_from_hub(
         if limit is not None and len(problems) >= limit:
             break
         try:
-            problems.append(_problem_from_row(row, f"gsm8k-{source.split}-{index + 1}"))
+            problems.append(
+                _problem_from_row(row, f"gsm8k-{source.split}-{index + 1}", calculations)
+            )
         except _BadRow as bad:
             if not skip_malformed:
                 raise DataError(
@@ -293,14 +334,21 @@ def load_gsm8k(
     *,
     skip_malformed: bool = False,
     limit: int | None = None,
+    calculations: bool = False,
 ) -> tuple[list[Problem], int]:
     """Load a GSM8K split as ``(problems, skipped_rows)``; see `resolve_gsm8k_source`.
 
     Ids do not depend on the source (``gsm8k-{split}-{row}`` for ``{split}.jsonl`` files
-    and for the hub), so runs on local and hub copies stay comparable.
+    and for the hub), so runs on local and hub copies stay comparable. ``calculations``
+    keeps each solution's calculator annotations as ``columns["calculations"]`` (off by
+    default so that problems stay as they were; distractors use them when present).
     """
     _check_limit(limit)
     source = resolve_gsm8k_source(name, split)
     if source.kind == "jsonl":
-        return load_gsm8k_jsonl(source.path, skip_malformed=skip_malformed, limit=limit)
-    return _load_from_hub(source, skip_malformed=skip_malformed, limit=limit)
+        return load_gsm8k_jsonl(
+            source.path, skip_malformed=skip_malformed, limit=limit, calculations=calculations
+        )
+    return _load_from_hub(
+        source, skip_malformed=skip_malformed, limit=limit, calculations=calculations
+    )

@@ -1,6 +1,7 @@
 """Base reward components in TRL's convention, and the isolation that calls them.
 
-A component is a plain callable ``component(prompts, completions, **columns)`` returning one
+A component is a plain callable ``component(prompts=..., completions=..., **columns)`` (called
+with keywords, exactly as TRL calls reward functions) returning one
 ``float | None`` per completion (None = not applicable), with a ``name`` attribute. Extra
 context arrives as keyword columns; the trainer passes at least ``answer`` (gold answers),
 ``parsed`` (one :class:`~deepsynapse.formats.ParsedCompletion` per completion) and
@@ -167,7 +168,7 @@ def call_components(
         name = component_name(component)
         try:
             values = list(
-                _call_with_timeout(lambda c=component: c(prompts, completions, **columns), timeout)
+                _call_with_timeout(lambda c=component: c(prompts=prompts, completions=completions, **columns), timeout)
             )
             if len(values) != len(completions):
                 raise ValueError(

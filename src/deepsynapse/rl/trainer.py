@@ -27,7 +27,6 @@ Run it on CPU: ``deepsynapse train`` (configs/demo-cpu.yaml), or for a quick loo
 from __future__ import annotations
 
 import contextlib
-import difflib
 import json
 import logging
 import math
@@ -48,18 +47,26 @@ from deepsynapse.checkpoint import (
     save_tree,
     write_checkpoint,
 )
-from deepsynapse.config import Config, ConfigError, save_config
+from deepsynapse.config import Config, save_config
+from deepsynapse.control.accumulation import MicrobatchGradients
+from deepsynapse.control.build import build_controllers
+from deepsynapse.control.curriculum import apply_locking, locking_summary
+from deepsynapse.control.data_curriculum import DataCurriculum
 from deepsynapse.control.knobs import Controller, Event, Knobs
-from deepsynapse.data.answers import answers_match
+from deepsynapse.control.sft_mixing import chord_phi_weights
+from deepsynapse.data.distractors import attach_distractors
 from deepsynapse.data.gsm8k import load_gsm8k
 from deepsynapse.data.problems import Problem
 from deepsynapse.data.synthetic import generate_problems
 from deepsynapse.eval.harness import evaluate, summarize
 from deepsynapse.formats import format_completion, get_schema, parse_completion, stop_strings
+from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, apply_lora, trainable_parameters
+from deepsynapse.models.scoring import PolicyScorer
 from deepsynapse.prompting import build_prompt
-from deepsynapse.rewards.base import BUILTIN_REWARDS, call_components, component_name
+from deepsynapse.rewards.engine import RewardEngine
+from deepsynapse.rewards.fusion import sequence_kl
 from deepsynapse.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -97,6 +104,9 @@ class GroupBatch:
     reward: torch.Tensor  # [N] fused reward, exactly what the advantages use
     parsed: list[Any] = field(default_factory=list)  # N ParsedCompletion
     advantages: torch.Tensor | None = None  # [N]
+    calibrated: dict[str, list[float | None]] = field(default_factory=dict)
+    ref_logp: torch.Tensor | None = None  # [N, T] when computed early (KL in the reward)
+    reward_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def concat_batches(parts: list[GroupBatch]) -> GroupBatch:
@@ -131,10 +141,18 @@ def concat_batches(parts: list[GroupBatch]) -> GroupBatch:
         problems=[x for b in parts for x in b.problems],
         prompts=[x for b in parts for x in b.prompts],
         rollout=r,
-        scores={k: [x for b in parts for x in b.scores[k]] for k in names},
+        scores={
+            k: [x for b in parts for x in b.scores.get(k, [None] * len(b.rollout.texts))]
+            for k in names
+        },
         correct=torch.cat([b.correct for b in parts]),
         reward=torch.cat([b.reward for b in parts]),
         parsed=[x for b in parts for x in b.parsed],
+        calibrated={
+            k: [x for b in parts for x in b.calibrated.get(k, [None] * len(b.rollout.texts))]
+            for k in parts[0].calibrated
+        },
+        reward_metrics=parts[-1].reward_metrics,
     )
 
 
@@ -158,6 +176,8 @@ def select_groups(batch: GroupBatch, keep: torch.Tensor, group_size: int) -> Gro
         correct=batch.correct[rows],
         reward=batch.reward[rows],
         parsed=[batch.parsed[i] for i in rows],
+        calibrated={k: [v[i] for i in rows] for k, v in batch.calibrated.items()},
+        reward_metrics=batch.reward_metrics,
     )
 
 
@@ -180,7 +200,9 @@ def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
     """Start the configured trackers; W&B runs offline unless WANDB_MODE says otherwise."""
     if not cfg.train.trackers:
         return
-    flat = {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
+    flat = {
+        f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()
+    }
     flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
     accelerator.init_trackers(
         project_name="deepsynapse",
@@ -215,19 +237,6 @@ def build_policy(cfg: Config, tokenizer, dtype: torch.dtype) -> PolicyModule:
         base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules
     )
     return PolicyModule(peft_model, chunk_tokens=cfg.grpo.logprob_chunk_tokens)
-
-
-def build_rewards(cfg: Config, extra: dict[str, Any] | None = None) -> list[Any]:
-    """Reward components named in ``rewards.weights`` (built-in or passed in ``extra``)."""
-    table = {**BUILTIN_REWARDS, **(extra or {})}
-    for name in cfg.rewards.weights:
-        if name not in table:
-            near = difflib.get_close_matches(name, table, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(
-                f"rewards.weights: unknown reward '{name}'{hint} (known: {', '.join(sorted(table))})"
-            )
-    return [table[name] for name in cfg.rewards.weights]
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -289,39 +298,64 @@ class Trainer:
         self.dtype_choice = resolve_dtype(cfg.model.dtype, self.accelerator.device)
         self.schema = get_schema(cfg.rewards.schema)
         self.stops = stop_strings(self.schema)
-        self.reward_fns = build_rewards(cfg, reward_fns)
+        self.engine = RewardEngine(cfg, reward_fns, seed=cfg.train.seed)
         self.log = RunLogger(
             self.run_dir, self.accelerator, enabled=self.accelerator.is_main_process
         )
 
         self.tokenizer = load_tokenizer(cfg.model.name)
-        torch.manual_seed(cfg.train.seed)  # LoRA A matrices are initialised from this
-        policy = build_policy(cfg, self.tokenizer, self.dtype_choice.dtype).to(
-            self.accelerator.device
-        )
-        params = [p for _, p in trainable_parameters(policy)]
+        torch.manual_seed(cfg.train.seed)  # LoRA A, hypernet and memory are initialised from this
+        policy = build_policy(cfg, self.tokenizer, self.dtype_choice.dtype)
+        self.adaptive = AdaptivePolicy(policy.peft_model, cfg)
+        policy = policy.to(self.accelerator.device)
+        named = trainable_parameters(policy)
+        self.adapter_names = {n for n, _ in named}
         optimizer = torch.optim.AdamW(
-            params,
+            self.adaptive.param_groups(named, cfg.optim.weight_decay),
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             weight_decay=cfg.optim.weight_decay,
         )
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.train_problems, skipped = build_problems(cfg.data.train, "train", cfg)
+        if self.engine.needs_distractors:
+            self.train_problems = attach_distractors(self.train_problems)
         self.skipped_rows = skipped
-        self.controllers: list[Controller] = list(controllers or [])
+        self.scorer = (
+            PolicyScorer(self.unwrapped.peft_model, self.tokenizer)
+            if self.engine.needs_scorer
+            else None
+        )
         self.knobs = Knobs(
             temperature=cfg.rollout.temperature,
-            beta=cfg.grpo.beta,
+            beta=cfg.grpo.beta if self.engine.fusion.kl_in_loss else 0.0,
             reward_weights=dict(cfg.rewards.weights),
             max_new_tokens=cfg.rollout.max_new_tokens,
             micro_batches=self.plan.micro_batches,
+            lora_rank=cfg.lora.r,
+        )
+        self.controllers: list[Controller] = (
+            build_controllers(
+                cfg.control,
+                base=self.knobs,
+                total_steps=cfg.train.steps,
+                problems=self.train_problems,
+                seed=cfg.train.seed,
+            )
+            + self.engine.controllers()
+            + list(controllers or [])
+        )
+        self.data_curriculum = next(
+            (c for c in self.controllers if isinstance(c, DataCurriculum)), None
         )
         self.step = 0
+        self.cursor = 0  # prompts drawn so far from the seeded epoch permutations
         self.sft_done = cfg.sft.steps == 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.locked_groups: list[str] | None = None
         self._stop_requested: str | None = None
+        self._sft_pool: list[Problem] | None = None
 
     # -------------------------------------------------------------- small helpers
 
@@ -337,20 +371,22 @@ class Trainer:
         random.seed(s)
         torch.manual_seed(s)
 
-    def problems_for_step(self, step: int, round_: int) -> list[Problem]:
-        """This process's share of the step's prompts: a seeded permutation per epoch."""
+    def next_problems(self, step: int, round_: int) -> list[Problem]:
+        """This process's share of the next ``prompts_per_step`` prompts.
+
+        Without a data curriculum, prompts come in order from a seeded permutation per
+        epoch (a cursor that checkpoints); with it, from UCB over difficulty buckets.
+        """
         p = self.cfg.grpo.prompts_per_step
+        if self.data_curriculum is not None:
+            chosen = self.data_curriculum.sample(step, p, rng_seed=self.cfg.train.seed * 7 + round_)
+            return chosen[self.rank :: self.world]
         n = len(self.train_problems)
-        if round_ == 0:
-            start = step * p
-            idx = []
-            for k in range(start, start + p):
-                epoch, pos = divmod(k, n)
-                perm = self._permutation(epoch)
-                idx.append(perm[pos])
-        else:
-            rng = random.Random(step_seed(self.cfg.train.seed, step, 0, salt=round_))
-            idx = [rng.randrange(n) for _ in range(p)]
+        idx = []
+        for k in range(self.cursor, self.cursor + p):
+            epoch, pos = divmod(k, n)
+            idx.append(self._permutation(epoch)[pos])
+        self.cursor += p
         return [self.train_problems[i] for i in idx[self.rank :: self.world]]
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -368,46 +404,79 @@ class Trainer:
         knobs = self.knobs.copy()
         for controller in self.controllers:
             controller.apply(knobs)
+        self.apply_structure(knobs, step)  # component locking, LoRA rank growth
         self.seed(step)
-        batch = self.collect_groups(step, knobs, timer)  # sample -> parse -> reward -> fuse
-        with timer("update"):
-            batch.advantages = ADVANTAGE_ESTIMATORS[cfg.grpo.advantage](
-                batch.reward, cfg.rollout.num_generations
-            )
-            update = self.update(batch, knobs, step)
+        with self.adaptive.step_context(step_seed(cfg.train.seed, step, 0, salt=23)):
+            batch = self.collect_groups(step, knobs, timer)  # sample -> parse -> reward -> fuse
+            with timer("update"):
+                batch.advantages = ADVANTAGE_ESTIMATORS[cfg.grpo.advantage](
+                    batch.reward, cfg.rollout.num_generations
+                )
+                update = self.update(batch, knobs, step)
         metrics = self.step_metrics(batch, update, knobs, timer)
         for controller in self.controllers:
             for ev in controller.observe(step, metrics):
                 self.log.event(step, ev)
+        for controller in self.controllers:
+            metrics.update(getattr(controller, "metrics", dict)())
         self.knobs = knobs
         self._last_batch = batch
         return metrics
 
+    def apply_structure(self, knobs: Knobs, step: int) -> None:
+        """What the knobs say about the model itself: trainable groups and LoRA rank."""
+        if knobs.trainable_groups != self.locked_groups:
+            changes = apply_locking(
+                self.unwrapped, knobs.trainable_groups, lockable=self.adapter_names
+            )
+            self.locked_groups = list(knobs.trainable_groups)
+            if changes:
+                self.event(
+                    "locking",
+                    f"trainable groups: {', '.join(knobs.trainable_groups)}",
+                    changes=locking_summary(changes),
+                )
+        if knobs.lora_rank is not None and self.world == 1:
+            info = self.adaptive.maybe_grow(
+                knobs.lora_rank, self.optimizer, step_seed(self.cfg.train.seed, step, 0, salt=17)
+            )
+            if info:
+                self.event(
+                    "lora_growth", f"LoRA rank {info['old_rank']} -> {info['new_rank']}", **info
+                )
+
     def collect_groups(self, step: int, knobs: Knobs, timer: Timer) -> GroupBatch:
-        """Roll out, score and fuse; with dynamic sampling, refill groups that carry no signal."""
+        """Roll out and score ``accumulation_steps`` rounds of prompts.
+
+        With dynamic sampling, groups whose correctness does not vary are dropped and more
+        rounds are drawn to refill the step (up to ``grpo.max_resample_rounds`` extra).
+        """
         cfg = self.cfg
         g = cfg.rollout.num_generations
-        want = self.plan.prompts_per_process
+        rounds_wanted = max(1, knobs.accumulation_steps)
+        want = self.plan.prompts_per_process * rounds_wanted
         kept: list[GroupBatch] = []
         n_kept = 0
-        rounds = 1 + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
+        rounds = rounds_wanted + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
         self.dropped_groups = 0
         last: GroupBatch | None = None
         for round_ in range(rounds):
-            problems = self.problems_for_step(step, round_)
+            problems = self.next_problems(step, round_)
             with timer("generation"):
                 batch = self.rollout(problems, knobs)
             with timer("scoring"):
-                self.score(batch, knobs)
+                self.score(batch, knobs, step)
+            self.observe_data_curriculum(batch)
             last = batch
-            if not cfg.grpo.dynamic_sampling:
-                return batch
-            signal = group_has_signal(batch.correct, g)
-            self.dropped_groups += int((~signal).sum())
-            if signal.any():
-                room = want - n_kept
-                keep = signal & (signal.cumsum(0) <= room)
-                kept.append(select_groups(batch, keep, g))
+            keep = (
+                group_has_signal(batch.correct, g)
+                if cfg.grpo.dynamic_sampling
+                else torch.ones(len(problems), dtype=torch.bool)
+            )
+            self.dropped_groups += int((~keep).sum())
+            if keep.any():
+                keep = keep & (keep.cumsum(0) <= want - n_kept)
+                kept.append(batch if bool(keep.all()) else select_groups(batch, keep, g))
                 n_kept += int(keep.sum())
             if n_kept >= want:
                 break
@@ -416,6 +485,29 @@ class Trainer:
             last.reward = torch.zeros_like(last.reward)
             return last
         return concat_batches(kept)
+
+    def observe_data_curriculum(self, batch: GroupBatch) -> None:
+        """Per-group |advantage| and solve rate, before any group is dropped (DUMP)."""
+        if self.data_curriculum is None:
+            return
+        g = self.cfg.rollout.num_generations
+        adv = (
+            ADVANTAGE_ESTIMATORS[self.cfg.grpo.advantage](batch.reward, g).view(-1, g).abs().mean(1)
+        )
+        rows = list(
+            zip(
+                [p.id for p in batch.problems],
+                adv.tolist(),
+                batch.correct.view(-1, g).mean(1).tolist(),
+                strict=True,
+            )
+        )
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        ids, a, s = zip(*rows, strict=True) if rows else ((), (), ())
+        self.data_curriculum.observe_groups(list(ids), list(a), list(s))
 
     def rollout(self, problems: list[Problem], knobs: Knobs) -> GroupBatch:
         prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in problems]
@@ -431,51 +523,69 @@ class Trainer:
             top_p=self.cfg.rollout.top_p,
             stop_strings=self.stops,
             prefix_sharing=self.cfg.rollout.prefix_sharing,
+            around=self.adaptive.for_prompts,
         )
         model.train()
         n = len(out.texts)
         return GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
 
-    def score(self, batch: GroupBatch, knobs: Knobs) -> None:
-        """Parse every completion once, run every component, fuse with the knob weights."""
+    def score(self, batch: GroupBatch, knobs: Knobs, step: int) -> None:
+        """Parse every completion once; the reward engine scores, fuses and learns."""
         g = self.cfg.rollout.num_generations
         texts = batch.rollout.texts
         batch.parsed = [parse_completion(t, self.schema) for t in texts]
         expanded = [p for p in batch.problems for _ in range(g)]
-        columns = {
+        prompts = [p for p in batch.prompts for _ in range(g)]
+        columns: dict[str, Any] = {
             "answer": [p.answer for p in expanded],
             "question": [p.question for p in expanded],
             "problem": expanded,
             "parsed": batch.parsed,
             "schema": self.schema,
             "truncated": batch.rollout.truncated.tolist(),
+            "completion_lengths": batch.rollout.lengths.tolist(),
         }
-        prompts = [p for p in batch.prompts for _ in range(g)]
-        batch.scores, failures = call_components(
-            self.reward_fns, prompts, texts, columns, timeout=self.cfg.rewards.timeout_s or None
-        )
-        for failure in failures:
+        if self.scorer is not None:
+            columns["scorer"] = self.scorer
+        if any("distractors" in p.columns for p in batch.problems):
+            columns["distractors"] = [p.columns.get("distractors") for p in expanded]
+        kl = None
+        if not self.engine.fusion.kl_in_loss:
+            logp, batch.ref_logp = self.policy_and_reference_logp(batch, knobs)
+            kl = sequence_kl(logp, batch.ref_logp, batch.rollout.completion_mask.float())
+        scored = self.engine.score(prompts, texts, columns, knobs, g, step, kl=kl)
+        for failure in scored.failures:
             self.event(
                 "reward_error",
                 f"reward {failure.name} failed; scored None this step",
                 error=failure.error,
             )
-        batch.correct = torch.tensor(
-            [
-                float(
-                    p.fields.get("answer") is not None
-                    and answers_match(p.fields["answer"], prob.answer)
-                )
-                for p, prob in zip(batch.parsed, expanded, strict=True)
-            ]
-        )
-        fused = torch.zeros(len(texts))
-        for component in self.reward_fns:
-            name = component_name(component)
-            weight = knobs.reward_weights.get(name, 0.0)
-            values = torch.tensor([0.0 if v is None else v for v in batch.scores[name]])
-            fused += weight * values
-        batch.reward = fused
+        batch.scores, batch.calibrated = scored.scores, scored.calibrated
+        batch.correct, batch.reward = scored.correct, scored.reward
+        batch.reward_metrics = scored.metrics
+
+    @torch.no_grad()
+    def policy_and_reference_logp(
+        self, batch: GroupBatch, knobs: Knobs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs of the sampled completions under policy and reference. [N, T]"""
+        r = batch.rollout
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
+        logp = torch.zeros(r.completion_mask.shape)
+        ref = torch.zeros(r.completion_mask.shape)
+        size = self.cfg.grpo.micro_batch_size
+        for start in range(0, ids.shape[0], size):
+            rows = slice(start, start + size)
+            with self.adaptive.for_rows(r.prompt_ids[rows], r.prompt_mask[rows]):
+                logp[rows] = self.unwrapped(
+                    ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature
+                ).logp
+            with self.unwrapped.reference():
+                ref[rows] = self.unwrapped(
+                    ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature
+                ).logp
+        return logp, ref
 
     def update(self, batch: GroupBatch, knobs: Knobs, step: int) -> dict[str, float]:
         """GRPO update: ``num_iterations`` passes over micro-batches, one optimizer step each."""
@@ -510,9 +620,10 @@ class Trainer:
             cols = slice(first, p_len + t)
             return ids[rows, cols], attn[rows, cols], cmask[rows, :t], slice(0, t)
 
+        prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
         with torch.no_grad():
-            ref_logp = old_logp = None
-            if knobs.beta > 0:
+            ref_logp, old_logp = batch.ref_logp, None
+            if ref_logp is None and knobs.beta > 0:
                 ref_logp = torch.zeros_like(loss_mask)
                 with self.unwrapped.reference():
                     for rows in live_rows:
@@ -522,19 +633,29 @@ class Trainer:
                 old_logp = torch.zeros_like(loss_mask)
                 for rows in live_rows:
                     i, a, c, tcols = rows_of(rows)
-                    old_logp[rows, tcols] = self.unwrapped(i, a, c, knobs.temperature).logp
+                    with self.adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
+                        old_logp[rows, tcols] = self.unwrapped(i, a, c, knobs.temperature).logp
 
+        mu = knobs.sft_weight
         stats: dict[str, float] = defaultdict(float)
         entropy_sum = kl_sum = clip_sum = 0.0
+        recorder = None
+        if self.measures_gradient_noise:
+            recorder = MicrobatchGradients([p for p in self.policy.parameters() if p.requires_grad])
         for iteration in range(cfg.grpo.num_iterations):
+            first = iteration == 0
             for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step) * knobs.lr_scale
+                group["lr"] = learning_rate(cfg, step) * knobs.lr_scale * group.get("lr_mult", 1.0)
+            if mu > 0:  # CHORD: L = (1 - mu) L_GRPO + mu L_SFT, SFT first (no sync)
+                with acc.no_sync(self.policy):
+                    stats["sft/aux_loss"] += self.sft_backward(step, mu) / cfg.grpo.num_iterations
+                if recorder is not None and first:
+                    recorder.reset()
             for k, (rows, live) in enumerate(micro):
                 sync = k == len(micro) - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.policy)
-                with ctx:
+                with ctx, self.adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
                     i, a, c, tcols = rows_of(rows)
-                    first = iteration == 0
                     out = self.policy(i, a, c, knobs.temperature, first)
                     old = out.logp.detach() if old_logp is None else old_logp[rows, tcols]
                     ref = None if ref_logp is None else ref_logp[rows, tcols]
@@ -549,18 +670,22 @@ class Trainer:
                         beta=knobs.beta,
                         importance_sampling=cfg.grpo.importance_sampling,
                     )
-                    w = weights[rows, tcols] * (1.0 if live else 0.0)
+                    w = weights[rows, tcols] * ((1.0 - mu) if live else 0.0)
                     loss = (terms["loss"] * w).sum()
                     acc.backward(loss)
-                    stats["loss/total"] += float(loss.detach()) / self.world
-                    lm = loss_mask[rows, tcols]
-                    if not live:
-                        continue
-                    if first:
-                        kl_sum += float((terms["kl"].detach() * lm).sum())
-                        if out.entropy is not None:
-                            entropy_sum += float((out.entropy * lm).sum())
-                    clip_sum += float((terms["clipped"].detach() * lm).sum())
+                if recorder is not None and first and live and not (sync and self.world > 1):
+                    recorder.capture()
+                stats["loss/total"] += float(loss.detach()) / self.world
+                if not live:
+                    continue
+                lm = loss_mask[rows, tcols]
+                if first:
+                    kl_sum += float((terms["kl"].detach() * lm).sum())
+                    if out.entropy is not None:
+                        entropy_sum += float((out.entropy * lm).sum())
+                clip_sum += float((terms["clipped"].detach() * lm).sum())
+            if recorder is not None and first:
+                stats["grad/microbatch_cosine"] = self.mean_over_ranks(recorder.cosine())
             grad_norm = self.clip_and_step()
             stats["grad_norm"] = grad_norm
         n_tok = max(float(loss_mask.sum()), 1.0)
@@ -571,13 +696,27 @@ class Trainer:
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return dict(stats)
 
+    @property
+    def measures_gradient_noise(self) -> bool:
+        return self.cfg.control.accumulation.enabled
+
+    def mean_over_ranks(self, value: float) -> float:
+        """NaN-safe mean of a per-process scalar, identical on every process."""
+        if self.world == 1:
+            return value
+        finite = math.isfinite(value)
+        t = torch.tensor([value if finite else 0.0, 1.0 if finite else 0.0])
+        t = self.accelerator.reduce(t, reduction="sum")
+        return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
     def micro_batches(self, order: list[int], knobs: Knobs) -> list[tuple[list[int], bool]]:
         """Split rows into micro-batches of similar length: (rows, live) pairs.
 
         Every process must run the same number of backward passes (DDP synchronises on the
         last one): a process with fewer rows repeats a row with zero weight (live=False).
         """
-        size = max(1, -(-len(order) // max(knobs.micro_batches, 1)))
+        count = max(knobs.micro_batches, 2 if self.measures_gradient_noise else 1)
+        size = max(1, -(-len(order) // count))
         size = min(size, self.cfg.grpo.micro_batch_size)
         chunks = [(order[i : i + size], True) for i in range(0, len(order), size)]
         if self.world > 1:
@@ -657,12 +796,65 @@ class Trainer:
 
     # -------------------------------------------------------------- SFT warm-up
 
+    def sft_pool(self) -> list[Problem]:
+        """Problems with worked solutions for supervised steps (loaded once)."""
+        if self._sft_pool is None:
+            problems, _ = build_problems(self.cfg.sft.data, "train", self.cfg, seed_offset=1)
+            self._sft_pool = [p for p in problems if p.solution]
+        return self._sft_pool
+
+    def sft_examples(self, k: int, batch_size: int, salt: int) -> tuple[list[str], list[str]]:
+        """This process's share of ``batch_size`` gold solutions, rewritten into the schema."""
+        pool = self.sft_pool()
+        rng = random.Random(step_seed(self.cfg.train.seed, k, 0, salt=salt))
+        chosen = [pool[rng.randrange(len(pool))] for _ in range(batch_size * self.world)]
+        chosen = chosen[self.rank :: self.world]
+        eos = self.tokenizer.eos_token or ""
+        prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in chosen]
+        targets = [
+            format_completion({"reasoning": p.solution, "answer": p.answer}, self.schema) + eos
+            for p in chosen
+        ]
+        return prompts, targets
+
+    def sft_loss(self, prompts: list[str], targets: list[str], phi: bool = False) -> torch.Tensor:
+        """Token-mean NLL of ``targets`` after ``prompts`` (CHORD's p(1-p) weights if ``phi``)."""
+        device = self.accelerator.device
+        pid, pmask = encode_prompts(self.tokenizer, prompts, device)
+        self.tokenizer.padding_side = "right"
+        try:
+            enc = self.tokenizer(
+                targets, return_tensors="pt", padding=True, add_special_tokens=False
+            )
+        finally:
+            self.tokenizer.padding_side = "left"
+        cid, cmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        with self.adaptive.for_rows(pid, pmask):
+            out = self.policy(torch.cat([pid, cid], 1), torch.cat([pmask, cmask], 1), cmask)
+        weights = chord_phi_weights(out.logp) * cmask if phi else cmask.float()
+        return -(out.logp * weights).sum() / cmask.sum().clamp(min=1)
+
+    def sft_backward(self, step: int, mu: float) -> float:
+        """The auxiliary SFT term of a GRPO step (CHORD), from gold or verified hard solutions."""
+        mix = self.cfg.control.sft_mixing
+        prompts, targets = [], []
+        if mix.source == "hard_solved":
+            solved = self.engine.memory.solved_examples(mix.batch_size, mix.max_solve_rate)
+            by_id = {p.id: p for p in self.train_problems}
+            for ex in solved:
+                problem = by_id.get(ex.get("problem_id"))
+                if problem is not None and ex.get("completion"):
+                    prompts.append(build_prompt(self.tokenizer, problem.question, self.schema))
+                    targets.append(ex["completion"] + (self.tokenizer.eos_token or ""))
+        if not prompts:  # gold solutions (also the fallback while memory holds none)
+            prompts, targets = self.sft_examples(step, mix.batch_size, salt=77)
+        loss = mu * self.sft_loss(prompts, targets, phi=mix.token_weighting == "chord_phi")
+        self.accelerator.backward(loss)
+        return float(loss.detach())
+
     def sft_warmup(self) -> None:
         """Supervised steps on gold solutions rewritten into the XML format (cold start)."""
         cfg, acc = self.cfg, self.accelerator
-        problems, _ = build_problems(cfg.sft.data, "train", cfg, seed_offset=1)
-        problems = [p for p in problems if p.solution]
-        eos = self.tokenizer.eos_token or ""
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -670,30 +862,17 @@ class Trainer:
             desc="sft warm-up",
             disable=not (self.progress and acc.is_main_process),
         )
+        loss_value = None
         for k in bar:
-            rng = random.Random(step_seed(cfg.train.seed, k, 0, salt=99))
-            chosen = [
-                problems[rng.randrange(len(problems))]
-                for _ in range(cfg.sft.batch_size * self.world)
-            ]
-            chosen = chosen[self.rank :: self.world]
-            prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in chosen]
-            targets = [
-                format_completion({"reasoning": p.solution, "answer": p.answer}, self.schema) + eos
-                for p in chosen
-            ]
-            pid, pmask = encode_prompts(self.tokenizer, prompts, acc.device)
-            self.tokenizer.padding_side = "right"
-            enc = self.tokenizer(
-                targets, return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            self.tokenizer.padding_side = "left"
-            cid, cmask = enc["input_ids"].to(acc.device), enc["attention_mask"].to(acc.device)
+            prompts, targets = self.sft_examples(k, cfg.sft.batch_size, salt=99)
             for group in self.optimizer.param_groups:
-                group["lr"] = cfg.sft.lr * min(1.0, (k + 1) / max(1, cfg.sft.steps // 10))
+                group["lr"] = (
+                    cfg.sft.lr
+                    * min(1.0, (k + 1) / max(1, cfg.sft.steps // 10))
+                    * group.get("lr_mult", 1.0)
+                )
             start = time.perf_counter()
-            out = self.policy(torch.cat([pid, cid], 1), torch.cat([pmask, cmask], 1), cmask)
-            loss = -(out.logp * cmask).sum() / cmask.sum().clamp(min=1)
+            loss = self.sft_loss(prompts, targets)
             acc.backward(loss)
             norm = self.clip_and_step()
             loss_value = (
@@ -713,14 +892,11 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}")
         bar.close()
         # RL starts with fresh Adam moments: SFT's gradient scale is not RL's.
-        self.optimizer.optimizer.state.clear() if hasattr(
-            self.optimizer, "optimizer"
-        ) else self.optimizer.state.clear()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        inner.state.clear()
         self.sft_done = True
         self.event(
-            "sft_done",
-            f"SFT warm-up finished after {cfg.sft.steps} steps",
-            last_loss=loss_value if cfg.sft.steps else None,
+            "sft_done", f"SFT warm-up finished after {cfg.sft.steps} steps", last_loss=loss_value
         )
 
     # -------------------------------------------------------------- evaluation
@@ -773,24 +949,21 @@ class Trainer:
         return path
 
     def trainer_state(self) -> dict[str, Any]:
-        cfg = self.cfg
         return {
             "step": self.step,
+            "cursor": self.cursor,
             "sft_done": self.sft_done,
             "bad_steps": self.bad_steps,
-            "knobs": {
-                "temperature": self.knobs.temperature,
-                "beta": self.knobs.beta,
-                "reward_weights": self.knobs.reward_weights,
-                "max_new_tokens": self.knobs.max_new_tokens,
-                "lr_scale": self.knobs.lr_scale,
-                "micro_batches": self.knobs.micro_batches,
-            },
+            "skipped_steps": self.skipped_steps,
+            "knobs": self.knobs.state_dict(),
+            "locked_groups": self.locked_groups,
             "controllers": {c.name: c.state_dict() for c in self.controllers},
+            "rewards": self.engine.state_dict(),
+            "adaptive": self.adaptive.state_dict(),
             "identity": self.identity(),
-            "rng": {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])},
+            "rng": {"torch": torch.get_rng_state()},
             "world_size": self.world,
-            "config": cfg.to_dict(),
+            "config": self.cfg.to_dict(),
         }
 
     def identity(self) -> dict[str, Any]:
@@ -801,9 +974,12 @@ class Trainer:
             "schema": c.rewards.schema,
             "lora_r": c.lora.r,
             "lora_targets": list(c.lora.target_modules),
+            "rewards": sorted(c.rewards.weights),
+            **self.adaptive.identity(),
         }
 
     def load_checkpoint(self, folder: Path) -> None:
+        """Restore everything a step depends on; refuse a checkpoint made for another setup."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -815,6 +991,8 @@ class Trainer:
                 f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in diff.items()
             )
             raise CheckpointError(f"{folder} was made for another setup ({detail})")
+        # Grow to the saved LoRA rank first: the saved weights must fit.
+        self.adaptive.load_state_dict(state["adaptive"], self.optimizer)
         weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(self.unwrapped.peft_model, weights)
         if getattr(result, "unexpected_keys", None):
@@ -823,20 +1001,19 @@ class Trainer:
             )
         self.optimizer.load_state_dict(load_tree(folder, "optimizer"))
         self.step = int(state["step"])
+        self.cursor = int(state.get("cursor", 0))
         self.sft_done = bool(state["sft_done"])
         self.bad_steps = int(state.get("bad_steps", 0))
-        k = state["knobs"]
-        self.knobs = Knobs(
-            temperature=k["temperature"],
-            beta=k["beta"],
-            reward_weights=dict(k["reward_weights"]),
-            max_new_tokens=k["max_new_tokens"],
-            lr_scale=k["lr_scale"],
-            micro_batches=k["micro_batches"],
-        )
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.knobs = Knobs.from_state(state["knobs"])
+        self.engine.load_state_dict(state["rewards"])
         for c in self.controllers:
             if c.name in state["controllers"]:
                 c.load_state_dict(state["controllers"][c.name])
+        groups = state.get("locked_groups")
+        if groups is not None:
+            apply_locking(self.unwrapped, groups, lockable=self.adapter_names)
+            self.locked_groups = list(groups)
         torch.set_rng_state(state["rng"]["torch"])
 
     # -------------------------------------------------------------- the run

@@ -8,6 +8,8 @@ prefill B*G copies of the same prompts.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +51,14 @@ def generate_groups(
     greedy: bool = False,
     stop_strings: list[str] | None = None,
     prefix_sharing: bool = True,
+    around: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager] | None = None,
 ) -> RolloutOutput:
-    """Sample ``num_generations`` completions for each prompt (already chat-formatted text)."""
-    from transformers import DynamicCache, GenerationConfig
+    """Sample ``num_generations`` completions for each prompt (already chat-formatted text).
+
+    ``around(prompt_ids, prompt_mask)`` returns a context entered for the whole generation
+    (the hypernetwork's per-prompt LoRA scales, for instance).
+    """
+    from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
@@ -66,6 +73,23 @@ def generate_groups(
         eos_token_id=tokenizer.eos_token_id,
         stop_strings=stop_strings or None,
     )
+    with around(ids, mask) if around is not None else contextlib.nullcontext():
+        completion = _generate(
+            model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing
+        )
+    ids_g = ids.repeat_interleave(g, 0)
+    mask_g = mask.repeat_interleave(g, 0)
+    return finish_completions(
+        tokenizer, ids_g, mask_g, completion, stop_strings or [], max_new_tokens
+    )
+
+
+def _generate(
+    model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing
+) -> torch.Tensor:
+    """Completion token ids [B*G, T]; the prompt's KV computed once per group when sharing."""
+    from transformers import DynamicCache
+
     ids_g = ids.repeat_interleave(g, 0)
     mask_g = mask.repeat_interleave(g, 0)
     kwargs = {}
@@ -87,10 +111,7 @@ def generate_groups(
         tokenizer=tokenizer if stop_strings else None,
         **kwargs,
     )
-    completion = out[:, ids.shape[1] :]
-    return finish_completions(
-        tokenizer, ids_g, mask_g, completion, stop_strings or [], max_new_tokens
-    )
+    return out[:, ids.shape[1] :]
 
 
 def finish_completions(

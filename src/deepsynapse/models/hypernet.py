@@ -1,0 +1,258 @@
+"""Meta-contextual adaptation (MISSION 3.10): a hypernetwork sets per-layer LoRA scales per prompt.
+
+``LoRAHypernetwork`` maps a prompt's context embedding [B, H] (``ContextEncoder``) to one
+multiplier per decoder layer (or per LoRA module) [B, L]: ``1 + max_change * tanh(up(...))``
+with ``up`` zero-initialised, so at initialisation every multiplier is exactly 1 and the
+policy is plain LoRA. ``hypernet_scales(model, multipliers)`` applies them: a forward hook
+on each ``lora_B`` multiplies that module's update, row by row, by its layer's multiplier.
+
+Rows. ``multipliers`` has one row per batch row, or one row per prompt when the batch holds
+k contiguous copies of each prompt (the G completions of a group, as rollouts lay them out):
+a batch of k*B rows takes each multiplier row k times. So during a prefix-shared rollout the
+prefill (B rows) and the decode steps (B*G rows) both get the right rows.
+
+Export. ``bake_mean_scales`` folds fixed per-layer multipliers (the mean over the eval
+prompts) into ``lora_B``; ``baked_adapter`` does that and the module scales temporarily, so
+``save_pretrained`` inside it writes a plain PEFT adapter, and restores the weights after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+from deepsynapse.models.context import ContextEncoder
+from deepsynapse.models.dynamic_lora import (
+    active_adapter,
+    add_module_scales,
+    bake_module_scales,
+    decoder_layers,
+    lora_layer_indices,
+    lora_layers,
+    module_scales,
+    remove_module_scales,
+)
+
+Granularity = Literal["layer", "module"]
+
+
+class LoRAHypernetwork(nn.Module):
+    """Context embedding [B, H] -> LoRA scale multipliers [B, num_outputs], exactly 1 at init."""
+
+    def __init__(
+        self, hidden_size: int, num_outputs: int, bottleneck: int = 64, max_change: float = 1.0
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)  # context scales differ a lot between layers
+        self.down = nn.Linear(hidden_size, bottleneck)
+        self.act = nn.GELU()
+        self.up = nn.Linear(bottleneck, num_outputs)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.max_change = max_change
+        self.last: torch.Tensor | None = None  # detached multipliers of the last call
+
+    @property
+    def num_outputs(self) -> int:
+        return self.up.out_features
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        x = self.norm(context.to(self.down.weight.dtype))
+        multipliers = 1.0 + self.max_change * torch.tanh(self.up(self.act(self.down(x))))
+        self.last = multipliers.detach()
+        return multipliers
+
+    def scale_stats(self) -> dict[str, float]:
+        """``hypernet/scale_{mean,std,min,max}`` of the last multipliers (empty before a call)."""
+        if self.last is None or self.last.numel() == 0:
+            return {}
+        m = self.last.float()
+        return {
+            "hypernet/scale_mean": float(m.mean()),
+            "hypernet/scale_std": float(m.std(unbiased=False)),
+            "hypernet/scale_min": float(m.min()),
+            "hypernet/scale_max": float(m.max()),
+        }
+
+
+def _columns(model: nn.Module, width: int, per: Granularity) -> list[int]:
+    """For each LoRA layer, the column of the multipliers it uses."""
+    if per == "layer":
+        n = len(decoder_layers(model))
+        if width != n:
+            raise ValueError(f"per-layer multipliers need {n} columns, got {width}")
+        return lora_layer_indices(model)
+    n = len(lora_layers(model))
+    if width != n:
+        raise ValueError(f"per-module multipliers need {n} columns, got {width}")
+    return list(range(n))
+
+
+def _expand_rows(multipliers: torch.Tensor, rows: int) -> torch.Tensor:
+    have = multipliers.shape[0]
+    if have == rows:
+        return multipliers
+    if have and rows % have == 0:
+        return multipliers.repeat_interleave(rows // have, 0)
+    raise ValueError(f"{have} multiplier rows cannot scale a batch of {rows} rows")
+
+
+def num_outputs_for(model: nn.Module, per: Granularity) -> int:
+    """How many multipliers the hypernetwork must produce for ``model``."""
+    return len(decoder_layers(model)) if per == "layer" else len(lora_layers(model))
+
+
+@contextlib.contextmanager
+def hypernet_scales(
+    model: nn.Module, multipliers: torch.Tensor, per: Granularity = "layer"
+) -> Iterator[None]:
+    """Inside, each LoRA update of row i in layer l is multiplied by ``multipliers[i, l]``.
+
+    Gradients flow into ``multipliers`` (and the hypernetwork behind them). With gradient
+    checkpointing, run the backward inside the context too (the recomputation needs the hooks).
+    """
+    adapter = active_adapter(model)
+    columns = _columns(model, multipliers.shape[1], per)
+    cached: dict[int, torch.Tensor] = {}
+
+    def rows_for(n: int) -> torch.Tensor:  # [L, n]
+        if multipliers.requires_grad:  # a fresh graph per call: nothing shared across backwards
+            return _expand_rows(multipliers, n).t()
+        if n not in cached:
+            cached[n] = _expand_rows(multipliers, n).t().contiguous()
+        return cached[n]
+
+    handles = []
+    for col, (_, layer) in zip(columns, lora_layers(model, adapter), strict=True):
+
+        def scale(module: nn.Module, args: tuple, out: torch.Tensor, col: int = col):
+            m = rows_for(out.shape[0])[col]
+            return out * m.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
+
+        handles.append(layer.lora_B[adapter].register_forward_hook(scale))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def bake_mean_scales(
+    model: nn.Module, mean_multipliers: torch.Tensor, per: Granularity = "layer"
+) -> None:
+    """Fold fixed multipliers [L] into ``lora_B`` (in place): plain PEFT approximates the hypernet."""
+    adapter = active_adapter(model)
+    mean = mean_multipliers.detach().reshape(-1)
+    columns = _columns(model, mean.shape[0], per)
+    for col, (_, layer) in zip(columns, lora_layers(model, adapter), strict=True):
+        b = layer.lora_B[adapter]
+        b.weight.mul_(mean[col].to(b.weight))
+        if b.bias is not None:
+            b.bias.mul_(mean[col].to(b.bias))
+
+
+@contextlib.contextmanager
+def baked_adapter(
+    model: nn.Module, mean_multipliers: torch.Tensor | None = None, per: Granularity = "layer"
+) -> Iterator[None]:
+    """Inside, ``lora_B`` holds the module scales and mean multipliers folded in; restored after.
+
+    ``with baked_adapter(m, mean): m.save_pretrained(folder)`` writes an adapter that
+    ``peft.PeftModel.from_pretrained`` loads with no DeepSynapse code.
+    """
+    adapter = active_adapter(model)
+    saved = []
+    for _, layer in lora_layers(model, adapter):
+        b = layer.lora_B[adapter]
+        saved.append((b, b.weight.detach().clone(), None if b.bias is None else b.bias.clone()))
+    scales = module_scales(model)
+    saved_scales = None if scales is None else scales.scales.detach().clone()
+    bake_module_scales(model)
+    if mean_multipliers is not None:
+        bake_mean_scales(model, mean_multipliers, per)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, weight, bias in saved:
+                b.weight.copy_(weight)
+                if bias is not None:
+                    b.bias.copy_(bias)
+            if scales is not None:
+                scales.scales.copy_(saved_scales)
+
+
+def bake_saved_scales(
+    model: nn.Module,
+    lora_state: dict | None,
+    mean_multipliers: torch.Tensor | None = None,
+    per: Granularity = "layer",
+) -> None:
+    """Export path: fold a checkpoint's module scales and mean multipliers into ``lora_B``.
+
+    ``model`` is ``PeftModel.from_pretrained(base, checkpoint/adapter)`` (raw LoRA weights at
+    the saved rank); ``lora_state`` is what ``lora_state_dict`` saved next to it. Afterwards
+    the model is a plain PEFT model whose function is DeepSynapse's with the hypernetwork
+    held at ``mean_multipliers``.
+    """
+    saved = (lora_state or {}).get("module_scales")
+    if saved is not None:
+        (scales,) = add_module_scales(model)
+        if list(saved["names"]) != module_scales(model).names:
+            raise ValueError("saved LoRA module scales are for other modules")
+        with torch.no_grad():
+            scales.copy_(saved["values"])
+        bake_module_scales(model)
+        remove_module_scales(model)
+    if mean_multipliers is not None:
+        bake_mean_scales(model, mean_multipliers, per)
+
+
+class ContextualScaler:
+    """Encoder + hypernetwork + hooks: what the trainer and the evaluator call per batch."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoder: ContextEncoder,
+        hypernet: LoRAHypernetwork,
+        per: Granularity = "layer",
+    ):
+        expected = num_outputs_for(model, per)
+        if hypernet.num_outputs != expected:
+            raise ValueError(f"hypernetwork gives {hypernet.num_outputs} outputs, need {expected}")
+        self.model = model
+        self.encoder = encoder
+        self.hypernet = hypernet
+        self.per = per
+
+    def multipliers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] multipliers for these prompts (with grad when grad is enabled)."""
+        return self.hypernet(self.encoder.embed(prompt_ids, prompt_mask))
+
+    def scales(self, multipliers: torch.Tensor) -> contextlib.AbstractContextManager:
+        return hypernet_scales(self.model, multipliers, self.per)
+
+    @contextlib.contextmanager
+    def for_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Iterator[None]:
+        """Generation: multipliers from the prompts (no grad), applied to every forward inside."""
+        with torch.no_grad():
+            m = self.multipliers(prompt_ids, prompt_mask)
+        with hypernet_scales(self.model, m, self.per):
+            yield
+
+    @torch.no_grad()
+    def mean_multipliers(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, batch_size: int = 64
+    ) -> torch.Tensor:
+        """Mean multipliers [L] over a set of prompts (e.g. the eval set), for export."""
+        parts = [
+            self.multipliers(prompt_ids[i : i + batch_size], prompt_mask[i : i + batch_size])
+            for i in range(0, prompt_ids.shape[0], batch_size)
+        ]
+        return torch.cat(parts).mean(0)

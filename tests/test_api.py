@@ -109,10 +109,22 @@ def test_load_generate_evaluate_a_run(run):
     assert 0.0 <= result["format_validity"] <= 1.0
 
 
-def test_generate_reads_the_schema_of_an_export(run, tmp_path):
-    out = ds.export(run.run_dir, "merged", tmp_path / "merged")
-    completion = ds.generate(out, "What is 2 + 2?", max_new_tokens=4, schema=None, dtype="fp32")
+@pytest.mark.parametrize("fmt", ["merged", "peft"])
+def test_generate_runs_an_export_with_its_schema(run, tmp_path, fmt):
+    out = ds.export(run.run_dir, fmt, tmp_path / fmt)
+    model, _ = ds.load(out, dtype="fp32")
+    assert type(model).__name__ == ("PeftModelForCausalLM" if fmt == "peft" else "LlamaForCausalLM")
+    completion = ds.generate((model, _), "What is 2 + 2?", max_new_tokens=4)
     assert completion.schema == "base" and completion.tokens <= 4
+
+
+@pytest.mark.slow
+def test_generate_runs_a_gguf_export_folder(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPSYNAPSE_CACHE", str(tmp_path / "cache"))  # the GGUF is converted once
+    out = ds.export(run.run_dir, "gguf", tmp_path / "gguf", gguf_dtype="f32")
+    expected = ds.generate(run.run_dir, "What is 2 + 2?", max_new_tokens=6, dtype="fp32")
+    got = ds.generate(out.parent, "What is 2 + 2?", max_new_tokens=6, dtype="fp32")
+    assert got.text == expected.text and got.schema == "base"
 
 
 def test_cli_generate_on_a_run_prints_fields_and_verdict(run, capsys):

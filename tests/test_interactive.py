@@ -47,8 +47,6 @@ def test_complete_runs_the_model_with_the_schema_prompt(tiny):
     c = complete(model, tokenizer, "What is 2 + 3?", "deepsynapse", max_new_tokens=5)
     assert "<confidence>" in c.prompt and "What is 2 + 3?" in c.prompt
     assert c.tokens == 5 and c.truncated and c.schema == "deepsynapse"
-    again = complete(model, tokenizer, "What is 2 + 3?", "deepsynapse", max_new_tokens=5)
-    assert again.text == c.text  # greedy is deterministic
     sampled = complete(
         model, tokenizer, "What is 2 + 3?", max_new_tokens=5, temperature=1.0, seed=1
     )

@@ -131,15 +131,16 @@ def test_report_has_every_panel_and_escapes(tmp_path):
     for slug in (
         "rewards", "rewards_calibrated", "weights", "accuracy", "temperature_beta",
         "kl_entropy", "accumulation", "lora", "probes", "timing",
-        "other_throughput", "other_memory",
+        "other_1",
     ):  # fmt: skip
         assert slug in plots, slug
+    assert "Metrics under: memory, throughput." in page  # leftovers, one small panel each
     pngs = _data_uri_pngs(page)
     assert len(pngs) == len(plots) == page.count("<img ")
     for data in pngs:
         image = Image.open(io.BytesIO(data))
         image.load()
-        assert image.size == (1000, 340)
+        assert image.size[0] == 1000 and image.size[1] >= 230
         assert len(image.convert("L").getcolors(256)) > 10  # drawn, not blank
     # Untrusted text from the run is escaped everywhere, never live markup.
     assert "<script>" not in page and "<img src=x" not in page

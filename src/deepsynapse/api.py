@@ -211,6 +211,9 @@ def open_model(
         model, tokenizer = load_policy(run, torch_dtype.dtype)
         return Loaded(model.to(device), tokenizer, run.config.rewards.schema)
     torch_dtype = resolve_dtype(dtype, device).dtype
+    meta = _export_metadata(path)
+    if path.is_dir() and str(meta.get("file", ".")).endswith(".gguf"):
+        path = path / meta["file"]  # a GGUF export folder: the file inside it
     if (path / "adapter_config.json").is_file():
         return _open_adapter(path, torch_dtype, device)
     if not path.exists() and (path.is_absolute() or str(model_or_run).startswith(".")):
@@ -219,7 +222,7 @@ def open_model(
     tokenizer = load_tokenizer(name)
     model = load_model(name, torch_dtype, tokenizer).to(device)
     model.eval()
-    return Loaded(model, tokenizer, _export_schema(path))
+    return Loaded(model, tokenizer, _export_metadata(path).get("schema"))
 
 
 def _open_adapter(path: Path, dtype: torch.dtype, device: str) -> Loaded:
@@ -227,7 +230,9 @@ def _open_adapter(path: Path, dtype: torch.dtype, device: str) -> Loaded:
 
     from deepsynapse.models.loading import ModelLoadError, load_model, load_tokenizer
 
-    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    meta = _export_metadata(path)
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    base = meta.get("base_model") or config.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(
             f"{path}: the adapter does not name its base model (base_model_name_or_path); "
@@ -236,21 +241,19 @@ def _open_adapter(path: Path, dtype: torch.dtype, device: str) -> Loaded:
     tokenizer = load_tokenizer(base)
     model = PeftModel.from_pretrained(load_model(base, dtype, tokenizer), str(path))
     model.eval()
-    return Loaded(model.to(device), tokenizer, _export_schema(path))
+    return Loaded(model.to(device), tokenizer, meta.get("schema"))
 
 
-def _export_schema(path: Path) -> str | None:
-    """The schema an exported model was trained with (``deepsynapse.json`` beside it)."""
+def _export_metadata(path: Path) -> dict[str, Any]:
+    """``deepsynapse.json`` of an export (schema, base model, file), or {} elsewhere."""
     if not path.exists():
-        return None
-    folder = path if path.is_dir() else path.parent
-    meta = folder / "deepsynapse.json"
-    if not meta.is_file():
-        return None
+        return {}
+    meta = (path if path.is_dir() else path.parent) / "deepsynapse.json"
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("schema")
-    except ValueError:
-        return None
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load(

@@ -27,7 +27,12 @@ from typing import Any
 
 import torch
 
-from deepsynapse.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from deepsynapse.checkpoint import (
+    CheckpointError,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_tree,
+)
 from deepsynapse.config import Config, load_config
 from deepsynapse.formats import system_prompt
 from deepsynapse.models.loading import ModelLoadError, load_model, load_tokenizer
@@ -94,15 +99,41 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> RunCh
     return RunCheckpoint(run, chosen, load_config(run / "config.yaml"))
 
 
-def _bake_adaptive_parts(peft_model) -> None:
+def _bake_adaptive_parts(peft_model, run: RunCheckpoint) -> None:
     """Fold what DeepSynapse adds around plain LoRA into the LoRA weights, in place.
 
-    Exports must be plain PEFT/transformers models. Once the hypernetwork lands (per-layer LoRA
-    scales predicted from a context embedding), this is where its mean scales get multiplied
-    into each layer's LoRA scaling, so that the exported adapter runs with the hypernetwork off.
-    Today the policy is plain LoRA: nothing to bake.
+    Exports must be plain PEFT/transformers models. Per-module LoRA scales
+    (``lora.module_scales``) are multiplied into ``lora_B`` exactly. The hypernetwork's
+    per-prompt scales are replaced by their mean, read from the checkpoint's
+    ``adaptive.mean_multipliers`` once the trainer saves it; until then, and for the neural
+    memory (a module beside the layers that no plain model holds), export is refused rather
+    than silently dropping a part of the trained function.
     """
-    return None
+    cfg = run.config
+    if getattr(getattr(cfg, "memory", None), "enabled", False):
+        raise ExportError(
+            f"{run.run_dir} was trained with the neural memory (memory.enabled), a module that "
+            "no PEFT, transformers or GGUF model can hold; export needs a run without it"
+        )
+    if not (run.checkpoint / "trainer_state.json").is_file():
+        return
+    adaptive = load_tree(run.checkpoint, "trainer_state").get("adaptive") or {}
+    mean = None
+    hypernet = getattr(cfg, "hypernet", None)
+    if getattr(hypernet, "enabled", False):
+        mean = adaptive.get("mean_multipliers")
+        if mean is None:
+            raise ExportError(
+                f"{run.checkpoint} holds no mean hypernetwork multipliers "
+                "(adaptive.mean_multipliers), so its per-prompt LoRA scales cannot be baked "
+                "into a plain adapter"
+            )
+    if adaptive.get("lora") is None and mean is None:
+        return
+    from deepsynapse.models.hypernet import bake_saved_scales
+
+    per = getattr(hypernet, "granularity", "layer")
+    bake_saved_scales(peft_model, adaptive.get("lora"), mean, per)
 
 
 def load_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
@@ -119,7 +150,7 @@ def load_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
         peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     except Exception as exc:  # PEFT raises many types for a mismatched adapter
         raise CheckpointError(f"{run.adapter_dir}: adapter does not fit the base: {exc}") from exc
-    _bake_adaptive_parts(peft_model)
+    _bake_adaptive_parts(peft_model, run)
     peft_model.eval()
     return peft_model, tokenizer
 
@@ -188,6 +219,10 @@ def export_run(
             model_card(run, tokenizer, fmt, result.relative_to(tmp), gguf_dtype, dtype),
             encoding="utf-8",
         )
+        if fmt == "gguf" and "<|im_start|>" in (tokenizer.chat_template or ""):
+            (tmp / "Modelfile").write_text(
+                ollama_modelfile(result.name, run.config.rewards.schema), encoding="utf-8"
+            )
         (tmp / "system_prompt.txt").write_text(
             system_prompt(run.config.rewards.schema) + "\n", encoding="utf-8"
         )
@@ -202,6 +237,23 @@ def export_run(
         out.rmdir()
     tmp.rename(out)
     return out / result.relative_to(tmp) if result != tmp else out
+
+
+def ollama_modelfile(gguf_name: str, schema: str) -> str:
+    """An Ollama Modelfile for a ChatML model: the XML system prompt, greedy, stop at the end."""
+    from deepsynapse.formats import stop_strings
+
+    stop = stop_strings(schema)[0]
+    return (
+        f"FROM ./{gguf_name}\n"
+        'TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}'
+        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
+        '<|im_start|>assistant\n"""\n'
+        f'SYSTEM """{system_prompt(schema)}"""\n'
+        "PARAMETER temperature 0\n"
+        'PARAMETER stop "<|im_end|>"\n'
+        f'PARAMETER stop "{stop}"\n'
+    )
 
 
 def export_metadata(run: RunCheckpoint, fmt: str, artefact: Path) -> dict[str, Any]:
@@ -556,7 +608,8 @@ def _data_line(cfg: Config) -> str:
             return f"synthetic arithmetic word problems ({lo}-{hi} steps)"
         return f"`{source}`"
 
-    parts = [f"GRPO on {name(cfg.data.train)} (train split), {cfg.train.steps} steps"]
+    split = "" if cfg.data.train == "synthetic" else " (train split)"
+    parts = [f"GRPO on {name(cfg.data.train)}{split}, {cfg.train.steps} steps"]
     if cfg.sft.steps:
         parts.insert(
             0,
@@ -596,12 +649,8 @@ def _usage(fmt: str, artefact: Path, base: str | None, model_name: str) -> str:
         f'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder", gguf_file="{artefact}")\n'
         f'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder", gguf_file="{artefact}")\n'
         "```\n\n"
-        "For Ollama, a Modelfile (ChatML template):\n\n"
-        f'```\nFROM ./{artefact}\nTEMPLATE """{{{{ if .System }}}}<|im_start|>system\n'
-        "{{ .System }}<|im_end|>\n{{ end }}{{ if .Prompt }}<|im_start|>user\n"
-        '{{ .Prompt }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"""\n'
-        "PARAMETER temperature 0\n```\n\n"
-        "and paste the system prompt above as `SYSTEM`."
+        "For Ollama (when a `Modelfile` is here: ChatML models): "
+        "`ollama create NAME -f Modelfile && ollama run NAME`."
     )
 
 
@@ -699,7 +748,8 @@ def model_card(
         "",
         "Decode greedily and stop at `" + f"</{schema.fields[-1]}>" + "`. Or simply:",
         "",
-        f"```bash\ndeepsynapse generate {run.run_dir} 'QUESTION'\n```",
+        "```bash\ndeepsynapse generate path/to/this/folder 'QUESTION'   # or the run folder\n"
+        "deepsynapse chat path/to/this/folder\n```",
         "",
         "## Load it",
         "",

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from deepsynapse.models.dynamic_lora import causal_lm, decoder_layers
+from deepsynapse.models.policy import adapters_off
 
 
 def prompt_key(ids: torch.Tensor) -> str:
@@ -84,7 +85,7 @@ class ContextEncoder:
 
         handle = decoder_layers(self.model)[self.layer].register_forward_hook(grab)
         off = (
-            self.model.disable_adapter()
+            adapters_off(self.model)
             if hasattr(self.model, "disable_adapter")
             else contextlib.nullcontext()
         )

@@ -90,7 +90,7 @@ class PolicyModule(nn.Module):
 
     def reference(self) -> contextlib.AbstractContextManager:
         """Context in which the adapters are off: the reference policy."""
-        return self.peft_model.disable_adapter()
+        return adapters_off(self.peft_model)
 
     def forward(
         self,
@@ -125,6 +125,22 @@ class PolicyModule(nn.Module):
         if ent_sel is not None:
             entropy = torch.zeros_like(logp).masked_scatter(sel, ent_sel)
         return LogprobOutput(logp, entropy)
+
+
+@contextlib.contextmanager
+def adapters_off(peft_model: nn.Module):
+    """PEFT's ``disable_adapter`` that leaves ``requires_grad`` as it found it.
+
+    On exit PEFT re-activates the adapter with ``set_adapter``, which marks every adapter
+    parameter trainable again: that would silently undo component locking.
+    """
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    try:
+        with peft_model.disable_adapter():
+            yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float, target_modules: list[str]):

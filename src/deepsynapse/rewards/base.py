@@ -168,7 +168,10 @@ def call_components(
         name = component_name(component)
         try:
             values = list(
-                _call_with_timeout(lambda c=component: c(prompts=prompts, completions=completions, **columns), timeout)
+                _call_with_timeout(
+                    lambda c=component: c(prompts=prompts, completions=completions, **columns),
+                    timeout,
+                )
             )
             if len(values) != len(completions):
                 raise ValueError(

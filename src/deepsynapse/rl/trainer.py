@@ -777,8 +777,10 @@ class Trainer:
             group_has_signal(batch.correct, self.cfg.rollout.num_generations).float().mean()
         )
         m["groups/dropped"] = float(getattr(self, "dropped_groups", 0))
+        m.update(batch.reward_metrics)
         m.update(update)
         m.update(knobs.as_metrics())
+        m.update(self.adaptive.metrics())
         for name, sec in timer.seconds.items():
             m[f"timing/{name}"] = sec
         total = sum(timer.seconds.values())

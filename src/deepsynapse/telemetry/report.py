@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ _FIGSIZE = (10.0, 3.4)
 _DPI = 100
 _MAX_LINES = 12  # series per panel; more are unreadable
 _MAX_EVENTS = 400
+_GRID = 9  # small panels per image of other metrics
 _IGNORED = {"step", "time"}
 
 
@@ -195,13 +195,15 @@ def _twin(
     fig, ax = _figure()
     _bands(ax, phases)
     _lines(ax, series, left or right, drawstyle=drawstyle)
-    ax.set_ylabel(", ".join(left or right)[:60])
+    if len(left or right) == 1:  # several series: the legend names them
+        ax.set_ylabel((left or right)[0])
     axes = ()
     if left and right:
         ax2 = ax.twinx()
         ax2.set_prop_cycle(color=["#c44e52", "#8172b3", "#937860", "#da8bc3"])
         _lines(ax2, series, right, drawstyle=drawstyle, style={k: {"ls": "--"} for k in right})
-        ax2.set_ylabel(", ".join(right)[:60])
+        if len(right) == 1:
+            ax2.set_ylabel(right[0])
         axes = (ax2,)
     return _finish(fig, ax, title, axes=axes)
 
@@ -312,20 +314,38 @@ def _plot_probes(
 
 
 def _plot_other(series: Series, phases: Phases, used: set[str]) -> list[Plot]:
-    """One panel per remaining metric prefix, so any new metric is visible."""
+    """Every remaining metric, one small panel per prefix, so any new metric is visible.
+
+    Panels are laid out in a grid of three columns, up to ``_GRID`` panels per image, so a
+    run with many small metric families does not produce a wall of full-width plots.
+    """
+    from matplotlib.figure import Figure
+
     groups: dict[str, list[str]] = {}
     for key in sorted(series):
         if key in used or len(series[key][0]) < 2:
             continue
         groups.setdefault(key.split("/", 1)[0], []).append(key)
+    prefixes = list(groups)
     plots = []
-    for prefix, keys in groups.items():
-        fig, ax = _figure()
-        _bands(ax, phases)
-        _lines(ax, series, keys)
-        png = _finish(fig, ax, f"{prefix}/*")
-        slug = "other_" + re.sub(r"[^A-Za-z0-9_-]+", "_", prefix)
-        plots.append(Plot(slug, f"{prefix}/*", f"Metrics under {prefix}/.", png))
+    for number, start in enumerate(range(0, len(prefixes), _GRID), start=1):
+        chunk = prefixes[start : start + _GRID]
+        rows = math.ceil(len(chunk) / 3)
+        fig = Figure(figsize=(_FIGSIZE[0], 2.3 * rows), dpi=_DPI, layout="constrained")
+        for index, prefix in enumerate(chunk):
+            ax = fig.add_subplot(rows, 3, index + 1)
+            _bands(ax, phases)
+            keys = groups[prefix]
+            _lines(ax, series, keys, label=lambda k, p=prefix: k[len(p) + 1 :] or k)
+            ax.set_title(f"{prefix}/*", fontsize=9, loc="left")
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+            if len(keys) > 1:
+                ax.legend(fontsize=6, loc="best")
+        names = ", ".join(chunk)
+        plots.append(
+            Plot(f"other_{number}", "Other metrics", f"Metrics under: {names}.", _png(fig))
+        )
     return plots
 
 
@@ -346,10 +366,14 @@ def build_plots(series: Series, events: list[dict[str, Any]]) -> list[Plot]:
     twin("accuracy", "Accuracy and format validity", "Task accuracy (not reward) is what shows reward hacking.", acc, [])  # fmt: skip
     twin("temperature_beta", "Sampling temperature and KL coefficient", "Left: temperature (solid); right: KL coefficient beta (dashed).", ["knobs/temperature"], ["knobs/beta"])  # fmt: skip
     twin("kl_entropy", "KL to the reference and policy entropy", "Left: mean per-token KL (solid); right: mean entropy (dashed).", ["kl/mean"], ["entropy/mean"])  # fmt: skip
-    accum = sorted(k for k in series if k.startswith(("accumulation/", "grad_noise/")))
-    twin("accumulation", "Gradient accumulation", "Left: micro-batches per optimizer step; right: the signals that set it.", ["knobs/micro_batches"], accum, "steps-post")  # fmt: skip
-    scales = sorted(k for k in series if (k.startswith("lora/") and k != "lora/rank") or k.startswith("hypernet/"))  # fmt: skip
-    twin("lora", "LoRA rank and scales", "Left: adapter rank; right: LoRA / hypernetwork scales.", ["lora/rank"], scales, "steps-post")  # fmt: skip
+    counts = ["knobs/micro_batches", "knobs/accumulation_steps", "accumulation/steps"]
+    accum = sorted(
+        k for k in series if k.startswith(("accumulation/", "grad_noise/")) and k not in counts
+    )
+    twin("accumulation", "Gradient accumulation", "Left: micro-batches / accumulation steps per optimizer step (solid); right: the signals that set them (dashed).", counts, accum, "steps-post")  # fmt: skip
+    ranks = ["lora/rank", "knobs/lora_rank", "lora/nested_rank"]
+    scales = sorted(k for k in series if k.startswith(("lora/", "hypernet/")) and k not in ranks)
+    twin("lora", "LoRA rank and scales", "Left: adapter rank (solid); right: LoRA module / hypernetwork scales (dashed).", ranks, scales, "steps-post")  # fmt: skip
     plots += _plot_probes(series, phases, used, events)
     timing = sorted(k for k in series if k.startswith("timing/"))
     twin("timing", "Time per step", "Seconds per phase of the step.", timing, [])

@@ -24,7 +24,7 @@ def test_two_process_launch(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         str(worker),
         str(tmp_path),
     ]

@@ -28,6 +28,7 @@ TINY = [
     "eval.max_new_tokens=8",
     "train.steps=2",
     "train.save_every=1",
+    "train.report=false",
     "rewards.weights={correctness: 1.0, strict_format: 0.5, soft_format: 0.5, completion_length: 0.2}",
 ]
 

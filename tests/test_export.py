@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from deepsynapse.export import (
     find_checkpoint,
     gguf_tensor_name,
     rope_interleave,
+    tokenizer_pre_name,
     write_gguf,
 )
 from deepsynapse.formats import system_prompt
@@ -108,6 +110,9 @@ def test_merged_export_loads_with_plain_transformers(trained):
         "chat_template.jinja",
         "README.md",
     } <= names
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in config
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
@@ -350,6 +355,29 @@ def test_gguf_refuses_other_architectures(tmp_path, small_tokenizer):
     with pytest.raises(ExportError, match="this model is GPT2LMHeadModel"):
         write_gguf(model, small_tokenizer, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_tokenizer_pre_names_and_refusals(tmp_path, small_tokenizer):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert tokenizer_pre_name({"pre_tokenizer": byte_level}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    smollm = {"type": "Sequence", "pretokenizers": [digits, byte_level]}
+    assert tokenizer_pre_name({"pre_tokenizer": smollm}) == "smollm"
+    split = {"type": "Split", "pattern": {"Regex": PRETOKENIZE_REGEX}, "behavior": "Isolated"}
+    qwen = {"type": "Sequence", "pretokenizers": [split, dict(byte_level, use_regex=False)]}
+    assert tokenizer_pre_name({"pre_tokenizer": qwen}) == "qwen2"
+    with pytest.raises(ExportError, match="unrecognised pre-tokenizer"):
+        tokenizer_pre_name({"pre_tokenizer": {"type": "Whitespace"}})
+    vocab = {"<unk>": 0, **{f"w{i}": i + 1 for i in range(len(small_tokenizer) - 1)}}
+    word_level = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>"
+    )
+    with pytest.raises(ExportError, match="byte-level BPE"):
+        write_gguf(small_model("llama", small_tokenizer), word_level, tmp_path / "w.gguf")
 
 
 # ------------------------------------------------------------------ choosing what to export

@@ -68,9 +68,18 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY if not o.startswith(("train.steps", "rewards.weights"))]
     cmd = [
-        sys.executable, "-m", "deepsynapse.cli", "train", "--quiet",
-        *overrides, "train.steps=500", "train.save_every=0", "sft.steps=0", "eval.limit=0",
-        f"train.output_dir={tmp_path}", "train.run_name=run",
+        sys.executable,
+        "-m",
+        "deepsynapse.cli",
+        "train",
+        "--quiet",
+        *overrides,
+        "train.steps=500",
+        "train.save_every=0",
+        "sft.steps=0",
+        "eval.limit=0",
+        f"train.output_dir={tmp_path}",
+        "train.run_name=run",
     ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -17,8 +17,17 @@ from deepsynapse.rl.trainer import Trainer
 from deepsynapse.telemetry.run_logger import read_jsonl
 
 COMPONENTS = [
-    "correctness", "strict_format", "soft_format", "structure", "length_penalty", "calibration",
-    "critique_consistency", "contrastive", "verifier", "repeat_mistake", "novelty",
+    "correctness",
+    "strict_format",
+    "soft_format",
+    "structure",
+    "length_penalty",
+    "calibration",
+    "critique_consistency",
+    "contrastive",
+    "verifier",
+    "repeat_mistake",
+    "novelty",
     "completion_length",
 ]
 PHASES = (
@@ -68,7 +77,9 @@ FULL = [o for o in TINY if not o.startswith(("rewards.weights", "train.steps", "
 
 
 def train(run_dir, overrides=FULL, **kwargs):
-    trainer = Trainer(load_config(None, overrides), run_dir=run_dir, progress=False, reward_fns=EXTRA_REWARDS)
+    trainer = Trainer(
+        load_config(None, overrides), run_dir=run_dir, progress=False, reward_fns=EXTRA_REWARDS
+    )
     trainer.train(**kwargs)
     return trainer
 
@@ -127,7 +138,9 @@ def test_locked_parameters_stay_bit_identical_while_locked(full_run):
     assert all(torch.equal(first[k], second[k]) for k in attn)
     assert any(not torch.equal(first[k], second[k]) for k in mlp)
     third = adapter(full_run, 3)  # phase 2 unlocks attention (and grew the rank to 8)
-    assert any(not torch.equal(third[k][: first[k].shape[0], : first[k].shape[1]], first[k]) for k in attn)
+    assert any(
+        not torch.equal(third[k][: first[k].shape[0], : first[k].shape[1]], first[k]) for k in attn
+    )
 
 
 def test_resume_in_phase_two_continues_exactly(full_run, tmp_path):
@@ -141,5 +154,10 @@ def test_resume_in_phase_two_continues_exactly(full_run, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     straight, resumed = steps_of(full_run), steps_of(split)
-    for key in ("knobs/temperature", "knobs/beta", "knobs/accumulation_steps", "weights/correctness"):
+    for key in (
+        "knobs/temperature",
+        "knobs/beta",
+        "knobs/accumulation_steps",
+        "weights/correctness",
+    ):
         assert [round(r[key], 6) for r in straight] == [round(r[key], 6) for r in resumed], key

@@ -48,7 +48,12 @@ def adapter(run_dir, step):
 
 
 def test_end_to_end_tiny_run(tmp_path, tiny_overrides):
-    trainer, summary = run(tmp_path, tiny_overrides + ["grpo.beta=0.1", "grpo.num_iterations=2"])
+    trainer, summary = run(
+        tmp_path,
+        tiny_overrides
+        + ["grpo.beta=0.1", "grpo.num_iterations=2", "probes.every=2", "probes.per_skill=1"]
+        + ["train.report=true"],
+    )
     run_dir = tmp_path / "run"
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward/fused/mean" in r]
     assert [r["step"] for r in rows] == [1, 2]
@@ -70,6 +75,14 @@ def test_end_to_end_tiny_run(tmp_path, tiny_overrides):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
     assert summary["eval_before"]["n"] == 2 and summary["eval_after"]["n"] == 2
     assert json.loads((run_dir / "eval_after.json").read_text())["records"]
+    # Probes ran at step 2 next to a held-out slice; the report was written at the end.
+    assert (
+        "probes/mean" in rows[1]
+        and "probes/arithmetic" in rows[1]
+        and "accuracy/heldout" in rows[1]
+    )
+    assert "probes/mean" not in rows[0]
+    assert (run_dir / "report.html").is_file()
 
 
 def test_unknown_reward_is_refused_before_loading_anything(tmp_path):

@@ -203,10 +203,14 @@ class EpisodicConfig:
 
 @dataclass
 class ProbesConfig:
-    every: int = _f(0, "run the skill probes every N steps (0 = only before/after)")
-    per_skill: int = _f(4, "probe items per skill")
-    seed: int = _f(1234, "probe suite seed (fixed: same items every time)")
+    every: int = _f(0, "run the skill probes and a held-out slice every N steps (0 = off)")
+    per_skill: int = _f(8, "probe units per skill (fewer = a wider noise band)")
+    skills: list[str] = _f([], "probe skills to run (empty = all)")
+    seed: int = _f(1234, "probe suite seed (fixed: the same items every time)")
     max_new_tokens: int = _f(128, "completion budget of a probe")
+    batch_size: int = _f(16, "probe prompts per generation batch")
+    heldout: int = _f(8, "held-out problems scored with the probes (accuracy/heldout)")
+    emergence: bool = _f(True, "log an 'emergence' event when a skill rises beyond its noise band")
 
 
 @dataclass
@@ -236,6 +240,7 @@ class TrainConfig:
     samples_per_log: int = _f(4, "completions written each time")
     trackers: list[str] = _f([], "extra trackers through Accelerate: tensorboard, wandb, ...")
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
+    report: bool = _f(True, "write report.html with PNG plots at the end of training")
     max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each is skipped)")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,7 @@ def export_run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _readable_by_umask(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
@@ -254,6 +256,15 @@ def ollama_modelfile(gguf_name: str, schema: str) -> str:
         'PARAMETER stop "<|im_end|>"\n'
         f'PARAMETER stop "{stop}"\n'
     )
+
+
+def _readable_by_umask(folder: Path) -> None:
+    """safetensors writes its files 0600; an export is meant to be shared like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~umask)
 
 
 def export_metadata(run: RunCheckpoint, fmt: str, artefact: Path) -> dict[str, Any]:

@@ -59,6 +59,14 @@ from deepsynapse.data.gsm8k import load_gsm8k
 from deepsynapse.data.problems import Problem
 from deepsynapse.data.synthetic import generate_problems
 from deepsynapse.eval.harness import evaluate, summarize
+from deepsynapse.eval.probes import (
+    SKILLS,
+    EmergenceDetector,
+    build_probe_suite,
+    probe_metrics,
+    run_probes,
+    summarize_probes,
+)
 from deepsynapse.formats import format_completion, get_schema, parse_completion, stop_strings
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
@@ -74,6 +82,7 @@ from deepsynapse.rl.grpo import (
     grpo_token_loss,
 )
 from deepsynapse.rollout.hf import RolloutOutput, encode_prompts, generate_groups
+from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
     current_rss_mb,
@@ -356,6 +365,18 @@ class Trainer:
         self.locked_groups: list[str] | None = None
         self._stop_requested: str | None = None
         self._sft_pool: list[Problem] | None = None
+        self.probe_items = (
+            build_probe_suite(cfg.probes.seed, cfg.probes.per_skill, cfg.probes.skills or SKILLS)
+            if cfg.probes.every
+            else []
+        )
+        self.emergence = (
+            EmergenceDetector(n_items=cfg.probes.per_skill)
+            if cfg.probes.every and cfg.probes.emergence
+            else None
+        )
+        if self.emergence is not None:
+            self.controllers.append(self.emergence)
 
     # -------------------------------------------------------------- small helpers
 
@@ -903,12 +924,15 @@ class Trainer:
 
     # -------------------------------------------------------------- evaluation
 
-    def evaluate_heldout(self, tag: str) -> dict[str, Any] | None:
+    def evaluate_heldout(
+        self, tag: str, limit: int | None = None, save: bool = True
+    ) -> dict[str, Any] | None:
         cfg = self.cfg
-        if cfg.eval.limit <= 0:
+        limit = cfg.eval.limit if limit is None else limit
+        if limit <= 0:
             return None
         problems, _ = build_problems(cfg.data.eval, "test", cfg)
-        problems = problems[: cfg.eval.limit]
+        problems = problems[:limit]
         shard = problems[self.rank :: self.world]
         result = evaluate(
             self.unwrapped.peft_model,
@@ -926,7 +950,7 @@ class Trainer:
 
             records = gather_object(records)
         summary = summarize(records, result["seconds"])
-        if self.accelerator.is_main_process:
+        if save and self.accelerator.is_main_process:
             (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=1))
         return summary
 
@@ -1079,13 +1103,25 @@ class Trainer:
                 f"stopped at step {self.step}{why}; resume with: "
                 f"deepsynapse train --resume {self.run_dir}"
             )
+            self.write_report()
             return self.summary(None)
         after = self.evaluate_heldout("after")
         summary = self.summary(after)
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.write_report()
         acc.end_training()
         return summary
+
+    def write_report(self) -> None:
+        """report.html with its plots; a failure here never fails the run."""
+        if not (self.cfg.train.report and self.accelerator.is_main_process):
+            return
+        try:
+            path = write_report(self.run_dir)
+            self.say(f"report: {path}")
+        except Exception as exc:  # the report is a view; training results are already safe
+            self.event("report_error", f"could not write the report: {exc}")
 
     def run_steps(self, stop_at: int, bar) -> None:
         """GRPO steps until ``stop_at`` or a stop request; checkpoints on schedule."""
@@ -1093,6 +1129,8 @@ class Trainer:
         while self.step < stop_at and not self.stop_requested():
             metrics = self.train_step(self.step)
             self.step += 1
+            if cfg.probes.every and self.step % cfg.probes.every == 0:
+                metrics.update(self.run_probes())
             self.log.metrics(self.step, metrics)
             self.write_samples(metrics)
             bar.update(1)
@@ -1128,6 +1166,34 @@ class Trainer:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+
+    def run_probes(self) -> dict[str, float]:
+        """Skill probes and a small held-out slice: task accuracy, not reward (3.16)."""
+        cfg = self.cfg
+        with torch.random.fork_rng():
+            result = run_probes(
+                self.unwrapped.peft_model,
+                self.tokenizer,
+                self.probe_items[self.rank :: self.world],
+                self.schema,
+                batch_size=cfg.probes.batch_size,
+                max_new_tokens=cfg.probes.max_new_tokens,
+            )
+        records = result["records"]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            records = gather_object(records)
+        out = probe_metrics(summarize_probes(records))
+        if cfg.probes.heldout:
+            held = self.evaluate_heldout("probe", limit=cfg.probes.heldout, save=False)
+            if held is not None:
+                out["accuracy/heldout"] = held["accuracy"]
+                out["format/heldout_valid_rate"] = held["format_validity"]
+        if self.emergence is not None:
+            for ev in self.emergence.observe(self.step, out):
+                self.log.event(self.step, ev)
+        return out
 
     def stop_requested(self) -> bool:
         """Whether any process asked to stop (all must agree, or collectives would hang)."""

@@ -68,10 +68,9 @@ def generate_groups(
         do_sample=not greedy,
         temperature=temperature if not greedy else None,
         top_p=top_p if not greedy else None,
-        top_k=None,
+        top_k=0,  # no top-k: sample the full distribution the loss scores
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        stop_strings=stop_strings or None,
     )
     with around(ids, mask) if around is not None else contextlib.nullcontext():
         completion = _generate(
@@ -88,7 +87,7 @@ def _generate(
     model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing
 ) -> torch.Tensor:
     """Completion token ids [B*G, T]; the prompt's KV computed once per group when sharing."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StoppingCriteriaList
 
     ids_g = ids.repeat_interleave(g, 0)
     mask_g = mask.repeat_interleave(g, 0)
@@ -104,14 +103,29 @@ def _generate(
         )
         cache.batch_repeat_interleave(g)
         kwargs["past_key_values"] = cache
+    if stop_strings:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([stop_criteria(tokenizer, tuple(stop_strings))])
     out = model.generate(
         input_ids=ids_g,
         attention_mask=mask_g,
         generation_config=gen_config,
-        tokenizer=tokenizer if stop_strings else None,
         **kwargs,
     )
     return out[:, ids.shape[1] :]
+
+
+_STOP_CACHE: dict[tuple[int, tuple[str, ...]], object] = {}
+
+
+def stop_criteria(tokenizer, stops: tuple[str, ...]):
+    """One StopStringCriteria per (tokenizer, stop strings): building it scans the whole
+    vocabulary (about 2 s for 49k tokens), which ``generate`` would redo on every call."""
+    from transformers import StopStringCriteria
+
+    key = (id(tokenizer), stops)
+    if key not in _STOP_CACHE:
+        _STOP_CACHE[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
+    return _STOP_CACHE[key]
 
 
 def finish_completions(

@@ -134,3 +134,10 @@ def test_cli_generate_on_a_run_prints_fields_and_verdict(run, capsys):
     assert "reasoning: (missing)" in out and "format: INVALID (" in out and "truncated" in out
     assert main(["generate", str(run.run_dir / "nothing"), "q"]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_the_trainer_calls_a_raw_trl_function_by_keyword():
+    from deepsynapse.rewards.base import call_components
+
+    scores, failures = call_components([reward_len], ["p"], ["x" * 25], {"answer": ["1"]})
+    assert failures == [] and scores == {"reward_len": [-5.0]}

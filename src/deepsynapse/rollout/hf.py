@@ -68,7 +68,7 @@ def generate_groups(
         do_sample=not greedy,
         temperature=temperature if not greedy else None,
         top_p=top_p if not greedy else None,
-        top_k=0,  # no top-k: sample the full distribution the loss scores
+        top_k=None if greedy else 0,  # no top-k: sample the distribution the loss scores
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
@@ -104,7 +104,9 @@ def _generate(
         cache.batch_repeat_interleave(g)
         kwargs["past_key_values"] = cache
     if stop_strings:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([stop_criteria(tokenizer, tuple(stop_strings))])
+        kwargs["stopping_criteria"] = StoppingCriteriaList(
+            [stop_criteria(tokenizer, tuple(stop_strings))]
+        )
     out = model.generate(
         input_ids=ids_g,
         attention_mask=mask_g,

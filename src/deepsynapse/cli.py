@@ -58,6 +58,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     ev.add_argument("--output", "-o", help="write the JSON result (with every completion) here")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument(
+        "--mode",
+        default="greedy",
+        choices=["greedy", "majority", "best_of_n"],
+        help="greedy: one completion; majority: vote of k samples; best_of_n: a judge picks 1 of k",
+    )
+    ev.add_argument("--k", type=int, default=8, help="samples per problem (majority, best_of_n)")
+    ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (k > 1)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--verifier", help="run folder or checkpoint whose learned verifier judges best_of_n"
+    )
+
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html with its PNG plots")
+    rep.add_argument("run_dir")
+
+    cmp_ = sub.add_parser("compare", help="table of two eval result files (base vs trained)")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+
+    pr = sub.add_parser("probe", help="the emergent-skill probe suite on a model or checkpoint")
+    pr.add_argument("--model", default="smollm2-135m-instruct")
+    pr.add_argument("--adapter", help="PEFT adapter folder, or a run folder / checkpoint")
+    pr.add_argument("--seed", type=int, default=1234)
+    pr.add_argument("--per-skill", type=int, default=8)
+    pr.add_argument("--schema", default="base", choices=["base", "deepsynapse"])
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--max-new-tokens", type=int, default=200)
+    pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    pr.add_argument("--output", "-o")
     add_export_parser(sub)
     add_generate_parser(sub)
     add_chat_parser(sub)
@@ -156,14 +186,11 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _load_for_eval(args: argparse.Namespace):
+    """Base model (+ adapter) for eval and probe."""
     import torch
 
-    from deepsynapse.config import Config
-    from deepsynapse.eval.harness import evaluate
-    from deepsynapse.formats import get_schema
     from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
-    from deepsynapse.rl.trainer import build_problems
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
@@ -173,24 +200,104 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(resolve_adapter(args.adapter)))
-    cfg = Config()
-    problems, _ = build_problems(args.data, args.split, cfg)
+    return model, tokenizer
+
+
+def _judge(args: argparse.Namespace, schema):
+    """best_of_n's judge: a run's learned verifier, else the completions' own confidence."""
+    from functools import partial
+
+    from deepsynapse.eval.harness import confidence_select
+
+    if not args.verifier:
+        return partial(confidence_select, schema=schema)
+    from deepsynapse.checkpoint import latest_checkpoint, load_tree
+    from deepsynapse.rewards.verifier import Verifier, make_verifier_select
+
+    folder = Path(args.verifier)
+    ckpt = (
+        folder
+        if (folder / "trainer_state.json").is_file()
+        else latest_checkpoint(folder / "checkpoints")
+    )
+    if ckpt is None:
+        raise FileNotFoundError(f"{folder}: no checkpoint with a verifier")
+    state = load_tree(ckpt, "trainer_state")
+    if "verifier" not in state.get("rewards", {}):
+        raise FileNotFoundError(f"{ckpt}: this run trained no verifier (rewards.weights.verifier)")
+    config = state["config"]["rewards"]
+    verifier = Verifier(config.get("verifier_backbone", "auto"))
+    verifier.load_state_dict(state["rewards"]["verifier"])
+    return make_verifier_select(verifier, schema)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from deepsynapse.config import Config
+    from deepsynapse.eval.harness import evaluate
+    from deepsynapse.formats import get_schema
+    from deepsynapse.rl.trainer import build_problems
+
+    model, tokenizer = _load_for_eval(args)
+    schema = get_schema(args.schema)
+    problems, _ = build_problems(args.data, args.split, Config())
     if args.limit:
         problems = problems[: args.limit]
     result = evaluate(
         model,
         tokenizer,
         problems,
-        get_schema(args.schema),
+        schema,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         progress=not args.quiet,
+        mode=args.mode,
+        k=args.k,
+        temperature=args.temperature,
+        seed=args.seed,
+        select=_judge(args, schema) if args.mode == "best_of_n" else None,
     )
     result["model"], result["adapter"], result["data"] = args.model, args.adapter, args.data
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     brief = {k: v for k, v in result.items() if k != "records"}
     print(json.dumps(brief, indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from deepsynapse.telemetry.report import write_report
+
+    if not Path(args.run_dir).is_dir():
+        raise FileNotFoundError(f"{args.run_dir}: no such run folder")
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deepsynapse.eval.compare import main_compare
+
+    return main_compare(args.a, args.b)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from deepsynapse.eval.probes import build_probe_suite, run_probes
+    from deepsynapse.formats import get_schema
+
+    model, tokenizer = _load_for_eval(args)
+    items = build_probe_suite(args.seed, args.per_skill)
+    result = run_probes(
+        model,
+        tokenizer,
+        items,
+        get_schema(args.schema),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+    )
+    result["model"], result["adapter"] = args.model, args.adapter
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
     return 0
 
 
@@ -308,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             "export": cmd_export,
             "generate": cmd_generate,
             "chat": cmd_chat,
+            "report": cmd_report,
+            "compare": cmd_compare,
+            "probe": cmd_probe,
         }[args.command](args)
     except (
         ConfigError,

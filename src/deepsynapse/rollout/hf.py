@@ -9,6 +9,7 @@ prefill B*G copies of the same prompts.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,7 +117,7 @@ def _generate(
     return out[:, ids.shape[1] :]
 
 
-_STOP_CACHE: dict[tuple[int, tuple[str, ...]], object] = {}
+_STOP_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def stop_criteria(tokenizer, stops: tuple[str, ...]):
@@ -124,10 +125,10 @@ def stop_criteria(tokenizer, stops: tuple[str, ...]):
     vocabulary (about 2 s for 49k tokens), which ``generate`` would redo on every call."""
     from transformers import StopStringCriteria
 
-    key = (id(tokenizer), stops)
-    if key not in _STOP_CACHE:
-        _STOP_CACHE[key] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
-    return _STOP_CACHE[key]
+    per_tokenizer = _STOP_CACHE.setdefault(tokenizer, {})
+    if stops not in per_tokenizer:
+        per_tokenizer[stops] = StopStringCriteria(tokenizer=tokenizer, stop_strings=list(stops))
+    return per_tokenizer[stops]
 
 
 def finish_completions(

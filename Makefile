@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepsynapse-setup
 
-.PHONY: setup demo test test-all lint bench-rollout
+.PHONY: setup demo test test-all lint bench-rollout bench-trl bench-ablation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,3 +32,13 @@ lint: $(STAMP)
 
 bench-rollout: $(STAMP)
 	$(PY) benchmarks/rollout_prefix_sharing.py
+
+$(VENV)/.bench-setup: $(STAMP)
+	$(PY) -m pip install -q --no-deps 'trl==1.16.0'
+	touch $@
+
+bench-trl: $(VENV)/.bench-setup
+	$(PY) benchmarks/vs_trl.py
+
+bench-ablation: $(STAMP)
+	$(PY) benchmarks/ablation.py

@@ -1,0 +1,148 @@
+"""Shared helpers of the benchmark scripts: child processes, the machine, tables, results.
+
+Each measured run happens in a fresh child process (``python SCRIPT _child SPEC``) so that
+its peak resident memory (``ru_maxrss``) is its own and one run's caches or leaks never
+flatter or burden the next. A child prints one line ``BENCH_RESULT {json}`` last; the parent
+parses it and keeps the child's other output only for error messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "BENCH_RESULT "
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class ChildFailed(RuntimeError):
+    """A benchmark child exited without a result; the message carries the tail of its output."""
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """The child's last line: what the parent reads back."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def run_child(
+    script: str | Path, spec: dict[str, Any], *, timeout: float | None = None, echo: bool = False
+) -> dict[str, Any]:
+    """Run ``script _child SPEC`` in a fresh interpreter and return the JSON it reports."""
+    cmd = [sys.executable, str(script), "_child", json.dumps(spec)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    wall = time.perf_counter() - start
+    lines = proc.stdout.splitlines()
+    if echo:
+        for line in lines:
+            if not line.startswith(RESULT_PREFIX):
+                print("    | " + line, flush=True)
+    found = [line for line in lines if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not found:
+        tail = "\n".join((proc.stdout + "\n" + proc.stderr).strip().splitlines()[-25:])
+        raise ChildFailed(f"child exited with {proc.returncode} after {wall:.0f} s:\n{tail}")
+    result = json.loads(found[-1][len(RESULT_PREFIX) :])
+    result["child_wall_s"] = wall
+    return result
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on: CPU model and flags, cores, library versions."""
+    import torch
+
+    model, flags = platform.processor() or "unknown", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags.split(),
+        "amx_bf16": "amx_bf16" in flags.split(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    for name in ("transformers", "peft", "accelerate", "trl"):
+        try:
+            module = __import__(name)
+            info[name] = getattr(module, "__version__", "?")
+        except Exception:  # not installed (trl is optional)
+            info[name] = None
+    return info
+
+
+def median(values: Sequence[float]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values present (std 0 for one value)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: numbers rounded, None as 'n/a'."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; cells already formatted or formatted with ``fmt``."""
+    cells = [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells
+    ]
+    return "\n".join([line, rule, *body])
+
+
+def save_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def write_gsm8k_jsonl(problems: Sequence[Any], path: Path) -> Path:
+    """Problems back in GSM8K's own row format, so ``data.train=<file>`` loads exactly them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for p in problems:
+            answer = f"{p.solution}\n#### {p.answer}" if p.solution else f"#### {p.answer}"
+            f.write(json.dumps({"question": p.question, "answer": answer}) + "\n")
+    return path

@@ -18,7 +18,9 @@ def test_eval_modes_compare_and_probe(tmp_path, capsys):
     assert main(["eval", *TINY_EVAL, "--quiet", "-o", str(a)]) == 0
     greedy = json.loads(capsys.readouterr().out)
     assert greedy["n"] == 2 and greedy["mode"] == "greedy"
-    assert main(["eval", *TINY_EVAL, "--quiet", "--mode", "majority", "--k", "2", "-o", str(b)]) == 0
+    assert (
+        main(["eval", *TINY_EVAL, "--quiet", "--mode", "majority", "--k", "2", "-o", str(b)]) == 0
+    )
     majority = json.loads(capsys.readouterr().out)
     assert majority["mode"] == "majority" and majority["samples_per_item"] == 2
     assert main(["compare", str(a), str(b)]) == 0

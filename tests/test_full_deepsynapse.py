@@ -115,6 +115,14 @@ def test_every_reward_component_is_logged_calibrated_and_weighted(full_run):
 
 
 def test_curriculum_passes_three_phases_with_changing_knobs(full_run):
+    import json
+
+    phases = json.loads((full_run / "summary.json").read_text())["phases"]
+    assert [(p["phase"], p["from_step"]) for p in phases] == [
+        ("structure", 1),
+        ("reasoning", 3),
+        ("precision", 5),
+    ]
     rows = steps_of(full_run)
     assert [r["curriculum/phase"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert [r["lora/rank"] for r in rows] == [4, 4, 8, 8, 16, 16]

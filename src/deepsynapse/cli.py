@@ -183,6 +183,11 @@ def format_summary(summary: dict) -> str:
             b = "n/a" if not before else f"{before[key]:.3f}"
             a = "n/a" if not after else f"{after[key]:.3f}"
             lines.append(f"  {key:28s} {b:>10s} {a:>10s}")
+    if summary.get("phases"):
+        passed = " -> ".join(
+            f"{p['phase']} (step {p['from_step']}, {p['why']})" for p in summary["phases"]
+        )
+        lines.append(f"curriculum: {passed}")
     return "\n".join(lines)
 
 

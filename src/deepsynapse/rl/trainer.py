@@ -1265,7 +1265,22 @@ class Trainer:
             "eval_before": _headline(before),
             "eval_after": _headline(after),
             "mean_step_seconds": _mean([r.get("timing/step") for r in rows]),
+            "phases": self.phases_passed(),
         }
+
+    def phases_passed(self) -> list[dict[str, Any]]:
+        """Curriculum phases in the order they ran, with the step each began and why."""
+        events = read_jsonl(self.run_dir / "events.jsonl")
+        changes = [e for e in events if e.get("kind") == "phase_transition"]
+        if not changes:
+            return []
+        first = changes[0]["evidence"]
+        out = [{"phase": first.get("from"), "from_step": 1, "why": "start"}]
+        for e in changes:
+            ev = e["evidence"]
+            # events carry the 0-based index of the step that decided; metrics count from 1
+            out.append({"phase": ev.get("to"), "from_step": e["step"] + 2, "why": ev.get("reason")})
+        return out
 
 
 def _headline(result: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -129,6 +129,7 @@ def test_curriculum_passes_three_phases_with_changing_knobs(full_run):
     assert len({round(r["knobs/temperature"], 6) for r in rows}) > 1
     assert len({round(r["knobs/beta"], 6) for r in rows}) > 1
     assert len({r["knobs/accumulation_steps"] for r in rows}) > 1
+    assert rows[0]["trainable/tensors"] < rows[2]["trainable/tensors"]  # attention unlocked
     assert rows[0]["knobs/sft_weight"] > 0 and "sft/aux_loss" in rows[0]
     assert "hypernet/scale_mean" in rows[0] and "memory/gate" in rows[0]
     events = read_jsonl(full_run / "events.jsonl")

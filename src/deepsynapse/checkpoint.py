@@ -76,10 +76,24 @@ def save_tree(tree: Any, folder: Path, name: str) -> None:
 
 
 def load_tree(folder: Path, name: str) -> Any:
-    structure = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    path = folder / f"{name}.safetensors"
-    tensors = load_file(str(path)) if path.is_file() else {}
-    return unflatten_tree(structure, tensors)
+    """Inverse of `save_tree`. A missing, damaged or crafted file is a CheckpointError naming
+    it, never a crash deep in a decoder (checkpoints may come from someone else)."""
+    folder = Path(folder)
+    structure_path, path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    try:
+        structure = json.loads(structure_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{structure_path}: unreadable checkpoint file ({exc})") from exc
+    try:
+        tensors = load_file(str(path)) if path.is_file() else {}
+    except Exception as exc:  # safetensors raises its own SafetensorError on damage
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({exc})") from exc
+    try:
+        return unflatten_tree(structure, tensors)
+    except (KeyError, ValueError, TypeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{structure_path}: structure does not match {path.name} ({exc!r})"
+        ) from exc
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -335,6 +335,7 @@ def _type_name(tp: Any) -> str:
 def _check_value(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
     if tp is Any:
+        _check_plain(value, key)
         return value
     if dataclasses.is_dataclass(tp):
         return _from_mapping(tp, value if value is not None else {}, key)
@@ -393,6 +394,25 @@ def _check_value(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: got {value!r}, expected a string")
     raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check_plain(value: Any, key: str, limit: int = 10_000, max_depth: int = 32) -> None:
+    """Free-form values stay small plain data: YAML aliases can expand a few lines into
+    billions of leaves (an 'alias bomb')."""
+    stack, seen = [(value, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > limit or depth > max_depth:
+            raise ConfigError(f"{key}: value too large or too deeply nested")
+        if isinstance(node, dict):
+            if not all(isinstance(k, str) for k in node):
+                raise ConfigError(f"{key}: mapping keys must be strings")
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+        elif not (node is None or isinstance(node, (str, int, float, bool))):
+            raise ConfigError(f"{key}: got {type(node).__name__}, expected plain data")
 
 
 def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
@@ -486,7 +506,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"override '{text[:80]}': value is not valid YAML ({exc})") from exc
+    except RecursionError:
+        raise ConfigError(f"override '{key[:80]}': value nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError(f"override '{key[:80]}': unreadable value ({str(exc)[:120]})") from None
     return parts, value
 
 
@@ -503,6 +527,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        except RecursionError:
+            raise ConfigError(f"{path}: YAML nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits
+            raise ConfigError(f"{path}: unreadable value ({str(exc)[:120]})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

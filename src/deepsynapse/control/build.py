@@ -82,13 +82,15 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
 
 
 def _check_reward_names(phases: Sequence[PhaseSpec], known: Collection[str]) -> None:
+    from deepsynapse.config import ConfigError
+
     for phase in phases:
         for name in [*phase.reward_weights, *(phase.active_rewards or [])]:
             if name not in known:
                 near = difflib.get_close_matches(name, known, n=1)
                 hint = f"; did you mean '{near[0]}'?" if near else ""
-                raise ValueError(
-                    f"curriculum phase '{phase.name}': reward '{name}' is not in "
+                raise ConfigError(
+                    f"control.curriculum.phases: phase '{phase.name}': reward '{name}' is not in "
                     f"rewards.weights{hint} (known: {', '.join(sorted(known))})"
                 )
 

@@ -80,7 +80,12 @@ class RewardEngine:
             r.calibration, r.kl_mode, r.calibration_window, r.calibration_clip
         )
         options = dict(r.allocator_options)
-        self.allocator = build_allocator(r.allocator, list(r.weights), dict(r.weights), **options)
+        try:
+            self.allocator = build_allocator(
+                r.allocator, list(r.weights), dict(r.weights), **options
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"rewards.allocator_options: {exc}") from None
         self.discovery: RewardDiscovery | None = None
         if cfg.discovery.enabled:
             d = cfg.discovery

@@ -312,29 +312,11 @@ class Trainer:
             self.run_dir, self.accelerator, enabled=self.accelerator.is_main_process
         )
 
-        self.tokenizer = load_tokenizer(cfg.model.name)
-        torch.manual_seed(cfg.train.seed)  # LoRA A, hypernet and memory are initialised from this
-        policy = build_policy(cfg, self.tokenizer, self.dtype_choice.dtype)
-        self.adaptive = AdaptivePolicy(policy.peft_model, cfg)
-        policy = policy.to(self.accelerator.device)
-        named = trainable_parameters(policy)
-        self.adapter_names = {n for n, _ in named}
-        optimizer = torch.optim.AdamW(
-            self.adaptive.param_groups(named, cfg.optim.weight_decay),
-            lr=cfg.optim.lr,
-            betas=tuple(cfg.optim.betas),
-            weight_decay=cfg.optim.weight_decay,
-        )
-        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        # Data and controllers first: their errors should not wait for a model to load.
         self.train_problems, skipped = build_problems(cfg.data.train, "train", cfg)
         if self.engine.needs_distractors:
             self.train_problems = attach_distractors(self.train_problems)
         self.skipped_rows = skipped
-        self.scorer = (
-            PolicyScorer(self.unwrapped.peft_model, self.tokenizer)
-            if self.engine.needs_scorer
-            else None
-        )
         self.knobs = Knobs(
             temperature=cfg.rollout.temperature,
             beta=cfg.grpo.beta if self.engine.fusion.kl_in_loss else 0.0,
@@ -356,6 +338,25 @@ class Trainer:
         )
         self.data_curriculum = next(
             (c for c in self.controllers if isinstance(c, DataCurriculum)), None
+        )
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        torch.manual_seed(cfg.train.seed)  # LoRA A, hypernet and memory are initialised from this
+        policy = build_policy(cfg, self.tokenizer, self.dtype_choice.dtype)
+        self.adaptive = AdaptivePolicy(policy.peft_model, cfg)
+        policy = policy.to(self.accelerator.device)
+        named = trainable_parameters(policy)
+        self.adapter_names = {n for n, _ in named}
+        optimizer = torch.optim.AdamW(
+            self.adaptive.param_groups(named, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            weight_decay=cfg.optim.weight_decay,
+        )
+        self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.scorer = (
+            PolicyScorer(self.unwrapped.peft_model, self.tokenizer)
+            if self.engine.needs_scorer
+            else None
         )
         self.step = 0
         self.cursor = 0  # prompts drawn so far from the seeded epoch permutations
@@ -798,6 +799,10 @@ class Trainer:
             group_has_signal(batch.correct, self.cfg.rollout.num_generations).float().mean()
         )
         m["groups/dropped"] = float(getattr(self, "dropped_groups", 0))
+        m["data/skipped_rows"] = float(self.skipped_rows)
+        trainable = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        m["trainable/params"] = float(sum(p.numel() for p in trainable))
+        m["trainable/tensors"] = float(len(trainable))
         m.update(batch.reward_metrics)
         m.update(update)
         m.update(knobs.as_metrics())
@@ -1019,7 +1024,11 @@ class Trainer:
             raise CheckpointError(f"{folder} was made for another setup ({detail})")
         # Grow to the saved LoRA rank first: the saved weights must fit.
         self.adaptive.load_state_dict(state["adaptive"], self.optimizer)
-        weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+        adapter_file = folder / "adapter" / "adapter_model.safetensors"
+        try:
+            weights = load_file(str(adapter_file))
+        except Exception as exc:  # missing or damaged: say which file
+            raise CheckpointError(f"{adapter_file}: unreadable adapter ({exc})") from exc
         result = set_peft_model_state_dict(self.unwrapped.peft_model, weights)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(
@@ -1056,6 +1065,9 @@ class Trainer:
             self.say(
                 f"no complete checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0"
             )
+            if acc.is_main_process:  # rows of the lost attempt would be counted twice
+                for name in ("metrics.jsonl", "events.jsonl", "samples.jsonl"):
+                    truncate_jsonl_after(self.run_dir / name, -1)
         if resumed_from is not None:
             self.load_checkpoint(resumed_from)
             if acc.is_main_process:
@@ -1135,6 +1147,7 @@ class Trainer:
             self.write_samples(metrics)
             bar.update(1)
             bar.set_postfix(
+                phase=self.knobs.phase or "-",
                 reward=f"{metrics['reward/fused/mean']:.2f}",
                 acc=f"{metrics['accuracy/train']:.2f}",
                 fmt=f"{metrics['format/valid_rate']:.2f}",

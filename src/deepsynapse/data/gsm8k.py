@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deepsynapse.data.answers import gsm8k_gold_answer
-from deepsynapse.data.problems import DataError, Problem, solution_lines
+from deepsynapse.data.problems import DataError, Problem, annotation_spans, solution_lines
 
 __all__ = [
     "DEFAULT_HUB_ID",
@@ -82,18 +82,10 @@ def calculator_annotations(text: str) -> list[tuple[str, str]]:
     [('48/2', '24'), ('48+24', '72')]
     """
     found: list[tuple[str, str]] = []
-    pos = 0
-    while True:
-        start = text.find("<<", pos)
-        if start < 0:
-            break
-        end = text.find(">>", start + 2)
-        if end < 0:
-            break
-        expression, sep, result = text[start + 2 : end].rpartition("=")
+    for start, end in annotation_spans(text):
+        expression, sep, result = text[start + 2 : end - 2].rpartition("=")
         if sep and expression.strip() and result.strip():
             found.append((expression.strip(), result.strip()))
-        pos = end + 2
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,17 +76,25 @@ def strip_calculator_annotations(text: str) -> str:
     """
     parts: list[str] = []
     pos = 0
+    for start, end in annotation_spans(text):
+        parts.append(text[pos:start])
+        pos = end
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
+def annotation_spans(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each complete ``<<...>>`` annotation, in order; linear time."""
+    pos = 0
     while True:
         start = text.find("<<", pos)
         if start < 0:
-            break
+            return
         end = text.find(">>", start + 2)
         if end < 0:
-            break
-        parts.append(text[pos:start])
+            return
+        yield start, end + 2
         pos = end + 2
-    parts.append(text[pos:])
-    return "".join(parts)
 
 
 def solution_lines(reasoning: str) -> list[str]:

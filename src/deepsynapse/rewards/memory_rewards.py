@@ -61,10 +61,8 @@ class RepeatMistakePenalty:
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[str], **columns: Any
     ) -> Scores:
-        ids = problem_ids(len(completions), columns)
         out: Scores = []
-        for pid, parsed in zip(ids, _parsed(completions, columns), strict=True):
-            answer = normalize_answer(parsed.answer)
+        for pid, answer in numeric_answers(completions, columns):
             if answer is None:
                 out.append(None)
                 continue
@@ -99,10 +97,8 @@ class NoveltyReward:
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[str], **columns: Any
     ) -> Scores:
-        ids = problem_ids(len(completions), columns)
         out: Scores = []
-        for pid, parsed in zip(ids, _parsed(completions, columns), strict=True):
-            answer = normalize_answer(parsed.answer)
+        for pid, answer in numeric_answers(completions, columns):
             if answer is None:
                 out.append(None)
             elif self.memory.is_solved(pid) or answer in self.memory.previous_answers(pid):
@@ -110,6 +106,15 @@ class NoveltyReward:
             else:
                 out.append(self.bonus)
         return out
+
+
+def numeric_answers(
+    completions: Sequence[str], columns: dict[str, Any]
+) -> list[tuple[str, str | None]]:
+    """(memory key, normalised numeric answer or None) for each completion."""
+    ids = problem_ids(len(completions), columns)
+    parsed = _parsed(completions, columns)
+    return [(pid, normalize_answer(p.answer)) for pid, p in zip(ids, parsed, strict=True)]
 
 
 # Name -> factory taking the run's EpisodicMemory: how a config names these components.

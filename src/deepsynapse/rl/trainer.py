@@ -1144,7 +1144,7 @@ class Trainer:
             if cfg.probes.every and self.step % cfg.probes.every == 0:
                 metrics.update(self.run_probes())
             self.log.metrics(self.step, metrics)
-            self.write_samples(metrics)
+            self.write_samples()
             bar.update(1)
             bar.set_postfix(
                 phase=self.knobs.phase or "-",
@@ -1217,7 +1217,8 @@ class Trainer:
             self._stop_requested = "stop requested on another process"
         return bool(int(flag))
 
-    def write_samples(self, metrics: dict[str, float]) -> None:
+    def write_samples(self) -> None:
+        """Some completions of the last step with their per-component rewards."""
         cfg = self.cfg
         batch = getattr(self, "_last_batch", None)
         if (

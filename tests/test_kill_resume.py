@@ -450,6 +450,7 @@ def test_nonfinite_gradients_are_skipped_counted_then_the_run_stops(tmp_path):
     assert "3 steps in a row" in message and "last good checkpoint" in message
     named = Path(message.rsplit("last good checkpoint: ", 1)[1].strip())
     assert named.is_dir() and named in complete_checkpoints(run_dir / "checkpoints")
+    assert named.name == "step-2"  # saved before the first bad step, not the newest (step-4)
     check_every_checkpoint_loads(run_dir)
 
     events = read_jsonl(run_dir / "events.jsonl")

@@ -100,6 +100,16 @@ class RolloutConfig:
     prefix_sharing: bool = _f(
         True, "prefill each prompt once and share its KV cache with its G samples"
     )
+    decoder: Literal["fast", "hf"] = _f(
+        "fast",
+        "fast: DeepSynapse's decode loop (preallocated KV cache, one uniform per sample); "
+        "hf: transformers' generate",
+    )
+    merge_lora: bool = _f(
+        True,
+        "sample from base weights with the LoRA update folded in (a copy; about 2x faster "
+        "decoding); off: the unmerged adapter, as the loss computes it",
+    )
 
 
 @dataclass

@@ -285,6 +285,67 @@ def truncated_rank(model: nn.Module, k: int) -> Iterator[None]:
             h.remove()
 
 
+# ------------------------------------------------------------------ merged for generation
+
+
+def _mergeable(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
+    """Plain LoRA on a plain ``nn.Linear``, with no hooks but module scales' on its A and B."""
+    a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+    return (
+        type(layer.base_layer) is nn.Linear
+        and not layer.merged
+        and not getattr(layer, "use_dora", {}).get(adapter, False)
+        and b.bias is None
+        and not a._forward_hooks
+        and not a._forward_pre_hooks
+        and not b._forward_pre_hooks
+        and set(b._forward_hooks) <= allowed_hooks
+    )
+
+
+@contextlib.contextmanager
+def merged_lora(model: nn.Module) -> Iterator[bool]:
+    """Inside, each LoRA update is folded into a copy of its base weight and the adapter is
+    bypassed: one matmul per linear layer instead of three, about twice the decoding speed
+    on CPU. Yields whether it merged.
+
+    Why a copy: merging in place and subtracting afterwards does not give back a bf16 base
+    weight bit for bit, and the base is also the KL reference. The original tensors are put
+    back on exit. Nothing is merged (yields False) when a layer carries anything beyond plain
+    LoRA and module scales: per-row hypernetwork scales, truncated nested ranks, DoRA.
+    """
+    layers = lora_layers(model) if hasattr(model, "get_base_model") else []
+    adapter = active_adapter(model) if layers else ""
+    scales = module_scales(model)
+    allowed = {h.id for h in scales._handles} if scales is not None else set()
+    if (
+        not layers
+        or any(layer.disable_adapters for _, layer in layers)
+        or not all(_mergeable(layer, adapter, allowed) for _, layer in layers)
+    ):
+        yield False
+        return
+    factor = dict(zip(scales.names, scales.scales.detach().tolist())) if scales else {}
+    originals = []
+    try:
+        with torch.no_grad():
+            for name, layer in layers:
+                base = layer.base_layer
+                a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                scale = layer.scaling[adapter] * factor.get(name, 1.0)
+                merged = torch.addmm(base.weight.float(), b.float(), a.float(), alpha=scale)
+                originals.append((layer, base.weight.data))
+                base.weight.data = merged.to(base.weight.dtype)
+                # PEFT's own "merged" state: forward calls the base layer alone, and the
+                # adapter still counts as enabled (the neural memory reads that flag)
+                layer.merged_adapters = [adapter]
+        yield True
+    finally:
+        for layer, weight in originals:
+            layer.base_layer.weight.data = weight
+            layer.merged_adapters = []
+
+
 # ------------------------------------------------------------------ per-module scales
 
 

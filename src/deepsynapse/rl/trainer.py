@@ -363,6 +363,7 @@ class Trainer:
         self.sft_done = cfg.sft.steps == 0
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
         self._stop_requested: str | None = None
         self._sft_pool: list[Problem] | None = None
@@ -546,6 +547,8 @@ class Trainer:
             stop_strings=self.stops,
             prefix_sharing=self.cfg.rollout.prefix_sharing,
             around=self.adaptive.for_prompts,
+            decoder=self.cfg.rollout.decoder,
+            merge_lora=self.cfg.rollout.merge_lora,
         )
         model.train()
         n = len(out.texts)
@@ -770,7 +773,9 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         if self.bad_steps >= self.cfg.train.max_bad_steps:
-            last = latest_checkpoint(self.run_dir / "checkpoints")
+            last = self.last_good_checkpoint
+            if last is None or not last.exists():  # rotated away, or saved before a resume
+                last = latest_checkpoint(self.run_dir / "checkpoints")
             raise TrainingDiverged(
                 f"{self.bad_steps} steps in a row had non-finite loss or gradients (lower "
                 f"optim.lr, or check the rewards); last good checkpoint: {last or 'none'}"
@@ -976,6 +981,8 @@ class Trainer:
                 self.run_dir / "checkpoints", self.step, write, self.cfg.train.keep_checkpoints
             )
             self.event("checkpoint", f"saved {path.name}", path=str(path))
+            if self.bad_steps == 0:
+                self.last_good_checkpoint = path
         acc.wait_for_everyone()
         return path
 

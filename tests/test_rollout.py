@@ -1,0 +1,143 @@
+"""Rollouts: the fast decode loop against transformers' generate, sampling, merged LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deepsynapse.models.dynamic_lora import (
+    add_module_scales,
+    lora_layers,
+    merged_lora,
+    module_scales,
+    truncated_rank,
+)
+from deepsynapse.models.loading import load_model, load_tokenizer
+from deepsynapse.models.policy import apply_lora
+from deepsynapse.rollout.hf import generate_groups, sample_next
+
+PROMPTS = ["Tom has 3 apples and buys", "a b", "what is the answer to this longer question"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def base(tok):
+    torch.manual_seed(0)
+    return load_model("tiny-random", torch.float32, tok).eval()
+
+
+def lora_model(tok, seed: int = 0):
+    torch.manual_seed(seed)
+    model = apply_lora(load_model("tiny-random", torch.float32, tok), 4, 8.0, 0.0, ["all-linear"])
+    with torch.no_grad():  # a LoRA update that changes the function
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.5)
+    return model.eval()
+
+
+def decode(model, tok, decoder, **kw):
+    args = dict(num_generations=3, max_new_tokens=16, greedy=True, stop_strings=[])
+    args.update(kw)
+    return generate_groups(model, tok, PROMPTS, decoder=decoder, **args)
+
+
+def assert_same(a, b):
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.equal(a.truncated, b.truncated)
+    assert a.texts == b.texts
+
+
+@pytest.mark.parametrize("sharing", [True, False])
+def test_fast_decoder_matches_generate_under_greedy(tok, base, sharing):
+    assert_same(
+        decode(base, tok, "fast", prefix_sharing=sharing),
+        decode(base, tok, "hf", prefix_sharing=sharing),
+    )
+
+
+def test_fast_decoder_stops_where_generate_stops(tok, base):
+    reference = decode(base, tok, "hf")
+    # a stop string that really occurs in the middle of one completion
+    text = reference.texts[3]  # ' b Lastly Lastly ...': ends nowhere near its prompt
+    stop = text[-9:-6]
+    fast = decode(base, tok, "fast", stop_strings=[stop])
+    slow = decode(base, tok, "hf", stop_strings=[stop])
+    assert_same(fast, slow)
+    assert any(t.endswith(stop) for t in fast.texts)
+    assert int(fast.lengths.max()) < 16 or not bool(fast.truncated.all())
+
+
+def test_unknown_decoder_is_refused(tok, base):
+    with pytest.raises(ValueError, match="unknown decoder 'vllm'"):
+        decode(base, tok, "vllm")
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp_min(1e-30).log().expand(20000, -1)
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_next(logits, 1.0, 1.0), minlength=5).float() / 20000
+    assert torch.allclose(counts, probs, atol=0.015)
+    assert counts[4] == 0
+    # temperature 0.5 squares the probabilities (renormalised)
+    sharp = probs**2 / (probs**2).sum()
+    counts = torch.bincount(sample_next(logits, 0.5, 1.0), minlength=5).float() / 20000
+    assert torch.allclose(counts, sharp, atol=0.015)
+    # top_p 0.7 keeps the smallest prefix reaching 0.7: tokens 0 and 1, renormalised
+    counts = torch.bincount(sample_next(logits, 1.0, 0.7), minlength=5).float() / 20000
+    assert torch.allclose(counts, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.015)
+
+
+def test_sampling_is_seeded():
+    logits = torch.randn(8, 50)
+    torch.manual_seed(3)
+    a = sample_next(logits, 1.0, 1.0)
+    torch.manual_seed(3)
+    assert torch.equal(a, sample_next(logits, 1.0, 1.0))
+
+
+def logits_of(model, tok):
+    ids = tok(PROMPTS, return_tensors="pt", padding=True)["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_merged_lora_gives_the_adapters_function_and_restores_the_base(tok):
+    model = lora_model(tok)
+    add_module_scales(model)
+    with torch.no_grad():
+        module_scales(model).scales.uniform_(0.5, 1.5)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    unmerged = logits_of(model, tok)
+    with model.disable_adapter():
+        plain_base = logits_of(model, tok)
+    assert not torch.allclose(unmerged, plain_base, atol=1e-3)  # the adapter matters
+    with merged_lora(model) as merged:
+        assert merged
+        inside = logits_of(model, tok)
+    assert torch.allclose(inside, unmerged, atol=1e-5)
+    assert torch.equal(logits_of(model, tok), unmerged)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, weights[n]), n
+        assert p.requires_grad == flags[n], n
+
+
+def test_merged_lora_refuses_what_it_cannot_fold(tok, base):
+    model = lora_model(tok)
+    with truncated_rank(model, 2), merged_lora(model) as merged:
+        assert not merged
+    with merged_lora(base) as merged:  # no adapter at all
+        assert not merged
+
+
+def test_merged_and_unmerged_rollouts_agree_under_greedy(tok):
+    model = lora_model(tok, seed=1)
+    assert_same(
+        decode(model, tok, "fast", merge_lora=True), decode(model, tok, "hf", merge_lora=False)
+    )

@@ -325,7 +325,7 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
     ):
         yield False
         return
-    factor = dict(zip(scales.names, scales.scales.detach().tolist())) if scales else {}
+    factor = dict(zip(scales.names, scales.scales.detach().tolist(), strict=True)) if scales else {}
     originals = []
     try:
         with torch.no_grad():

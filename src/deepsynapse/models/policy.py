@@ -88,6 +88,27 @@ class PolicyModule(nn.Module):
         """The transformers model with LoRA layers injected (``LlamaForCausalLM``...)."""
         return self.peft_model.get_base_model()
 
+    def low_precision_adapters(self) -> contextlib.AbstractContextManager:
+        """On a bf16 base, the fp32 LoRA layers compute in bf16 too (autocast), on the bf16
+        input as it comes (no fp32 copy per adapted layer).
+
+        Why: PEFT casts each adapted layer's input to the adapter's fp32 and multiplies in
+        fp32: with LoRA on every linear layer, those copies (kept for backward) were most of
+        the update's time and memory on CPU. The adapter weights, their gradients and the
+        optimizer stay fp32, as with mixed precision elsewhere (TRL's ``bf16=True``).
+        """
+        base = self.causal_lm.get_input_embeddings().weight
+        if base.dtype not in (torch.bfloat16, torch.float16) or not any(
+            p.dtype == torch.float32 for p in self.peft_model.parameters() if p.requires_grad
+        ):
+            return contextlib.nullcontext()
+        from peft.helpers import disable_input_dtype_casting
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(base.device.type, dtype=base.dtype))
+        stack.enter_context(disable_input_dtype_casting(self.peft_model))
+        return stack
+
     def reference(self) -> contextlib.AbstractContextManager:
         """Context in which the adapters are off: the reference policy."""
         return adapters_off(self.peft_model)
@@ -103,12 +124,13 @@ class PolicyModule(nn.Module):
         lm = self.causal_lm
         t = completion_mask.shape[1]
         body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        hidden = body(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=position_ids_from_mask(attention_mask[:, :-1]),
-            use_cache=False,
-        ).last_hidden_state[:, -t:]  # [N, T, H]: states that predict the completion tokens
+        with self.low_precision_adapters():
+            hidden = body(
+                input_ids=input_ids[:, :-1],
+                attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids_from_mask(attention_mask[:, :-1]),
+                use_cache=False,
+            ).last_hidden_state[:, -t:]  # [N, T, H]: states that predict the completion tokens
         sel = completion_mask.bool()
         targets = input_ids[:, -t:][sel]
         logp_sel, ent_sel = selected_token_logprobs(

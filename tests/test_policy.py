@@ -1,0 +1,60 @@
+"""The policy's log-prob forward: bf16 adapters on a bf16 base, against the fp32 reference."""
+
+from __future__ import annotations
+
+import torch
+
+from deepsynapse.models.dynamic_lora import lora_layers
+from deepsynapse.models.loading import load_model, load_tokenizer
+from deepsynapse.models.policy import PolicyModule, apply_lora
+
+
+def build(dtype: torch.dtype) -> PolicyModule:
+    tok = load_tokenizer("tiny-random")
+    torch.manual_seed(0)
+    model = apply_lora(load_model("tiny-random", dtype, tok), 4, 8.0, 0.0, ["all-linear"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.3)
+    return PolicyModule(model, chunk_tokens=7)
+
+
+def batch():
+    torch.manual_seed(2)
+    ids = torch.randint(5, 1000, (3, 20))
+    attn = torch.ones_like(ids)
+    attn[0, :4] = 0  # left padding
+    cmask = torch.ones(3, 10, dtype=torch.long)
+    cmask[1, 6:] = 0
+    return ids, attn, cmask
+
+
+def test_bf16_base_trains_fp32_adapters_through_bf16_compute():
+    fp32, bf16 = build(torch.float32), build(torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters() if p.requires_grad} == {torch.float32}
+    with torch.no_grad():
+        for p32, p16 in zip(fp32.parameters(), bf16.parameters(), strict=True):
+            p32.copy_(p16.float())  # the same function, in two precisions
+    ids, attn, cmask = batch()
+    ref = fp32(ids, attn, cmask).logp
+    out = bf16(ids, attn, cmask).logp
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=0.15), (out - ref).abs().max()
+    assert not torch.equal(out, ref)  # computed in bf16, not silently in fp32
+    out.sum().backward()
+    grads = [p.grad for p in bf16.parameters() if p.requires_grad]
+    assert all(
+        g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads
+    )
+    assert any(g.abs().sum() > 0 for g in grads)
+    # the context is left as found: PEFT casts inputs again outside the forward
+    assert all(layer.cast_input_dtype_enabled for _, layer in lora_layers(bf16.peft_model))
+
+
+def test_fp32_base_is_untouched():
+    policy = build(torch.float32)
+    ids, attn, cmask = batch()
+    with policy.low_precision_adapters():
+        assert not torch.is_autocast_enabled("cpu")
+    assert torch.isfinite(policy(ids, attn, cmask).logp).all()

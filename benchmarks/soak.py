@@ -2,7 +2,7 @@
 
     python benchmarks/soak.py                                   # tiny model, 200 steps
     python benchmarks/soak.py --steps 60                        # a shorter look
-    python benchmarks/soak.py --malloc-trim                     # same, trimming the C heap
+    python benchmarks/soak.py --no-trim                         # same, without malloc_trim
     python benchmarks/soak.py --model smollm2-135m-instruct --steps 20   # the real model
 
 Runs the real trainer in-process (``train.save_every=50`` by default, so checkpoint saves
@@ -17,7 +17,6 @@ raw fit mistakes for growth), and a verdict against ``--bound`` MB per 100 steps
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import sys
@@ -54,17 +53,14 @@ REAL = ["sft.steps=0", "eval.limit=0"]  # on top of configs/demo-cpu.yaml
 class SoakTrainer(Trainer):
     """The trainer, with the resident memory read after every step (and an optional trim)."""
 
-    def __init__(self, *args: Any, malloc_trim: bool = False, every: int = 10, **kw: Any):
+    def __init__(self, *args: Any, every: int = 10, **kw: Any):
         super().__init__(*args, **kw)
         self.rss: list[float] = []
-        self.malloc_trim = _libc_malloc_trim() if malloc_trim else None
         self.every = every
         self.started = time.perf_counter()
 
     def train_step(self, step: int) -> dict[str, float]:
-        metrics = super().train_step(step)
-        if self.malloc_trim is not None:
-            self.malloc_trim(0)  # hand freed C-heap pages back to the OS
+        metrics = super().train_step(step)  # trims the C heap at its end (train.trim_memory)
         self.rss.append(current_rss_mb())
         if self.every and (step + 1) % self.every == 0:
             rate = (time.perf_counter() - self.started) / (step + 1)
@@ -72,13 +68,6 @@ class SoakTrainer(Trainer):
                 f"step {step + 1:4d}  rss {self.rss[-1]:8.1f} MB  ({rate:.2f} s/step)", flush=True
             )
         return metrics
-
-
-def _libc_malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        sys.exit("--malloc-trim needs glibc (libc.so.6 with malloc_trim)")
 
 
 def slope_per_100(values: list[float]) -> float:
@@ -130,7 +119,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--bound", type=float, default=5.0, help="largest acceptable MB per 100 steps")
-    ap.add_argument("--malloc-trim", action="store_true", help="malloc_trim(0) after each step")
+    ap.add_argument(
+        "--no-trim", action="store_true", help="train.trim_memory=false: no malloc_trim per step"
+    )
     ap.add_argument("--every", type=int, default=10, help="print RSS every N steps")
     ap.add_argument("--run-dir", help="keep the run here (default: a temporary folder)")
     ap.add_argument("--output", help="write the summary and the per-step RSS as JSON here")
@@ -138,6 +129,7 @@ def main() -> int:
     args = ap.parse_args()
 
     schedule = [f"train.steps={args.steps}", f"train.save_every={args.save_every}"]
+    schedule += [f"train.trim_memory={str(not args.no_trim).lower()}"]
     if args.model == "tiny-random":
         cfg = load_config(None, TINY + schedule + args.overrides)
     else:
@@ -146,15 +138,13 @@ def main() -> int:
         cfg = load_config(recipe, overrides)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp) / "soak"
-        trainer = SoakTrainer(
-            cfg, run_dir=run_dir, progress=False, malloc_trim=args.malloc_trim, every=args.every
-        )
+        trainer = SoakTrainer(cfg, run_dir=run_dir, progress=False, every=args.every)
         print(f"rss before training: {current_rss_mb():.1f} MB", flush=True)
         trainer.train()
         rss = trainer.rss
     summary = {
         "model": args.model,
-        "malloc_trim": args.malloc_trim,
+        "trim_memory": cfg.train.trim_memory,
         **summarize(rss, args.bound),
     }
     print(json.dumps(summary, indent=1))

@@ -190,8 +190,45 @@ def test_parts_that_cannot_be_baked_are_refused(trained):
     with pytest.raises(ExportError, match="neural memory"):
         _bake_adaptive_parts(None, RunCheckpoint(run.run_dir, run.checkpoint, with_memory))
     with_hypernet = load_config(None, TINY + ["hypernet.enabled=true"])
-    with pytest.raises(ExportError, match="no mean hypernetwork multipliers"):
+    with pytest.raises(ExportError, match="needs eval problems"):
         _bake_adaptive_parts(None, RunCheckpoint(run.run_dir, run.checkpoint, with_hypernet))
+
+
+def test_hypernet_run_exports_its_mean_scales_and_reports_the_accuracy_change(tmp_path, capsys):
+    overrides = ["train.steps=2", "sft.steps=0", "eval.limit=0", "optim.lr=0.05"]
+    cfg = load_config(None, TINY + overrides + ["hypernet.enabled=true", "lora.module_scales=true"])
+    run_dir = tmp_path / "run"
+    Trainer(cfg, run_dir=run_dir, progress=False, reward_fns=EXTRA_REWARDS).train()
+    out = tmp_path / "peft"
+    argv = ["export", str(run_dir), "--format", "peft", "--out", str(out), "--eval-limit", "3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "hypernetwork baked at its mean scales over 3 eval problems" in printed
+    report = json.loads((out / "hypernet_bake.json").read_text())
+    assert report["problems"] == 3
+    for key in ("per_input", "baked_mean"):
+        assert set(report[key]) == {"accuracy", "format_validity"}
+    assert report["accuracy_difference"] == pytest.approx(
+        report["baked_mean"]["accuracy"] - report["per_input"]["accuracy"]
+    )
+    mean = torch.tensor(report["mean_multipliers"])
+    assert mean.ndim == 1 and not torch.allclose(mean, torch.ones_like(mean))  # it trained
+
+    # The plain adapter PEFT loads == the trained policy with the hypernet held at the mean.
+    from deepsynapse.export import trained_policy
+    from deepsynapse.models.hypernet import hypernet_scales
+
+    run = find_checkpoint(run_dir)
+    model, tok, adaptive = trained_policy(run)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad(), hypernet_scales(model, mean.unsqueeze(0).expand(len(TEXTS), -1)):
+        expected = model(**enc).logits
+    loaded = PeftModel.from_pretrained(load_model("tiny-random", torch.float32, tok), str(out))
+    with torch.no_grad():
+        got = loaded.eval()(**enc).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    with pytest.raises(ExportError, match="--eval-limit must be > 0"):
+        export_run(run_dir, "peft", tmp_path / "again", eval_limit=0, progress=False)
 
 
 # ------------------------------------------------------------------ GGUF layout on small models

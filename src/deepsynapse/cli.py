@@ -112,6 +112,12 @@ def add_export_parser(sub) -> None:
     ex.add_argument(
         "--gguf-type", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF tensors"
     )
+    ex.add_argument(
+        "--eval-limit",
+        type=int,
+        help="runs with the hypernetwork: eval prompts its mean scales are taken over, and "
+        "on which baked and per-input accuracy are compared (default: the run's eval.limit)",
+    )
 
 
 def _add_model_arguments(p) -> None:
@@ -331,8 +337,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.checkpoint,
         gguf_dtype=args.gguf_type,
         dtype=args.dtype,
+        eval_limit=args.eval_limit,
     )
     folder = path if path.is_dir() else path.parent
+    bake = folder / "hypernet_bake.json"
+    if bake.is_file():
+        r = json.loads(bake.read_text())
+        print(
+            f"hypernetwork baked at its mean scales over {r['problems']} eval problems: "
+            f"accuracy {r['per_input']['accuracy']:.3f} per input -> "
+            f"{r['baked_mean']['accuracy']:.3f} baked ({r['accuracy_difference']:+.3f}); "
+            f"format validity {r['per_input']['format_validity']:.3f} -> "
+            f"{r['baked_mean']['format_validity']:.3f}"
+        )
     print(f"exported {args.fmt} to {path} (model card: {folder / 'README.md'})")
     return 0
 

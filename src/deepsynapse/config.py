@@ -252,6 +252,9 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads (0 = all cores)")
     report: bool = _f(True, "write report.html with PNG plots at the end of training")
     max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each is skipped)")
+    trim_memory: bool = _f(
+        True, "return freed C-heap memory to the OS after each step (glibc malloc_trim)"
+    )
 
 
 @dataclass

@@ -100,15 +100,16 @@ def find_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> RunCh
     return RunCheckpoint(run, chosen, load_config(run / "config.yaml"))
 
 
-def _bake_adaptive_parts(peft_model, run: RunCheckpoint) -> None:
+def _bake_adaptive_parts(
+    peft_model, run: RunCheckpoint, mean_multipliers: torch.Tensor | None = None
+) -> None:
     """Fold what DeepSynapse adds around plain LoRA into the LoRA weights, in place.
 
     Exports must be plain PEFT/transformers models. Per-module LoRA scales
     (``lora.module_scales``) are multiplied into ``lora_B`` exactly. The hypernetwork's
-    per-prompt scales are replaced by their mean, read from the checkpoint's
-    ``adaptive.mean_multipliers`` once the trainer saves it; until then, and for the neural
-    memory (a module beside the layers that no plain model holds), export is refused rather
-    than silently dropping a part of the trained function.
+    per-prompt scales are replaced by ``mean_multipliers`` (their mean over the eval prompts,
+    ``hypernet_bake_report``). The neural memory (a module beside the layers that no plain
+    model holds) is refused rather than silently dropping a part of the trained function.
     """
     cfg = run.config
     if getattr(getattr(cfg, "memory", None), "enabled", False):
@@ -119,16 +120,14 @@ def _bake_adaptive_parts(peft_model, run: RunCheckpoint) -> None:
     if not (run.checkpoint / "trainer_state.json").is_file():
         return
     adaptive = load_tree(run.checkpoint, "trainer_state").get("adaptive") or {}
-    mean = None
+    mean = mean_multipliers
     hypernet = getattr(cfg, "hypernet", None)
-    if getattr(hypernet, "enabled", False):
-        mean = adaptive.get("mean_multipliers")
-        if mean is None:
-            raise ExportError(
-                f"{run.checkpoint} holds no mean hypernetwork multipliers "
-                "(adaptive.mean_multipliers), so its per-prompt LoRA scales cannot be baked "
-                "into a plain adapter"
-            )
+    if getattr(hypernet, "enabled", False) and mean is None:
+        raise ExportError(
+            f"{run.run_dir} was trained with the hypernetwork (hypernet.enabled): its "
+            "per-input LoRA scales are baked at their mean over the eval prompts, so export "
+            "needs eval problems (--eval-limit > 0)"
+        )
     if adaptive.get("lora") is None and mean is None:
         return
     from deepsynapse.models.hypernet import bake_saved_scales
@@ -137,11 +136,16 @@ def _bake_adaptive_parts(peft_model, run: RunCheckpoint) -> None:
     bake_saved_scales(peft_model, adaptive.get("lora"), mean, per)
 
 
-def load_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
+def load_policy(
+    run: RunCheckpoint,
+    dtype: torch.dtype = torch.float32,
+    mean_multipliers: torch.Tensor | None = None,
+):
     """Base model + the checkpoint's adapter (adaptive parts baked in), in eval mode.
 
     Returns ``(peft_model, tokenizer)``; the base is rebuilt exactly as training built it
     (``load_model``; tiny-random is seeded, so it is the same random model).
+    ``mean_multipliers``: the hypernetwork multipliers to bake (runs trained with it).
     """
     from peft import PeftModel
 
@@ -151,9 +155,92 @@ def load_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
         peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     except Exception as exc:  # PEFT raises many types for a mismatched adapter
         raise CheckpointError(f"{run.adapter_dir}: adapter does not fit the base: {exc}") from exc
-    _bake_adaptive_parts(peft_model, run)
+    _bake_adaptive_parts(peft_model, run, mean_multipliers)
     peft_model.eval()
     return peft_model, tokenizer
+
+
+def trained_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
+    """The run's policy as it trained: the adapter with every adaptive part attached and
+    restored (module scales, hypernetwork and its context encoder, memory), in eval mode.
+
+    Returns ``(peft_model, tokenizer, adaptive)``; ``adaptive.for_prompts`` is the context
+    that applies the hypernetwork's per-input scales during generation.
+    """
+    from peft import PeftModel
+
+    from deepsynapse.models.adaptive import AdaptivePolicy
+
+    tokenizer = load_tokenizer(run.config.model.name)
+    base = load_model(run.config.model.name, dtype, tokenizer)
+    try:
+        peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    except Exception as exc:  # PEFT raises many types for a mismatched adapter
+        raise CheckpointError(f"{run.adapter_dir}: adapter does not fit the base: {exc}") from exc
+    adaptive = AdaptivePolicy(peft_model, run.config)
+    state = load_tree(run.checkpoint, "trainer_state").get("adaptive")
+    if state is not None:
+        adaptive.load_state_dict(state)
+    peft_model.eval()
+    return peft_model, tokenizer, adaptive
+
+
+def hypernet_bake_report(
+    run: RunCheckpoint, limit: int, dtype: torch.dtype = torch.float32, progress: bool = True
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Mean hypernetwork multipliers over the first ``limit`` eval prompts, and what baking
+    them costs: greedy accuracy and format validity with the per-input scales (as trained)
+    and with the mean baked into a plain adapter, on the same problems.
+    """
+    from deepsynapse.eval.harness import evaluate, summarize
+    from deepsynapse.formats import get_schema
+    from deepsynapse.prompting import build_prompt
+    from deepsynapse.rl.trainer import build_problems
+    from deepsynapse.rollout.hf import encode_prompts
+
+    cfg = run.config
+    if limit <= 0:
+        raise ExportError(
+            "baking the hypernetwork's mean scales needs eval problems: --eval-limit must be > 0"
+        )
+    problems = build_problems(cfg.data.eval, "test", cfg)[0][:limit]
+    schema = get_schema(cfg.rewards.schema)
+    settings = dict(
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens, progress=progress
+    )
+
+    def scores(result: dict[str, Any]) -> dict[str, float]:
+        summary = summarize(result["records"], result["seconds"])
+        return {k: summary[k] for k in ("accuracy", "format_validity")}
+
+    model, tokenizer, adaptive = trained_policy(run, dtype)
+    per_input = evaluate(
+        model,
+        tokenizer,
+        problems,
+        schema,
+        desc="eval (per input)",
+        around=adaptive.for_prompts,
+        **settings,
+    )
+    prompts = [build_prompt(tokenizer, p.question, schema) for p in problems]
+    ids, mask = encode_prompts(tokenizer, prompts, next(model.parameters()).device)
+    assert adaptive.scaler is not None
+    mean = adaptive.scaler.mean_multipliers(ids, mask).float().cpu()
+    del model, adaptive
+    baked_model, _ = load_policy(run, dtype, mean)
+    baked = evaluate(baked_model, tokenizer, problems, schema, desc="eval (baked)", **settings)
+    a, b = scores(per_input), scores(baked)
+    report = {
+        "eval_data": cfg.data.eval,
+        "problems": len(problems),
+        "per_input": a,
+        "baked_mean": b,
+        "accuracy_difference": b["accuracy"] - a["accuracy"],
+        "format_validity_difference": b["format_validity"] - a["format_validity"],
+        "mean_multipliers": mean.tolist(),
+    }
+    return mean, report
 
 
 def merge_policy(peft_model):
@@ -180,12 +267,17 @@ def export_run(
     checkpoint: str | None = None,
     gguf_dtype: str = "f16",
     dtype: str = "fp32",
+    eval_limit: int | None = None,
+    progress: bool = True,
 ) -> Path:
     """Export a run in ``fmt`` (peft, merged, gguf) into ``out_dir``; returns what to load.
 
     ``out_dir`` defaults to ``RUN_DIR/export-FMT``; it must be empty or absent. Returns the
     folder for ``peft`` and ``merged``, the ``.gguf`` file for ``gguf``. ``dtype`` is the
     merged folder's weight dtype (fp32, fp16, bf16); ``gguf_dtype`` the GGUF tensor type.
+    A run trained with the hypernetwork is exported with its mean scales over ``eval_limit``
+    eval prompts (default ``eval.limit``) baked in; ``hypernet_bake.json`` in the export says
+    what that changed in accuracy (``hypernet_bake_report``).
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}' (valid: {', '.join(FORMATS)})")
@@ -201,7 +293,12 @@ def export_run(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        peft_model, tokenizer = load_policy(run)
+        mean, bake_report = None, None
+        if run.config.hypernet.enabled:
+            limit = run.config.eval.limit if eval_limit is None else eval_limit
+            mean, bake_report = hypernet_bake_report(run, limit, progress=progress)
+            (tmp / "hypernet_bake.json").write_text(json.dumps(bake_report, indent=1) + "\n")
+        peft_model, tokenizer = load_policy(run, mean_multipliers=mean)
         if fmt == "peft":
             result = _write_peft(peft_model, run, tmp)
         elif fmt == "merged":

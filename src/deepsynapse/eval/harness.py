@@ -283,6 +283,7 @@ def evaluate(
     select: SelectFn | None = None,
     seed: int = 0,
     keep_samples: bool = False,
+    around: Callable | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``problems``; returns summary metrics (see `summarize`) and one record each.
 
@@ -290,6 +291,8 @@ def evaluate(
     apply to the sampled modes (``batch_size`` counts prompts; a batch holds
     ``batch_size * k`` completions). ``select`` is required for best_of_n.
     ``keep_samples`` stores all k completions in each record (large; off by default).
+    ``around(prompt_ids, prompt_mask)``: a context per batch, as in ``generate_groups`` (the
+    hypernetwork's per-input LoRA scales).
     """
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}; valid: {', '.join(MODES)}")
@@ -321,6 +324,7 @@ def evaluate(
                     greedy=mode == "greedy",
                     stop_strings=stop_strings(schema),
                     prefix_sharing=g > 1,
+                    around=around,
                 )
                 lengths, truncated = out.lengths.tolist(), out.truncated.tolist()
                 for j, p in enumerate(chunk):

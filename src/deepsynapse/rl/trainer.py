@@ -88,6 +88,7 @@ from deepsynapse.telemetry.run_logger import (
     current_rss_mb,
     peak_rss_mb,
     read_jsonl,
+    release_freed_memory,
     truncate_jsonl_after,
 )
 
@@ -444,6 +445,8 @@ class Trainer:
             metrics.update(getattr(controller, "metrics", dict)())
         self.knobs = knobs
         self._last_batch = batch
+        if cfg.train.trim_memory:  # the step's activations are gone: give their pages back
+            release_freed_memory()
         return metrics
 
     def apply_structure(self, knobs: Knobs, step: int) -> None:
@@ -953,6 +956,7 @@ class Trainer:
             max_new_tokens=cfg.eval.max_new_tokens,
             progress=self.progress and self.accelerator.is_main_process,
             desc=f"eval ({tag})",
+            around=self.adaptive.for_prompts,  # the hypernetwork runs per input
         )
         records = result["records"]
         if self.world > 1:

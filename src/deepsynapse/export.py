@@ -136,17 +136,9 @@ def _bake_adaptive_parts(
     bake_saved_scales(peft_model, adaptive.get("lora"), mean, per)
 
 
-def load_policy(
-    run: RunCheckpoint,
-    dtype: torch.dtype = torch.float32,
-    mean_multipliers: torch.Tensor | None = None,
-):
-    """Base model + the checkpoint's adapter (adaptive parts baked in), in eval mode.
-
-    Returns ``(peft_model, tokenizer)``; the base is rebuilt exactly as training built it
-    (``load_model``; tiny-random is seeded, so it is the same random model).
-    ``mean_multipliers``: the hypernetwork multipliers to bake (runs trained with it).
-    """
+def _base_with_adapter(run: RunCheckpoint, dtype: torch.dtype):
+    """The base rebuilt exactly as training built it (``load_model``; tiny-random is seeded,
+    so it is the same random model) with the checkpoint's raw PEFT adapter on it."""
     from peft import PeftModel
 
     tokenizer = load_tokenizer(run.config.model.name)
@@ -155,6 +147,20 @@ def load_policy(
         peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
     except Exception as exc:  # PEFT raises many types for a mismatched adapter
         raise CheckpointError(f"{run.adapter_dir}: adapter does not fit the base: {exc}") from exc
+    return peft_model, tokenizer
+
+
+def load_policy(
+    run: RunCheckpoint,
+    dtype: torch.dtype = torch.float32,
+    mean_multipliers: torch.Tensor | None = None,
+):
+    """Base model + the checkpoint's adapter (adaptive parts baked in), in eval mode.
+
+    Returns ``(peft_model, tokenizer)``. ``mean_multipliers``: the hypernetwork multipliers
+    to bake (runs trained with it).
+    """
+    peft_model, tokenizer = _base_with_adapter(run, dtype)
     _bake_adaptive_parts(peft_model, run, mean_multipliers)
     peft_model.eval()
     return peft_model, tokenizer
@@ -167,16 +173,9 @@ def trained_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
     Returns ``(peft_model, tokenizer, adaptive)``; ``adaptive.for_prompts`` is the context
     that applies the hypernetwork's per-input scales during generation.
     """
-    from peft import PeftModel
-
     from deepsynapse.models.adaptive import AdaptivePolicy
 
-    tokenizer = load_tokenizer(run.config.model.name)
-    base = load_model(run.config.model.name, dtype, tokenizer)
-    try:
-        peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-    except Exception as exc:  # PEFT raises many types for a mismatched adapter
-        raise CheckpointError(f"{run.adapter_dir}: adapter does not fit the base: {exc}") from exc
+    peft_model, tokenizer = _base_with_adapter(run, dtype)
     adaptive = AdaptivePolicy(peft_model, run.config)
     state = load_tree(run.checkpoint, "trainer_state").get("adaptive")
     if state is not None:

@@ -317,7 +317,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
     if not spec.get("keep_checkpoints"):  # ~30 MB a run for SmolLM2; the logs stay
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {
+    result = {
         **headline(after),
         "train_s": sum(float(r["timing/step"]) for r in rows),
         "steps": len(rows),
@@ -326,6 +326,32 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         "events": kinds,
         "peak_rss_mb": peak_rss_mb(),
     }
+    save_json(run_dir / RESULT_FILE, {"spec": _identity(spec), "result": result})
+    return result
+
+
+RESULT_FILE = "ablation_result.json"
+
+
+def _identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """What makes two runs the same run: everything in the spec but where logs go."""
+    return {k: v for k, v in spec.items() if k not in ("kind", "keep_checkpoints")}
+
+
+def stored_result(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The result a finished run with exactly this spec left in its folder, if any.
+
+    Why: a study cut by ``--max-minutes`` goes on where it stopped when run again (the
+    seeds it did not reach), instead of redoing the runs it finished.
+    """
+    path = Path(spec["run_dir"]) / RESULT_FILE
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stored, dict) or stored.get("spec") != _identity(spec):
+        return None
+    return stored.get("result")
 
 
 def headline(result: dict[str, Any]) -> dict[str, Any]:
@@ -357,8 +383,13 @@ class Task:
     skipped: bool = False
 
 
-def run_tasks(tasks: list[Task], jobs: int, deadline: float | None, label: str) -> None:
-    """Run tasks in child processes, ``jobs`` at a time, none started after ``deadline``."""
+def run_tasks(
+    tasks: list[Task], jobs: int, deadline: float | None, label: str, reuse: bool = False
+) -> None:
+    """Run tasks in child processes, ``jobs`` at a time, none started after ``deadline``.
+
+    ``reuse``: a run whose folder holds the result of the same spec is not run again.
+    """
     script = Path(__file__).resolve()
     queue = list(tasks)
     lock = threading.Lock()
@@ -369,6 +400,15 @@ def run_tasks(tasks: list[Task], jobs: int, deadline: float | None, label: str) 
                 if not queue:
                     return
                 task = queue.pop(0)
+                prior = stored_result(task.spec) if reuse and task.kind == "run" else None
+                if prior is not None:
+                    task.result = prior
+                    print(
+                        f"[{time.strftime('%H:%M:%S')}] {label} {_key_text(task.key)}: "
+                        "reused (finished earlier)",
+                        flush=True,
+                    )
+                    continue
                 if deadline is not None and time.time() > deadline:
                     task.skipped = True
                     continue
@@ -541,6 +581,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     ap.add_argument(
         "--keep-checkpoints", action="store_true", help="keep each run's final checkpoint"
     )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="rerun every run (default: runs finished with the same settings are reused)",
+    )
     ap.add_argument("--list", action="store_true", help="print the configurations and exit")
     ap.add_argument(
         "--quick",
@@ -649,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
                     "keep_checkpoints": args.keep_checkpoints,
                 }
                 runs.append(Task("run", key, spec))
-    run_tasks(runs, st.jobs, deadline, "run")
+    run_tasks(runs, st.jobs, deadline, "run", reuse=not args.fresh)
 
     skipped = sum(t.skipped for t in runs + baselines)
     failed = sum(t.error is not None for t in runs)

@@ -154,3 +154,16 @@ def test_vs_trl_quick_against_trl(tmp_path):
     data = json.loads(out.read_text())
     assert [r["trainer"] for r in data["runs"]] == ["trl", "deepsynapse"]
     assert data["summary"]["ratio_deepsynapse_over_trl"]["steps_per_s"] > 0
+
+
+def test_a_cut_study_reuses_runs_finished_with_the_same_settings(tmp_path):
+    spec = {"overrides": ["lora.r=8"], "run_dir": str(tmp_path / "run"), "eval_before": None}
+    assert ablation.stored_result(spec) is None  # nothing ran yet
+    (tmp_path / "run").mkdir()
+    child_spec = {"kind": "run", **spec, "keep_checkpoints": False}
+    stored = {"spec": ablation._identity(child_spec), "result": {"accuracy": 0.25}}
+    (tmp_path / "run" / ablation.RESULT_FILE).write_text(json.dumps(stored))
+    assert ablation.stored_result(spec) == {"accuracy": 0.25}
+    assert ablation.stored_result({**spec, "overrides": ["lora.r=16"]}) is None  # other run
+    (tmp_path / "run" / ablation.RESULT_FILE).write_text("{not json")
+    assert ablation.stored_result(spec) is None

@@ -930,6 +930,8 @@ class Trainer:
         # RL starts with fresh Adam moments: SFT's gradient scale is not RL's.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         inner.state.clear()
+        if cfg.train.trim_memory:  # the warm-up's activations left ~5 GB of free C heap
+            release_freed_memory()
         self.sft_done = True
         self.event(
             "sft_done", f"SFT warm-up finished after {cfg.sft.steps} steps", last_loss=loss_value
@@ -958,6 +960,8 @@ class Trainer:
             desc=f"eval ({tag})",
             around=self.adaptive.for_prompts,  # the hypernetwork runs per input
         )
+        if cfg.train.trim_memory:
+            release_freed_memory()
         records = result["records"]
         if self.world > 1:
             from accelerate.utils import gather_object

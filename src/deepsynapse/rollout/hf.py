@@ -241,8 +241,8 @@ def _generate_fast(
     attn[:, :p] = mask_g
     position = mask_g.long().sum(1, keepdim=True) - 1  # the last prompt token's position
     stop = stop_criteria(tokenizer, tuple(stop_strings)) if stop_strings else None
-    eos = gen_config.eos_token_id
-    eos = -1 if eos is None else eos
+    eos_ids = gen_config.eos_token_id
+    eos = torch.as_tensor(-1 if eos_ids is None else eos_ids, device=ids.device)  # built once
     finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
     step_input = ids_g[:, -1:] if ids.shape[1] > 1 else ids_g
     step_pos = position if ids.shape[1] > 1 else position_ids_from_mask(mask_g)
@@ -265,7 +265,7 @@ def _generate_fast(
         token = token.masked_fill(finished, gen_config.pad_token_id)
         seq[:, p + t] = token
         length = p + t + 1
-        done = torch.isin(token, torch.as_tensor(eos, device=token.device))
+        done = torch.isin(token, eos)
         if stop is not None:
             done |= stop(seq[:, :length], None).to(done.device)
         finished |= done

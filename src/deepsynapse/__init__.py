@@ -10,3 +10,8 @@ __version__ = "0.1.0"
 # ever hits. A small cache keeps memory flat at the same speed (measured). Read by oneDNN when
 # it first runs, so it is set on import, and never over a value the user chose.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
+# ideep (the layer between PyTorch and oneDNN for bf16 matmuls) keeps a second per-shape cache
+# of its own, LRU_CACHE_CAPACITY entries (default 1024) of ~1.6 MB each: the ~10 MB a step
+# that SmolLM2 runs still grew by with the cache above capped. 32 keeps the shapes a step
+# reuses across its layers, at the same speed (measured: 1024, 128, 32 on benchmarks/soak.py).
+os.environ.setdefault("LRU_CACHE_CAPACITY", "32")

@@ -2,7 +2,8 @@
 
     python benchmarks/ablation.py                     # SmolLM2-135M, both datasets, 3 seeds
     python benchmarks/ablation.py --quick             # smoke check: tiny model, 1 seed, 1 step
-    python benchmarks/ablation.py --steps 30 --max-minutes 0   # a real study (hours)
+    python benchmarks/ablation.py --ablate part       # full minus each part (~3 h, resumable)
+    python benchmarks/ablation.py --steps 30 --max-minutes 0   # a longer study (hours)
 
 Every configuration trains from the same starting point for the same number of GRPO steps,
 on the synthetic set and on GSM8K, over several seeds, then is scored on held-out problems
@@ -19,8 +20,12 @@ is also evaluated once per (schema, dataset, seed): the "warm-up only" rows, and
 at initialisation, so that evaluation is theirs too).
 
 Configurations: ``plain`` (GRPO with correctness and the two format rewards, static weights),
-``full`` (every part in ``PARTS`` on), and ``full-<part>`` for each part. A part whose parent
-is removed goes with it (``full-curriculum`` also drops the LoRA rank growth it drives).
+``full`` (every part on), and ``full-<x>`` with ``x`` removed. ``--ablate`` says what ``x``
+ranges over: ``family`` (the default: the five families of ``FAMILIES``, 7 configurations,
+42 runs, which fit the hour on 2 cores) or ``part`` (each of the 17 parts alone, 19
+configurations, 114 runs: about three hours, done in hourly slices since finished runs are
+reused). A part whose parent is removed goes with it (``full-curriculum`` also drops the LoRA
+rank growth it drives). ``plain`` and ``full`` are the same runs in both studies.
 
 Each run is a child process with its own run folder under ``--out-dir``. The whole study
 stops scheduling new runs after ``--max-minutes`` (runs are ordered seed by seed, so a cut
@@ -144,6 +149,31 @@ def parts_for(steps: int, max_new_tokens: int) -> list[Part]:
     ]
 
 
+# What the default study removes together: parts that serve one purpose. Removing a family
+# answers "what does this layer of DeepSynapse add"; ``--ablate part`` splits them.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "schedule": ("curriculum", "dynamic_lora", "kl_temperature"),
+    "optimisation": ("accumulation", "sft_mixing", "data_curriculum"),
+    "reward_weighting": ("allocator", "calibration", "discovery"),
+    "adaptive_policy": ("hypernet", "memory", "module_scales"),
+    "reward_terms": ("guardian", "contrastive", "verifier", "critique", "episodic"),
+}
+ABLATE = ("family", "part")
+
+
+def removable(parts: list[Part], ablate: str = "family") -> dict[str, tuple[str, ...]]:
+    """What each ``full-<name>`` configuration removes: a family, or one part."""
+    if ablate == "part":
+        return {p.name: (p.name,) for p in parts}
+    if ablate != "family":
+        raise ValueError(f"--ablate must be one of {ABLATE}, got {ablate!r}")
+    names = {p.name for p in parts}
+    grouped = [n for members in FAMILIES.values() for n in members]
+    if sorted(grouped) != sorted(names):  # a new part must be given a family
+        raise ValueError(f"FAMILIES and parts_for disagree: {sorted(grouped)} vs {sorted(names)}")
+    return dict(FAMILIES)
+
+
 def _kl() -> tuple[str, ...]:
     return ("control.kl_temperature.enabled=true", "control.kl_temperature.kl_target=0.02")
 
@@ -167,25 +197,32 @@ class Study:
     eval_max_new_tokens: int = 96
     verifier_backbone: str = "auto"
     jobs: int = 2
-    configs: tuple[str, ...] = ()  # empty = plain, full and full-<part> for every part
+    ablate: str = "family"  # what full-<x> removes: a family of parts, or one part
+    configs: tuple[str, ...] = ()  # empty = plain, full and full-<x> for every x
 
 
-def config_names(parts: list[Part]) -> list[str]:
-    return ["plain", "full", *(f"full-{p.name}" for p in parts)]
+def config_names(parts: list[Part], ablate: str = "family") -> list[str]:
+    return ["plain", "full", *(f"full-{name}" for name in removable(parts, ablate))]
 
 
 def active_parts(config: str, parts: list[Part]) -> list[Part]:
-    """The parts a configuration switches on (dependants leave with their parent)."""
+    """The parts a configuration switches on (dependants leave with their parent).
+
+    ``full-<x>`` accepts a part or a family name whatever the study's ``--ablate``, so
+    ``--configs`` can mix them.
+    """
     if config == "plain":
         return []
     if config == "full":
         return list(parts)
+    valid = ["plain", "full", *(f"full-{n}" for n in [*FAMILIES, *(p.name for p in parts)])]
     if not config.startswith("full-"):
-        raise ValueError(f"unknown configuration {config!r}; valid: {config_names(parts)}")
-    removed = config[len("full-") :]
-    if removed not in {p.name for p in parts}:
-        raise ValueError(f"unknown part {removed!r}; valid: {[p.name for p in parts]}")
-    kept = [p for p in parts if p.name != removed]
+        raise ValueError(f"unknown configuration {config!r}; valid: {valid}")
+    name = config[len("full-") :]
+    removed = FAMILIES.get(name) or ((name,) if name in {p.name for p in parts} else None)
+    if removed is None:
+        raise ValueError(f"unknown part or family {name!r} in {config!r}; valid: {valid}")
+    kept = [p for p in parts if p.name not in removed]
     names = {p.name for p in kept}
     return [p for p in kept if p.requires is None or p.requires in names]
 
@@ -571,6 +608,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
     ap.add_argument("--eval-limit", type=int, default=d.eval_limit, help="held-out problems")
     ap.add_argument("--eval-max-new-tokens", type=int, default=d.eval_max_new_tokens)
     ap.add_argument("--verifier-backbone", default=d.verifier_backbone)
+    ap.add_argument(
+        "--ablate",
+        choices=ABLATE,
+        default=d.ablate,
+        help="full-<x> removes a family of parts (default, ~1 h) or each part alone (~3 h)",
+    )
     ap.add_argument("--configs", default="", help="comma list (default: all); e.g. plain,full")
     ap.add_argument("--jobs", type=int, default=d.jobs, help="runs at once (threads split)")
     ap.add_argument(
@@ -607,6 +650,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
         eval_max_new_tokens=args.eval_max_new_tokens,
         verifier_backbone=args.verifier_backbone,
         jobs=args.jobs,
+        ablate=args.ablate,
         configs=tuple(x for x in args.configs.split(",") if x),
     )
     if args.quick:
@@ -632,7 +676,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
 def main(argv: list[str] | None = None) -> int:
     args, st = parse_args(argv)
     parts = parts_for(st.steps, st.max_new_tokens)
-    configs = list(st.configs) or config_names(parts)
+    configs = list(st.configs) or config_names(parts, st.ablate)
     for c in configs:
         active_parts(c, parts)  # fail early on a typo
     if args.list:
@@ -707,7 +751,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, baselines, configs)
     text = markdown(summary, st, note)
     print("\n" + text, flush=True)
-    stem = args.results or RESULTS_DIR / ("ablation-quick" if args.quick else "ablation")
+    default_stem = "ablation-quick" if args.quick else "ablation"
+    if st.ablate == "part" and not args.quick:
+        default_stem = "ablation-parts"
+    stem = args.results or RESULTS_DIR / default_stem
     title = (
         f"{st.model}: {st.steps} GRPO steps of {st.prompts}x{st.generations}, "
         f"{st.seeds} seed(s); mean ± std over seeds"

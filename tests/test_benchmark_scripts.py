@@ -40,8 +40,9 @@ def _ablation_config(name: str, study: ablation.Study | None = None):
 
 def test_every_ablation_configuration_builds_its_rewards_and_controllers():
     parts = ablation.parts_for(steps=3, max_new_tokens=64)
-    names = ablation.config_names(parts)
+    names = ablation.config_names(parts, "part")
     assert names[:2] == ["plain", "full"] and len(names) == len(parts) + 2
+    names += ablation.config_names(parts, "family")[2:]
     problems = generate_problems(8, seed=0, difficulty=(1, 3))
     for name in names:
         cfg = _ablation_config(name)
@@ -71,8 +72,28 @@ def test_plain_is_grpo_only_and_each_minus_config_differs_from_full():
     assert "dynamic_lora" not in {
         p.name for p in ablation.active_parts("full-curriculum", ablation.parts_for(3, 64))
     }
-    with pytest.raises(ValueError, match="unknown part"):
+    with pytest.raises(ValueError, match="unknown part or family 'nothing'"):
         ablation.active_parts("full-nothing", ablation.parts_for(3, 64))
+
+
+def test_the_default_study_removes_each_family_and_every_part_has_one():
+    parts = ablation.parts_for(3, 64)
+    assert ablation.Study().ablate == "family"
+    names = ablation.config_names(parts)  # the default: families
+    assert names == ["plain", "full", *(f"full-{f}" for f in ablation.FAMILIES)]
+    grouped = [n for members in ablation.FAMILIES.values() for n in members]
+    assert sorted(grouped) == sorted(p.name for p in parts)  # each part in exactly one family
+    full = {p.name for p in ablation.active_parts("full", parts)}
+    for family, members in ablation.FAMILIES.items():
+        kept = {p.name for p in ablation.active_parts(f"full-{family}", parts)}
+        assert kept == full - set(members), family
+    # plain and full are the same runs whichever study asks for them (so they are reused).
+    st_family, st_part = ablation.Study(), ablation.Study(ablate="part")
+    for config in ("plain", "full"):
+        a = ablation.run_overrides(st_family, config, "m", "gsm8k", 0, 1)
+        assert a == ablation.run_overrides(st_part, config, "m", "gsm8k", 0, 1)
+    with pytest.raises(ValueError, match="--ablate must be one of"):
+        ablation.config_names(parts, "layer")
 
 
 def test_trl_comparison_runs_deepsynapse_as_plain_grpo_at_the_shared_settings(tmp_path):

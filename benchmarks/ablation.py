@@ -751,9 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, baselines, configs)
     text = markdown(summary, st, note)
     print("\n" + text, flush=True)
-    default_stem = "ablation-quick" if args.quick else "ablation"
-    if st.ablate == "part" and not args.quick:
-        default_stem = "ablation-parts"
+    default_stem = {"family": "ablation", "part": "ablation-parts"}[st.ablate]
+    if args.quick:
+        default_stem = "ablation-quick"
     stem = args.results or RESULTS_DIR / default_stem
     title = (
         f"{st.model}: {st.steps} GRPO steps of {st.prompts}x{st.generations}, "

@@ -38,7 +38,7 @@ def test_import_caps_the_kernel_caches_unless_the_user_chose():
 
 GROWTH = """
 import json, random
-import deepsynapse  # noqa: F401 (sets the caps, unless the environment did)
+import deepsynapse  # sets the caps, unless the environment did
 import torch
 from deepsynapse.telemetry.run_logger import current_rss_mb, release_freed_memory
 torch.set_num_threads(1)

@@ -11,7 +11,13 @@ step. Reports RSS after the first step, at the middle and at the end, and the sl
 the second half in MB per 100 steps (the first half holds the warm-up: allocator pools,
 tokenizer and kernel caches) of the RSS floor (the minimum of each 10 steps: RSS after a
 step jumps between a few levels as glibc keeps or returns a freed logits buffer, which a
-raw fit mistakes for growth), and a verdict against ``--bound`` MB per 100 steps. Exit code 1 when the slope is over the bound, so it can gate a nightly job.
+raw fit mistakes for growth), and a verdict against ``--bound`` MB per 100 steps. Exit code
+1 when the slope is over the bound, so it can gate a nightly job.
+
+On glibc it also splits RSS after each step into what the C heap holds live (``heap``:
+tensors, caches, Python's large objects), its mmapped buffers, and the rest (``kept``: freed
+memory the allocator keeps, plus code and Python's small-object arenas), so growth can be
+told from allocator placement.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 
 from deepsynapse.config import load_config
 from deepsynapse.rl.trainer import Trainer
-from deepsynapse.telemetry.run_logger import current_rss_mb
+from deepsynapse.telemetry.run_logger import current_rss_mb, malloc_usage_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny random model with built-in rewards; prompts of different lengths (GSM8K), so
@@ -56,16 +62,24 @@ class SoakTrainer(Trainer):
     def __init__(self, *args: Any, every: int = 10, **kw: Any):
         super().__init__(*args, **kw)
         self.rss: list[float] = []
+        self.heap: list[float] = []  # live C-heap bytes (glibc), MB
+        self.kept: list[float] = []  # RSS - live heap - mmapped buffers, MB
         self.every = every
         self.started = time.perf_counter()
 
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)  # trims the C heap at its end (train.trim_memory)
         self.rss.append(current_rss_mb())
+        usage = malloc_usage_mb()
+        if usage is not None:
+            self.heap.append(usage["in_use"])
+            self.kept.append(self.rss[-1] - usage["in_use"] - usage["mmapped"])
         if self.every and (step + 1) % self.every == 0:
             rate = (time.perf_counter() - self.started) / (step + 1)
+            split = f"  heap {self.heap[-1]:7.1f}  kept {self.kept[-1]:6.1f}" if self.heap else ""
             print(
-                f"step {step + 1:4d}  rss {self.rss[-1]:8.1f} MB  ({rate:.2f} s/step)", flush=True
+                f"step {step + 1:4d}  rss {self.rss[-1]:8.1f} MB{split}  ({rate:.2f} s/step)",
+                flush=True,
             )
         return metrics
 
@@ -141,15 +155,24 @@ def main() -> int:
         trainer = SoakTrainer(cfg, run_dir=run_dir, progress=False, every=args.every)
         print(f"rss before training: {current_rss_mb():.1f} MB", flush=True)
         trainer.train()
-        rss = trainer.rss
+        rss, heap, kept = trainer.rss, trainer.heap, trainer.kept
+        seconds_per_step = (time.perf_counter() - trainer.started) / max(len(rss), 1)
     summary = {
         "model": args.model,
         "trim_memory": cfg.train.trim_memory,
+        "seconds_per_step": round(seconds_per_step, 2),
         **summarize(rss, args.bound),
     }
+    if heap:
+        half = heap[len(heap) // 2 :]
+        summary["heap_first_mb"], summary["heap_last_mb"] = round(heap[0], 1), round(heap[-1], 1)
+        summary["heap_second_half_slope_mb_per_100_steps"] = round(slope_per_100(half), 2)
+        summary["kept_min_mb"], summary["kept_max_mb"] = round(min(kept), 1), round(max(kept), 1)
     print(json.dumps(summary, indent=1))
     if args.output:
-        Path(args.output).write_text(json.dumps({**summary, "rss_mb": rss}, indent=1))
+        per_step = {"rss_mb": rss, "heap_mb": heap, "kept_mb": kept}
+        per_step = {k: [round(v, 2) for v in vs] for k, vs in per_step.items()}
+        Path(args.output).write_text(json.dumps({**summary, **per_step}, indent=1))
     return 0 if summary["verdict"] == "flat" else 1
 
 

@@ -1,8 +1,11 @@
-"""Memory defaults set on import: the kernel caches that grew resident memory every step.
+"""Memory settings that keep resident memory flat over a run (benchmarks/soak.py).
 
-Each check runs in a fresh interpreter, since the caches read their capacity once, the first
-time a matmul runs. The behavioural test reproduces what the SmolLM2 soak met (bf16 matmuls
-at a new sequence length each time) and compares resident memory with and without the cap.
+The kernel caches that grew resident memory every step, capped on import, and glibc's
+allocator thresholds, fixed by the trainer. Each check runs in a fresh interpreter, since the
+caches read their capacity once, the first time a matmul runs, and allocator settings are
+process-wide. The behavioural tests reproduce what the SmolLM2 soak met (bf16 matmuls at a
+new sequence length each time; a worker thread freeing tens of MB after glibc raised its
+thresholds) and compare resident memory with and without the setting.
 """
 
 from __future__ import annotations
@@ -15,10 +18,16 @@ import sys
 import pytest
 
 CACHE_VARS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+MALLOC_VARS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+)
 
 
 def _python(code: str, **env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in CACHE_VARS}
+    clean = {k: v for k, v in os.environ.items() if k not in CACHE_VARS + MALLOC_VARS}
     out = subprocess.run(
         [sys.executable, "-c", code],
         env={**clean, **env},
@@ -69,3 +78,83 @@ def test_bf16_matmuls_at_new_shapes_do_not_grow_memory():
     assert capped < 30, (
         f"+{capped:.0f} MB over 60 new shapes with the caps (+{uncapped:.0f} without)"
     )
+
+
+THREAD_HEAP = """
+import ctypes, json, sys, threading
+from deepsynapse.telemetry.run_logger import (
+    current_rss_mb, fix_malloc_thresholds, release_freed_memory,
+)
+fixed = fix_malloc_thresholds() if sys.argv[1] == "fix" else None
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+MB = 1 << 20
+def filled(n):
+    p = libc.malloc(n)
+    libc.memset(p, 1, n)
+    return p
+libc.free(filled(20 * MB))  # a freed large buffer: glibc raises its thresholds (by default)
+def worker():  # a thread's buffers come from its own heap, whose top malloc_trim leaves alone
+    for p in [filled(MB) for _ in range(30)]:
+        libc.free(p)
+start = current_rss_mb()
+thread = threading.Thread(target=worker)
+thread.start()
+thread.join()
+release_freed_memory()
+print(json.dumps([fixed, current_rss_mb() - start]))
+"""
+
+
+def _thread_heap(mode: str, **env: str) -> tuple[bool | None, float]:
+    clean = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
+    out = subprocess.run(
+        [sys.executable, "-c", THREAD_HEAP, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    fixed, kept = json.loads(out.stdout.strip().splitlines()[-1])
+    return fixed, kept
+
+
+def test_fixed_malloc_thresholds_let_a_worker_thread_give_freed_memory_back():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc allocator behaviour")
+    _, kept_by_default = _thread_heap("default")  # measured: 30 MB
+    if kept_by_default < 10:
+        pytest.skip(f"this C library kept {kept_by_default:.0f} MB: nothing to fix here")
+    fixed, kept = _thread_heap("fix")  # measured: 0.1 MB
+    assert fixed is True
+    assert kept < 5, f"{kept:.0f} MB kept after the fix ({kept_by_default:.0f} MB without)"
+
+
+def test_the_users_allocator_settings_win():
+    fixed, _ = _thread_heap("fix", MALLOC_MMAP_THRESHOLD_=str(64 << 20))
+    assert fixed is False
+    fixed, _ = _thread_heap("fix", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1048576")
+    assert fixed is False
+
+
+def test_malloc_usage_tells_live_heap_from_mmapped_buffers():
+    from deepsynapse.telemetry.run_logger import malloc_usage_mb
+
+    if malloc_usage_mb() is None:
+        pytest.skip("not glibc >= 2.33")
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = malloc_usage_mb()
+    small = [libc.malloc(64 << 10) for _ in range(160)]  # 10 MB under any mmap threshold
+    large = libc.malloc(40 << 20)  # over glibc's largest: always mmapped
+    during = malloc_usage_mb()
+    for pointer in small + [large]:
+        libc.free(pointer)
+    assert 9.5 < during["in_use"] - before["in_use"] < 12
+    assert 39.5 < during["mmapped"] - before["mmapped"] < 41

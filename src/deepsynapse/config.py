@@ -253,7 +253,9 @@ class TrainConfig:
     report: bool = _f(True, "write report.html with PNG plots at the end of training")
     max_bad_steps: int = _f(5, "stop after this many non-finite steps in a row (each is skipped)")
     trim_memory: bool = _f(
-        True, "return freed C-heap memory to the OS after each step (glibc malloc_trim)"
+        True,
+        "return freed C-heap memory to the OS after each step (glibc malloc_trim; buffers of"
+        " 4 MB or more are mmapped, so freeing returns them)",
     )
 
 

@@ -86,6 +86,7 @@ from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
     current_rss_mb,
+    fix_malloc_thresholds,
     peak_rss_mb,
     read_jsonl,
     release_freed_memory,
@@ -300,6 +301,8 @@ class Trainer:
         self.progress = progress
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.trim_memory:  # before the model loads: its buffers follow the rule too
+            fix_malloc_thresholds()
         self.run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
         self.accelerator = build_accelerator(cfg, self.run_dir)
         self.rank = self.accelerator.process_index

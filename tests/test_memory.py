@@ -85,7 +85,6 @@ import ctypes, json, sys, threading
 from deepsynapse.telemetry.run_logger import (
     current_rss_mb, fix_malloc_thresholds, release_freed_memory,
 )
-fixed = fix_malloc_thresholds() if sys.argv[1] == "fix" else None
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -96,6 +95,8 @@ def filled(n):
     libc.memset(p, 1, n)
     return p
 libc.free(filled(20 * MB))  # a freed large buffer: glibc raises its thresholds (by default)
+# the trainer fixes them after such frees (imports, data): they must come back down
+fixed = fix_malloc_thresholds() if sys.argv[1] == "fix" else None
 def worker():  # a thread's buffers come from its own heap, whose top malloc_trim leaves alone
     for p in [filled(MB) for _ in range(30)]:
         libc.free(p)

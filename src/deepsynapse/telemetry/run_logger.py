@@ -41,7 +41,8 @@ def _load_glibc():
 
 
 _GLIBC = _load_glibc()
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+_GLIBC_DEFAULT_TRIM_THRESHOLD = 128 << 10
 # Settings a user may have given glibc's allocator; when present, theirs win.
 _USER_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -88,9 +89,9 @@ def fix_malloc_thresholds(mmap_threshold_bytes: int = 4 << 20) -> bool:
     to 64 MB) each time a large buffer is freed. From then on, tens-of-MB tensors come from
     the heaps, and each worker thread's heap keeps its freed top below the raised trim
     threshold, which ``malloc_trim`` does not touch: on SmolLM2 RSS jumped by ~45 MB for a
-    few steps at a time. A fixed threshold (which also fixes the trim threshold at glibc's
-    128 KB) hands such buffers back when they are freed, at the same step time (measured,
-    docs/reliability.md). Leaves glibc alone when the environment already tunes it; False
+    few steps at a time. Fixed thresholds (mmap at ``mmap_threshold_bytes``, trim back at
+    glibc's default 128 KB, in case a free before this call raised it) hand such buffers
+    back when they are freed, at the same step time (measured, docs/reliability.md). Leaves glibc alone when the environment already tunes it; False
     then, or when the C library is not glibc.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
@@ -98,7 +99,9 @@ def fix_malloc_thresholds(mmap_threshold_bytes: int = 4 << 20) -> bool:
         return False
     if any(name in os.environ for name in _USER_MALLOC_SETTINGS):
         return False
-    return bool(_GLIBC.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes)))
+    mmap_set = _GLIBC.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold_bytes))
+    trim_set = _GLIBC.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM_THRESHOLD)
+    return bool(mmap_set and trim_set)
 
 
 def _clean(value: Any) -> Any:

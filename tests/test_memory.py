@@ -26,10 +26,11 @@ MALLOC_VARS = (
 )
 
 
-def _python(code: str, **env: str) -> str:
+def _python(code: str, *args: str, **env: str) -> str:
+    """Run ``code`` in a fresh interpreter free of our memory settings; its last stdout line."""
     clean = {k: v for k, v in os.environ.items() if k not in CACHE_VARS + MALLOC_VARS}
     out = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -110,16 +111,7 @@ print(json.dumps([fixed, current_rss_mb() - start]))
 
 
 def _thread_heap(mode: str, **env: str) -> tuple[bool | None, float]:
-    clean = {k: v for k, v in os.environ.items() if k not in MALLOC_VARS}
-    out = subprocess.run(
-        [sys.executable, "-c", THREAD_HEAP, mode],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    fixed, kept = json.loads(out.stdout.strip().splitlines()[-1])
+    fixed, kept = json.loads(_python(THREAD_HEAP, mode, **env))
     return fixed, kept
 
 

@@ -32,12 +32,23 @@ def current_rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
 def _load_glibc():
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to trim
         return None
-    return libc if all(hasattr(libc, f) for f in ("malloc_trim", "mallopt")) else None
+    if not all(hasattr(libc, f) for f in ("malloc_trim", "mallopt")):
+        return None
+    if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 _GLIBC = _load_glibc()
@@ -60,13 +71,6 @@ def release_freed_memory() -> bool:
     return True
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
-    ]
-
-
 def malloc_usage_mb() -> dict[str, float] | None:
     """The C heap's live bytes (``in_use``) and mmapped buffers (``mmapped``), in MB; None
     off glibc (< 2.33 has no ``mallinfo2``).
@@ -74,11 +78,9 @@ def malloc_usage_mb() -> dict[str, float] | None:
     Why: RSS alone cannot tell memory something holds from freed memory the allocator keeps;
     RSS minus these two is what glibc keeps (plus code and Python's own arenas).
     """
-    info_fn = getattr(_GLIBC, "mallinfo2", None)
-    if info_fn is None:
+    if _GLIBC is None or not hasattr(_GLIBC, "mallinfo2"):
         return None
-    info_fn.restype = _MallInfo2
-    info = info_fn()
+    info = _GLIBC.mallinfo2()
     return {"in_use": info.uordblks / 2**20, "mmapped": info.hblkhd / 2**20}
 
 
@@ -91,8 +93,8 @@ def fix_malloc_thresholds(mmap_threshold_bytes: int = 4 << 20) -> bool:
     threshold, which ``malloc_trim`` does not touch: on SmolLM2 RSS jumped by ~45 MB for a
     few steps at a time. Fixed thresholds (mmap at ``mmap_threshold_bytes``, trim back at
     glibc's default 128 KB, in case a free before this call raised it) hand such buffers
-    back when they are freed, at the same step time (measured, docs/reliability.md). Leaves glibc alone when the environment already tunes it; False
-    then, or when the C library is not glibc.
+    back when they are freed, at the same step time (measured, docs/reliability.md). Leaves
+    glibc alone when the environment already tunes it; False then, or off glibc.
     """
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if _GLIBC is None or "malloc." in tunables:

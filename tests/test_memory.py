@@ -151,3 +151,70 @@ def test_malloc_usage_tells_live_heap_from_mmapped_buffers():
         libc.free(pointer)
     assert 9.5 < during["in_use"] - before["in_use"] < 12
     assert 39.5 < during["mmapped"] - before["mmapped"] < 41
+
+
+ATTENTION = """
+import json, random, sys
+import deepsynapse
+import torch
+from deepsynapse.models.policy import pad_to_multiple
+from deepsynapse.telemetry.run_logger import (
+    current_rss_mb, fix_malloc_thresholds, release_freed_memory,
+)
+fix_malloc_thresholds()
+torch.set_num_threads(1)
+multiple = int(sys.argv[1])
+def step(length):  # attention forward and backward as the update runs it: bf16, a padded row
+    ids = torch.zeros(2, length, dtype=torch.long)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, : length // 3] = 0
+    ids, mask = pad_to_multiple(ids, mask, multiple)
+    width = ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (causal & mask.bool()[:, None, None, :]) | torch.eye(width, dtype=torch.bool)
+    q, k, v = (torch.randn(2, 9, width, 64, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    out.float().sum().backward()
+for length in range(64, 768, 64):  # warm-up: every padded width met below
+    step(length)
+release_freed_memory()
+start = current_rss_mb()
+random.seed(0)
+for length in random.sample(range(50, 700), 60):  # a new length every time
+    step(length)
+release_freed_memory()
+print(json.dumps(current_rss_mb() - start))
+"""
+
+
+def test_padded_widths_keep_the_attention_kernel_cache_flat():
+    """PyTorch's CPU flash attention keeps a kernel per new shape, uncapped (cause 6)."""
+    unpadded = json.loads(_python(ATTENTION, "1"))  # measured: +13.2 MB
+    if unpadded < 5:
+        pytest.skip(f"this CPU's attention keeps no per-shape state (+{unpadded:.1f} MB)")
+    padded = json.loads(_python(ATTENTION, "64"))  # measured: +0.6 MB
+    assert padded < unpadded / 4, f"+{padded:.1f} MB padded, +{unpadded:.1f} MB unpadded"
+
+
+def test_every_prefill_and_update_forward_of_a_step_has_a_padded_width(tmp_path):
+    from conftest import EXTRA_REWARDS, TINY
+
+    from deepsynapse.config import load_config
+    from deepsynapse.rl.trainer import Trainer
+
+    # 88: no width under 704 is also a multiple of the default 64, so a path left unwired fails
+    overrides = ["train.steps=2", "eval.limit=0", "model.pad_to_multiple_of=88"]
+    cfg = load_config(None, TINY + overrides)
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    widths: list[int] = []
+
+    def record(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        widths.append((ids if ids is not None else kwargs["inputs_embeds"]).shape[1])
+
+    trainer.unwrapped.causal_lm.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    wide = [w for w in widths if w > 1]  # decoding runs one token at a time
+    assert len(wide) >= 6, widths  # SFT, prefills, reference and update passes
+    assert all(w % 88 == 0 for w in wide), sorted(set(wide))

@@ -6,7 +6,7 @@ import torch
 
 from deepsynapse.models.dynamic_lora import lora_layers
 from deepsynapse.models.loading import load_model, load_tokenizer
-from deepsynapse.models.policy import PolicyModule, apply_lora
+from deepsynapse.models.policy import PolicyModule, apply_lora, pad_to_multiple
 
 
 def build(dtype: torch.dtype) -> PolicyModule:
@@ -58,3 +58,33 @@ def test_fp32_base_is_untouched():
     with policy.low_precision_adapters():
         assert not torch.is_autocast_enabled("cpu")
     assert torch.isfinite(policy(ids, attn, cmask).logp).all()
+
+
+def test_padding_to_a_multiple_changes_widths_not_log_probs():
+    policy = build(torch.float32)
+    ids, attn, cmask = batch()  # 20 columns: the body sees 19
+    widths: list[int] = []
+    body = policy.causal_lm.get_decoder()
+    hook = body.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+        with_kwargs=True,
+    )
+    policy.pad_multiple = 1
+    plain = policy(ids, attn, cmask).logp
+    policy.pad_multiple = 16
+    padded = policy(ids, attn, cmask).logp
+    hook.remove()
+    assert widths == [19, 32]
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_pad_to_multiple_prepends_masked_columns():
+    ids = torch.tensor([[7, 8, 9], [0, 5, 6]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    out_ids, out_mask = pad_to_multiple(ids, mask, 4, pad_id=3)
+    assert out_ids.tolist() == [[3, 7, 8, 9], [3, 0, 5, 6]]
+    assert out_mask.tolist() == [[0, 1, 1, 1], [0, 0, 1, 1]]
+    out_ids, _ = pad_to_multiple(ids, mask, 4, offset=1)  # width - 1 a multiple: 5 columns
+    assert out_ids.shape == (2, 5)
+    assert pad_to_multiple(ids, mask, 3)[0] is ids  # already a multiple: no copy
+    assert pad_to_multiple(ids, mask, 1)[0] is ids  # 1 = off

@@ -52,6 +52,15 @@ def assert_same(a, b):
     assert a.texts == b.texts
 
 
+@pytest.mark.parametrize("decoder", ["fast", "hf"])
+def test_prompts_are_padded_so_the_prefill_has_few_widths(tok, base, decoder):
+    padded = decode(base, tok, decoder)  # default: prefill widths a multiple of 64
+    plain = decode(base, tok, decoder, pad_multiple=1)
+    assert (padded.prompt_ids.shape[1] - 1) % 64 == 0
+    assert plain.prompt_ids.shape[1] < padded.prompt_ids.shape[1]
+    assert_same(padded, plain)  # masked columns change no token
+
+
 @pytest.mark.parametrize("sharing", [True, False])
 def test_fast_decoder_matches_generate_under_greedy(tok, base, sharing):
     assert_same(

@@ -41,6 +41,11 @@ class ModelConfig:
         "auto", "compute dtype of the frozen base; auto = bf16 where the hardware has it"
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    pad_to_multiple_of: int = _f(
+        64,
+        "sequences of every forward pass are padded to a multiple of this many tokens: few"
+        " attention shapes, so CPU flash attention's kernel cache stops growing (1 = off)",
+    )
 
 
 @dataclass
@@ -470,6 +475,7 @@ def _validate(cfg: Config) -> None:
         "grpo.micro_batch_size": cfg.grpo.micro_batch_size,
         "grpo.num_iterations": cfg.grpo.num_iterations,
         "grpo.logprob_chunk_tokens": cfg.grpo.logprob_chunk_tokens,
+        "model.pad_to_multiple_of": cfg.model.pad_to_multiple_of,
         "optim.lr": cfg.optim.lr,
         "sft.batch_size": cfg.sft.batch_size,
         "eval.batch_size": cfg.eval.batch_size,

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from deepsynapse.data.answers import answers_match, normalize_answer
 from deepsynapse.data.problems import Problem
 from deepsynapse.formats import XMLSchema, parse_completion, stop_strings
+from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rollout.hf import generate_groups
 
@@ -284,6 +285,7 @@ def evaluate(
     seed: int = 0,
     keep_samples: bool = False,
     around: Callable | None = None,
+    pad_multiple: int = SEQUENCE_MULTIPLE,
 ) -> dict[str, Any]:
     """Evaluate ``problems``; returns summary metrics (see `summarize`) and one record each.
 
@@ -325,6 +327,7 @@ def evaluate(
                     stop_strings=stop_strings(schema),
                     prefix_sharing=g > 1,
                     around=around,
+                    pad_multiple=pad_multiple,
                 )
                 lengths, truncated = out.lengths.tolist(), out.truncated.tolist()
                 for j, p in enumerate(chunk):

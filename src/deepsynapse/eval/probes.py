@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from deepsynapse.control.knobs import Event, Knobs
 from deepsynapse.data.answers import answers_match
 from deepsynapse.formats import XMLSchema, get_schema, parse_completion, stop_strings
+from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rollout.hf import generate_groups
 
@@ -578,6 +579,7 @@ def run_probes(
     max_new_tokens: int = 200,
     *,
     progress: bool = False,
+    pad_multiple: int = SEQUENCE_MULTIPLE,
 ) -> dict[str, Any]:
     """Greedy, batched completions for ``items``; per-skill accuracy over scored units.
 
@@ -603,6 +605,7 @@ def run_probes(
                 greedy=True,
                 stop_strings=stop_strings(schema),
                 prefix_sharing=False,
+                pad_multiple=pad_multiple,
             )
             for it, text in zip(chunk, out.texts, strict=True):
                 scored = score_item(it, text, schema)

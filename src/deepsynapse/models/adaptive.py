@@ -59,7 +59,10 @@ class AdaptivePolicy:
             )
             register_adaptive(peft_model, "hypernet", hypernet)
             encoder = ContextEncoder(
-                peft_model, cfg.hypernet.context_layer, cfg.hypernet.cache_size
+                peft_model,
+                cfg.hypernet.context_layer,
+                cfg.hypernet.cache_size,
+                cfg.model.pad_to_multiple_of,
             )
             self.scaler = ContextualScaler(peft_model, encoder, hypernet, gran)
         self._hypernet_stats: dict[str, float] = {}

@@ -6,9 +6,11 @@ prompt's tokens, so it is computed once per distinct prompt and kept in an LRU c
 a hash of the token ids: the G completions of a group, the inner iterations and later epochs
 reuse it.
 
-Each missing prompt runs alone, unpadded: the vector is then the same whatever batch the
-prompt arrives in or however wide its padding, so a run resumed with an empty cache computes
-bit-identical embeddings (exact resume).
+Each missing prompt runs alone, right-padded to a multiple of ``pad_multiple`` tokens (few
+attention shapes, see ``pad_to_multiple``; causal attention keeps the padding out of the real
+tokens' states): the vector is then the same whatever batch the prompt arrives in or however
+wide its padding there, so a run resumed with an empty cache computes bit-identical
+embeddings (exact resume).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from deepsynapse.models.dynamic_lora import causal_lm, decoder_layers
-from deepsynapse.models.policy import adapters_off
+from deepsynapse.models.policy import SEQUENCE_MULTIPLE, adapters_off
 
 
 def prompt_key(ids: torch.Tensor) -> str:
@@ -38,13 +40,20 @@ class ContextEncoder:
     layer's output, before the final norm).
     """
 
-    def __init__(self, model: nn.Module, layer: int = -1, cache_size: int = 4096):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: int = -1,
+        cache_size: int = 4096,
+        pad_multiple: int = SEQUENCE_MULTIPLE,
+    ):
         n = len(decoder_layers(model))
         if not -n <= layer < n:
             raise ValueError(f"context layer {layer} out of range for {n} decoder layers")
         self.model = model
         self.layer = layer % n
         self.cache_size = cache_size
+        self.pad_multiple = max(pad_multiple, 1)
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
@@ -83,6 +92,8 @@ class ContextEncoder:
         def grab(module: nn.Module, args: tuple, output: Any) -> None:
             captured.append(output[0] if isinstance(output, tuple) else output)
 
+        n = len(tokens)
+        padded = torch.cat([tokens, tokens.new_zeros(-n % self.pad_multiple)])  # right: causal
         handle = decoder_layers(self.model)[self.layer].register_forward_hook(grab)
         off = (
             adapters_off(self.model)
@@ -93,11 +104,11 @@ class ContextEncoder:
         lm.eval()
         try:
             with off:
-                body(input_ids=tokens.unsqueeze(0), use_cache=False)
+                body(input_ids=padded.unsqueeze(0), use_cache=False)
         finally:
             handle.remove()
             lm.train(was_training)
-        return captured[0][0].float().mean(0)  # [H]
+        return captured[0][0, :n].float().mean(0)  # [H]
 
     def stats(self) -> dict[str, float]:
         """``context/cache_hits|misses|hit_rate|size`` for the step's metrics."""

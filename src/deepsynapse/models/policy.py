@@ -23,6 +23,29 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp(min=0)
 
 
+SEQUENCE_MULTIPLE = 64
+
+
+def pad_to_multiple(
+    ids: torch.Tensor, mask: torch.Tensor, multiple: int, pad_id: int = 0, *, offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend masked columns to ``[N, W]`` ids and mask so that ``W - offset`` is a multiple.
+
+    Why: PyTorch's CPU flash attention builds a brgemm kernel for each new block shape and
+    keeps every one (no cap): trimmed batches of every length grew a SmolLM2 run's memory by
+    ~0.2 MB a step, and the kernel builds made attention ~2x slower on lengths not yet seen
+    (docs/reliability.md, cause 6). A few widths per run keep both flat. Left padding with
+    position ids from the mask leaves every real token's output unchanged.
+    """
+    extra = -(ids.shape[1] - offset) % multiple if multiple > 1 else 0
+    if extra == 0:
+        return ids, mask
+    return (
+        torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1),
+        torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1),
+    )
+
+
 def _chunk_logprobs(
     hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float
 ) -> torch.Tensor:
@@ -78,10 +101,16 @@ class PolicyModule(nn.Module):
     Going through ``forward`` matters under DDP/FSDP: the wrapper's hooks see the call.
     """
 
-    def __init__(self, peft_model: nn.Module, chunk_tokens: int = 1024):
+    def __init__(
+        self,
+        peft_model: nn.Module,
+        chunk_tokens: int = 1024,
+        pad_multiple: int = SEQUENCE_MULTIPLE,
+    ):
         super().__init__()
         self.peft_model = peft_model
         self.chunk_tokens = chunk_tokens
+        self.pad_multiple = pad_multiple  # sequence widths (pad_to_multiple)
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -124,11 +153,12 @@ class PolicyModule(nn.Module):
         lm = self.causal_lm
         t = completion_mask.shape[1]
         body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
+        ids, mask = pad_to_multiple(input_ids[:, :-1], attention_mask[:, :-1], self.pad_multiple)
         with self.low_precision_adapters():
             hidden = body(
-                input_ids=input_ids[:, :-1],
-                attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids_from_mask(attention_mask[:, :-1]),
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
                 use_cache=False,
             ).last_hidden_state[:, -t:]  # [N, T, H]: states that predict the completion tokens
         sel = completion_mask.bool()

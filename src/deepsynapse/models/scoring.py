@@ -16,7 +16,12 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from deepsynapse.models.policy import position_ids_from_mask, selected_token_logprobs
+from deepsynapse.models.policy import (
+    SEQUENCE_MULTIPLE,
+    pad_to_multiple,
+    position_ids_from_mask,
+    selected_token_logprobs,
+)
 
 __all__ = ["PolicyScorer"]
 
@@ -45,18 +50,26 @@ class PolicyScorer:
     """Total log-probabilities of continuations under a causal LM (HF or PEFT model).
 
     ``max_contexts`` contexts are prefilled per batch (sorted by length to limit padding);
-    ``chunk_tokens`` bounds how many positions go through the LM head at once.
+    ``chunk_tokens`` bounds how many positions go through the LM head at once; contexts are
+    padded to a multiple of ``pad_multiple`` tokens (``pad_to_multiple``).
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, *, max_contexts: int = 16, chunk_tokens: int = 1024
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        max_contexts: int = 16,
+        chunk_tokens: int = 1024,
+        pad_multiple: int = SEQUENCE_MULTIPLE,
     ) -> None:
-        if max_contexts < 1 or chunk_tokens < 1:
-            raise ValueError("max_contexts and chunk_tokens must be >= 1")
+        if min(max_contexts, chunk_tokens, pad_multiple) < 1:
+            raise ValueError("max_contexts, chunk_tokens and pad_multiple must be >= 1")
         self.model = model
         self.tokenizer = tokenizer
         self.max_contexts = max_contexts
         self.chunk_tokens = chunk_tokens
+        self.pad_multiple = pad_multiple
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         if not texts:
@@ -114,6 +127,7 @@ class PolicyScorer:
         for r, ids in enumerate(contexts):
             ctx[r, width - len(ids) :] = torch.tensor(ids)
             ctx_mask[r, width - len(ids) :] = 1
+        ctx, ctx_mask = pad_to_multiple(ctx, ctx_mask, self.pad_multiple, pad)
         ctx, ctx_mask = ctx.to(device), ctx_mask.to(device)
         cache = DynamicCache(config=lm.config)
         last = body(

@@ -247,7 +247,11 @@ def build_policy(cfg: Config, tokenizer, dtype: torch.dtype) -> PolicyModule:
     peft_model = apply_lora(
         base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules
     )
-    return PolicyModule(peft_model, chunk_tokens=cfg.grpo.logprob_chunk_tokens)
+    return PolicyModule(
+        peft_model,
+        chunk_tokens=cfg.grpo.logprob_chunk_tokens,
+        pad_multiple=cfg.model.pad_to_multiple_of,
+    )
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -358,7 +362,11 @@ class Trainer:
         )
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
         self.scorer = (
-            PolicyScorer(self.unwrapped.peft_model, self.tokenizer)
+            PolicyScorer(
+                self.unwrapped.peft_model,
+                self.tokenizer,
+                pad_multiple=cfg.model.pad_to_multiple_of,
+            )
             if self.engine.needs_scorer
             else None
         )
@@ -555,6 +563,7 @@ class Trainer:
             around=self.adaptive.for_prompts,
             decoder=self.cfg.rollout.decoder,
             merge_lora=self.cfg.rollout.merge_lora,
+            pad_multiple=self.cfg.model.pad_to_multiple_of,
         )
         model.train()
         n = len(out.texts)
@@ -962,6 +971,7 @@ class Trainer:
             progress=self.progress and self.accelerator.is_main_process,
             desc=f"eval ({tag})",
             around=self.adaptive.for_prompts,  # the hypernetwork runs per input
+            pad_multiple=cfg.model.pad_to_multiple_of,
         )
         if cfg.train.trim_memory:
             release_freed_memory()
@@ -1209,6 +1219,7 @@ class Trainer:
                 self.schema,
                 batch_size=cfg.probes.batch_size,
                 max_new_tokens=cfg.probes.max_new_tokens,
+                pad_multiple=cfg.model.pad_to_multiple_of,
             )
         records = result["records"]
         if self.world > 1:

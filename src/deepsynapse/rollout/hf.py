@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from deepsynapse.models.dynamic_lora import merged_lora
-from deepsynapse.models.policy import position_ids_from_mask
+from deepsynapse.models.policy import SEQUENCE_MULTIPLE, pad_to_multiple, position_ids_from_mask
 
 
 @dataclass
@@ -66,12 +66,15 @@ def generate_groups(
     around: Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager] | None = None,
     decoder: str = "fast",
     merge_lora: bool = True,
+    pad_multiple: int = SEQUENCE_MULTIPLE,
 ) -> RolloutOutput:
     """Sample ``num_generations`` completions for each prompt (already chat-formatted text).
 
     ``around(prompt_ids, prompt_mask)`` returns a context entered for the whole generation
     (the hypernetwork's per-prompt LoRA scales, for instance). ``merge_lora`` folds plain LoRA
-    adapters into a copy of the base weights for the duration (``merged_lora``).
+    adapters into a copy of the base weights for the duration (``merged_lora``). Prompts are
+    left-padded so the prefill (all prompt tokens but the last) is ``pad_multiple`` wide
+    (``pad_to_multiple``: few attention shapes).
     """
     from transformers import GenerationConfig
 
@@ -79,6 +82,8 @@ def generate_groups(
         raise ValueError(f"unknown decoder '{decoder}': expected one of {', '.join(DECODERS)}")
     device = next(model.parameters()).device
     ids, mask = encode_prompts(tokenizer, prompts, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = pad_to_multiple(ids, mask, pad_multiple, pad_id, offset=1)
     g = num_generations
     gen_config = GenerationConfig(
         max_new_tokens=max_new_tokens,

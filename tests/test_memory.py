@@ -218,3 +218,27 @@ def test_every_prefill_and_update_forward_of_a_step_has_a_padded_width(tmp_path)
     wide = [w for w in widths if w > 1]  # decoding runs one token at a time
     assert len(wide) >= 6, widths  # SFT, prefills, reference and update passes
     assert all(w % 88 == 0 for w in wide), sorted(set(wide))
+
+
+def test_a_checkpoint_save_leaves_no_reference_cycles(tmp_path):
+    """safetensors' ctypes views form cycles that only a full collection frees (measured:
+    269 objects a save on the tiny model, ~2,500 on SmolLM2)."""
+    import gc
+
+    from conftest import EXTRA_REWARDS, TINY
+
+    from deepsynapse.config import load_config
+    from deepsynapse.rl.trainer import Trainer
+
+    cfg = load_config(None, TINY + ["train.steps=1", "eval.limit=0", "sft.steps=0"])
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    trainer.train()  # the optimizer has state to save
+    gc.disable()  # nothing collects behind the save's back
+    try:
+        gc.collect()
+        trainer.step += 1
+        trainer.save_checkpoint()
+        left = gc.collect()
+    finally:
+        gc.enable()
+    assert left < 20, f"{left} unreachable objects left by a save"

@@ -32,9 +32,9 @@ def pad_to_multiple(
     """Prepend masked columns to ``[N, W]`` ids and mask so that ``W - offset`` is a multiple.
 
     Why: PyTorch's CPU flash attention builds a brgemm kernel for each new block shape and
-    keeps every one (no cap): trimmed batches of every length grew a SmolLM2 run's memory by
-    ~0.2 MB a step, and the kernel builds made attention ~2x slower on lengths not yet seen
-    (docs/reliability.md, cause 6). A few widths per run keep both flat. Left padding with
+    keeps every one (no cap): batches trimmed to every possible length grew a SmolLM2 run's
+    memory by 0.1-0.7 MB a step, and the kernel builds made attention ~2x slower on lengths
+    not yet seen (docs/reliability.md, cause 6). A few widths per run keep both flat. Left padding with
     position ids from the mask leaves every real token's output unchanged.
     """
     extra = -(ids.shape[1] - offset) % multiple if multiple > 1 else 0

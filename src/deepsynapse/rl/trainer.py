@@ -27,6 +27,7 @@ Run it on CPU: ``deepsynapse train`` (configs/demo-cpu.yaml), or for a quick loo
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -1005,6 +1006,10 @@ class Trainer:
             if self.bad_steps == 0:
                 self.last_good_checkpoint = path
         acc.wait_for_everyone()
+        # A save leaves thousands of reference cycles (safetensors' ctypes views of each
+        # tensor) that only a full collection frees, and with a large heap of long-lived
+        # objects those are rare: without this, each SmolLM2 save kept ~0.4 MB (0.1 with it).
+        gc.collect()
         return path
 
     def trainer_state(self) -> dict[str, Any]:

@@ -73,8 +73,8 @@ def generate_groups(
     ``around(prompt_ids, prompt_mask)`` returns a context entered for the whole generation
     (the hypernetwork's per-prompt LoRA scales, for instance). ``merge_lora`` folds plain LoRA
     adapters into a copy of the base weights for the duration (``merged_lora``). Prompts are
-    left-padded so the prefill (all prompt tokens but the last) is ``pad_multiple`` wide
-    (``pad_to_multiple``: few attention shapes).
+    left-padded so the prefill (all prompt tokens but the last) is a multiple of
+    ``pad_multiple`` wide (``pad_to_multiple``: few attention shapes).
     """
     from transformers import GenerationConfig
 

@@ -290,7 +290,7 @@ def child_deepsynapse(s: Settings, data: str, work: Path, profile: bool = False)
             {
                 "step": step + 1,
                 "wall_s": time.perf_counter() - start,
-                "generation_s": metrics.get("timing/generation"),
+                "generation_s": metrics.get("timing/generate"),
                 "completion_tokens": metrics["completion/length_mean"] * n,
                 "reward_mean": metrics.get("reward/fused/mean"),
                 "timing": {k: v for k, v in metrics.items() if k.startswith("timing/")},

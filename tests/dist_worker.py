@@ -1,7 +1,9 @@
-"""Worker for the 2-process launch test: `torchrun --nproc_per_node 2 tests/dist_worker.py OUT`.
+"""Worker for the 2-process tests: `torchrun --nproc_per_node 2 tests/dist_worker.py OUT [MODE]`.
 
-Each rank trains the tiny model for two steps and writes which problems it rolled out and a
-fingerprint of its trainable parameters, so the test can check sharding and equality.
+Each rank trains the tiny model and writes which problems it rolled out, a fingerprint of its
+trainable parameters, and (mode ``controllers``: curriculum with locking, an adaptive
+allocator, KL-temperature on) the knobs, controller metrics and parameters after every step,
+so the test can check sharding and that every rank took the same decisions.
 """
 
 import json
@@ -16,23 +18,64 @@ from conftest import EXTRA_REWARDS, TINY  # noqa: E402
 from deepsynapse.config import load_config  # noqa: E402
 from deepsynapse.rl.trainer import Trainer  # noqa: E402
 
+CONTROLLERS = [
+    "train.steps=4",
+    "grpo.beta=0.05",
+    "rewards.allocator=mirror",
+    "control.curriculum.enabled=true",
+    "control.curriculum.phases=[{name: structure, trainable_groups: [lora_mlp], min_steps: 1,"
+    " reward_weights: {strict_format: 0.9}, temperature: [1.0, 0.8],"
+    " exit: {metric: completion/length_mean, threshold: 0, window: 1}},"
+    " {name: reasoning, beta: 0.08, reward_weights: {correctness: 2.0}}]",
+    "control.kl_temperature.enabled=true",
+    "control.kl_temperature.kl_target=0.0001",
+]
 
-def main(out_dir: str) -> None:
+
+def fingerprint(trainer) -> dict[str, float]:
+    return {
+        n: p.detach().double().sum().item()
+        for n, p in trainer.unwrapped.named_parameters()
+        if p.requires_grad
+    }
+
+
+def main(out_dir: str, mode: str = "plain") -> None:
     torch.set_num_threads(1)
+    extra = CONTROLLERS if mode == "controllers" else []
     cfg = load_config(
         None,
         TINY
-        + ["grpo.prompts_per_step=4", "eval.limit=4", "sft.steps=1", "grpo.dynamic_sampling=true"],
+        + ["grpo.prompts_per_step=4", "eval.limit=4", "sft.steps=1", "grpo.dynamic_sampling=true"]
+        + extra,
     )
     trainer = Trainer(cfg, run_dir=Path(out_dir) / "run", progress=False, reward_fns=EXTRA_REWARDS)
     seen: list[list[str]] = []
-    original = trainer.rollout
+    steps: list[dict] = []
+    original, original_step = trainer.rollout, trainer.train_step
 
     def recording_rollout(problems, knobs):
         seen.append([p.id for p in problems])
         return original(problems, knobs)
 
+    def recording_step(step):
+        metrics = original_step(step)
+        steps.append(
+            {
+                "knobs": trainer.knobs.state_dict(),
+                "decided": {
+                    k: v
+                    for k, v in metrics.items()
+                    if k.startswith(("weights/", "knobs/", "curriculum/", "trainable/"))
+                },
+                "params": fingerprint(trainer),
+                "cursor": trainer.cursor,
+            }
+        )
+        return metrics
+
     trainer.rollout = recording_rollout
+    trainer.train_step = recording_step
     summary = trainer.train()
     params = {
         n: p.detach().double().sum().item()
@@ -45,6 +88,7 @@ def main(out_dir: str) -> None:
                 "rank": trainer.rank,
                 "world": trainer.world,
                 "seen": seen,
+                "steps": steps,
                 "params": params,
                 "eval_n": summary["eval_after"]["n"] if summary.get("eval_after") else None,
             }
@@ -53,4 +97,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -14,7 +14,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_launch(tmp_path):
+def launch(tmp_path, *args: str) -> tuple[dict, dict]:
     worker = Path(__file__).parent / "dist_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
@@ -27,10 +27,15 @@ def test_two_process_launch(tmp_path):
         str(free_port()),
         str(worker),
         str(tmp_path),
+        *args,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    return tuple(json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+
+
+def test_two_process_launch(tmp_path):
+    r0, r1 = launch(tmp_path)
     assert r0["world"] == r1["world"] == 2
     # Each rank rolled out its own half of each step's prompts.
     for a, b in zip(r0["seen"][:2], r1["seen"][:2], strict=True):
@@ -43,3 +48,20 @@ def test_two_process_launch(tmp_path):
     # Evaluation was sharded and gathered: 4 problems in all.
     assert r0["eval_n"] == 4
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_two_processes_take_the_same_decisions_every_step(tmp_path):
+    """Curriculum with locking, an adaptive allocator and KL-temperature on: after every step
+    the knobs, the decisions logged and the parameters are identical on both ranks."""
+    r0, r1 = launch(tmp_path, "controllers")
+    assert len(r0["steps"]) == len(r1["steps"]) == 4
+    for k, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
+        assert a["knobs"] == b["knobs"], f"knobs differ after step {k + 1}"
+        assert a["decided"] == b["decided"], f"decisions differ after step {k + 1}"
+        assert a["cursor"] == b["cursor"], f"data cursors differ after step {k + 1}"
+        for name, value in a["params"].items():
+            assert abs(value - b["params"][name]) < 1e-6 * max(1.0, abs(value)), (k, name)
+    phases = [s["knobs"]["phase"] for s in r0["steps"]]
+    assert phases[0] == "structure" and phases[-1] == "reasoning"  # the curriculum moved
+    assert r0["steps"][0]["knobs"]["trainable_groups"] == ["lora_mlp"]  # locking acted
+    assert r0["steps"][0]["decided"]["weights/strict_format"] == 0.9  # phase weight reached

@@ -29,8 +29,8 @@ def _problem(pid: str, answer: str, **columns) -> Problem:
 
 def _completion(answer: str, confidence: str | None = None) -> str:
     text = f"<reasoning>\nwork\n</reasoning>\n<answer>\n{answer}\n</answer>"
-    if confidence is not None:
-        text += f"\n<confidence>\n{confidence}\n</confidence>"
+    if confidence is not None:  # the deepsynapse schema: critique and confidence both required
+        text += f"\n<critique>\nchecked\n</critique>\n<confidence>\n{confidence}\n</confidence>"
     return text
 
 

@@ -108,7 +108,7 @@ def test_best_effort_fields_when_invalid() -> None:
     assert unclosed_reasoning.fields == {"reasoning": "thinking", "answer": "7"}
 
 
-def test_deepsynapse_schema_with_and_without_optional_fields() -> None:
+def test_deepsynapse_schema_full_completion() -> None:
     full = (
         "<reasoning>6*7</reasoning>\n<answer>42</answer>\n"
         "<critique>6*7 is 42, checked.</critique>\n<confidence>0.9</confidence>"
@@ -118,11 +118,24 @@ def test_deepsynapse_schema_with_and_without_optional_fields() -> None:
     assert parsed.confidence == pytest.approx(0.9)
     assert parsed.fields["critique"] == "6*7 is 42, checked."
 
-    minimal = parse_completion("<reasoning>6*7</reasoning><answer>42</answer>", "deepsynapse")
-    assert minimal.valid and minimal.confidence is None
 
+def test_deepsynapse_schema_requires_critique_and_confidence() -> None:
+    """Omitting the claims is not format-valid (they were optional, so omission paid)."""
+    minimal = parse_completion("<reasoning>6*7</reasoning><answer>42</answer>", "deepsynapse")
+    assert not minimal.valid and minimal.confidence is None
+    assert minimal.errors == ["missing:critique", "missing:confidence"]
     only_confidence = "<reasoning>r</reasoning><answer>1</answer><confidence>1</confidence>"
-    assert parse_completion(only_confidence, "deepsynapse").confidence == 1.0
+    parsed = parse_completion(only_confidence, "deepsynapse")
+    assert parsed.confidence == 1.0 and parsed.errors == ["missing:critique"]
+    no_confidence = "<reasoning>r</reasoning><answer>1</answer><critique>ok</critique>"
+    assert parse_completion(no_confidence, "deepsynapse").errors == ["missing:confidence"]
+    empty = "<reasoning>r</reasoning><answer>1</answer><critique> </critique><confidence>1"
+    assert "empty:critique" in parse_completion(empty + "</confidence>", "deepsynapse").errors
+    # The base schema is unchanged: reasoning and answer are all it needs.
+    assert parse_completion("<reasoning>6*7</reasoning><answer>42</answer>").valid
+
+
+_FULL = "<reasoning>r</reasoning><answer>1</answer><critique>c</critique>"
 
 
 @pytest.mark.parametrize(
@@ -133,14 +146,13 @@ def test_deepsynapse_schema_with_and_without_optional_fields() -> None:
             "<critique>c</critique>",
             ["order"],
         ),
-        ("<reasoning>r</reasoning><answer>1</answer><confidence>1.5</confidence>", None),
-        ("<reasoning>r</reasoning><answer>1</answer><confidence>high</confidence>", None),
-        ("<reasoning>r</reasoning><answer>1</answer><confidence>nan</confidence>", None),
-        ("<reasoning>r</reasoning><answer>1</answer><confidence>-0.1</confidence>", None),
-        ("<reasoning>r</reasoning><answer>1</answer><confidence></confidence>", None),
+        (_FULL + "<confidence>1.5</confidence>", None),
+        (_FULL + "<confidence>high</confidence>", None),
+        (_FULL + "<confidence>nan</confidence>", None),
+        (_FULL + "<confidence>-0.1</confidence>", None),
+        (_FULL + "<confidence></confidence>", ["empty:confidence", "confidence_not_in_0_1"]),
         (
-            "<reasoning>r</reasoning><answer>1</answer><critique>a</critique>"
-            "<critique>b</critique>",
+            _FULL + "<critique>b</critique><confidence>1</confidence>",
             ["duplicate:critique"],
         ),
     ],
@@ -159,11 +171,11 @@ def test_format_completion_round_trip() -> None:
     assert parsed.valid and parsed.fields == fields
 
     full = {"reasoning": "r", "answer": "3", "critique": "ok", "confidence": "0.75"}
-    for given in (full, {k: v for k, v in full.items() if k != "critique"}):
-        out = format_completion(given, "deepsynapse")
-        parsed = parse_completion(out, "deepsynapse")
-        assert parsed.valid and parsed.fields == given
-    assert "<critique>" not in format_completion({"reasoning": "r", "answer": "3"}, "deepsynapse")
+    out = format_completion(full, "deepsynapse")
+    parsed = parse_completion(out, "deepsynapse")
+    assert parsed.valid and parsed.fields == full
+    with pytest.raises(ValueError, match="critique"):
+        format_completion({"reasoning": "r", "answer": "3", "confidence": "1"}, "deepsynapse")
 
 
 def test_format_completion_rejects_bad_fields() -> None:
@@ -177,7 +189,7 @@ def test_schemas_and_prompts() -> None:
     assert SCHEMAS == {"base": BASE_SCHEMA, "deepsynapse": DEEPSYNAPSE_SCHEMA}
     assert get_schema("deepsynapse") is DEEPSYNAPSE_SCHEMA
     assert BASE_SCHEMA.required == ("reasoning", "answer")
-    assert DEEPSYNAPSE_SCHEMA.required == ("reasoning", "answer")
+    assert DEEPSYNAPSE_SCHEMA.required == ("reasoning", "answer", "critique", "confidence")
     with pytest.raises(ValueError, match="base, deepsynapse"):
         get_schema("nope")
     with pytest.raises(ValueError):
@@ -241,3 +253,11 @@ def test_single_megabyte_parse_under_one_second() -> None:
     start = time.perf_counter()
     parse_completion(text)
     assert time.perf_counter() - start < 1.0
+
+
+def test_module_doctests() -> None:
+    import doctest
+
+    from deepsynapse import formats
+
+    assert doctest.testmod(formats).failed == 0

@@ -1,5 +1,6 @@
 """GRPO maths against values computed by hand."""
 
+import dataclasses
 import math
 
 import pytest
@@ -132,3 +133,45 @@ def test_weights_make_micro_batching_exact():
     assert split.item() == pytest.approx(full.item())
     per_seq = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     assert full.item() == pytest.approx(per_seq.item(), rel=1e-5)
+
+
+def test_sequence_level_ratios_default_to_the_gspo_papers_clip_bounds():
+    """GSPO's sequence ratio is a length-normalised mean, so it stays within ~1e-3 of 1: the
+    token-level bounds (0.2 / 0.28) would never clip it. Unset epsilons follow the ratio."""
+    from deepsynapse.config import load_config
+
+    token = load_config(None, []).grpo
+    assert (token.epsilon_low, token.epsilon_high) == (0.2, 0.28)
+    seq = load_config(None, ["grpo.importance_sampling=sequence"]).grpo
+    assert (seq.epsilon_low, seq.epsilon_high) == (3e-4, 4e-4)
+    mine = load_config(None, ["grpo.importance_sampling=sequence", "grpo.epsilon_low=0.01"]).grpo
+    assert (mine.epsilon_low, mine.epsilon_high) == (0.01, 4e-4)  # an explicit value is kept
+    # a sequence whose mean log-ratio is 1e-3 (ratio ~1.001, positive advantage): the paper's
+    # upper bound clips it, the token-level one does not
+    logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    old = logp.detach() - 1e-3
+    kwargs = dict(beta=0.0, importance_sampling="sequence")
+    a, m = torch.tensor([1.0]), torch.ones(1, 2)
+    clipped = grpo_token_loss(
+        logp, old, None, a, m, epsilon_low=seq.epsilon_low, epsilon_high=seq.epsilon_high,
+        **kwargs,
+    )  # fmt: skip
+    assert clipped["clipped"].tolist() == [[1.0, 1.0]]
+    unclipped = grpo_token_loss(logp, old, None, a, m, epsilon_low=0.2, epsilon_high=0.28, **kwargs)
+    assert unclipped["clipped"].tolist() == [[0.0, 0.0]]
+
+
+def test_clip_help_says_one_iteration_never_clips():
+    from deepsynapse.config import GRPOConfig
+
+    helps = {f.name: f.metadata["help"] for f in dataclasses.fields(GRPOConfig)}
+    for key in ("num_iterations", "epsilon_low", "epsilon_high"):
+        assert "num_iterations=1" in helps[key] and "never" in helps[key], key
+    # and it is true: on-policy (old = logp), every ratio is 1 and nothing is clipped
+    logp = torch.randn(3, 5)
+    for sampling in ("token", "sequence"):
+        out = grpo_token_loss(
+            logp, logp, None, torch.tensor([1.0, -1.0, 2.0]), torch.ones(3, 5),
+            epsilon_low=3e-4, epsilon_high=4e-4, beta=0.0, importance_sampling=sampling,
+        )  # fmt: skip
+        assert torch.all(out["ratio"] == 1.0) and out["clipped"].sum() == 0

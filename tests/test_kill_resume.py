@@ -102,7 +102,7 @@ def _kill(proc: subprocess.Popen) -> None:
 
 
 AFTER_ROW = 0.08  # seconds between a step's metrics row and the next step: samples, save
-PHASES = ("generation", "scoring", "update")  # the order inside a step (timing/<phase>)
+PHASES = ("generate", "reward", "update")  # the order inside a step (timing/<phase>)
 
 
 def _typical(values: list[float]) -> float:
@@ -420,13 +420,13 @@ class NaNLossTrainer(Trainer):
 
     poison_from = 2
 
-    def update(self, batch, knobs, step):
+    def update(self, batch, knobs, step, timer):
         if step < self.poison_from:
-            return super().update(batch, knobs, step)
+            return super().update(batch, knobs, step, timer)
         backward = self.accelerator.backward
         self.accelerator.backward = lambda loss, **kw: backward(loss * float("nan"), **kw)
         try:
-            return super().update(batch, knobs, step)
+            return super().update(batch, knobs, step, timer)
         finally:
             del self.accelerator.backward  # the class's method again
 
@@ -473,9 +473,9 @@ def test_nonfinite_gradients_are_skipped_counted_then_the_run_stops(tmp_path):
 
 def test_a_single_nonfinite_step_does_not_stop_the_run(tmp_path):
     class OneBadStep(NaNLossTrainer):
-        def update(self, batch, knobs, step):
+        def update(self, batch, knobs, step, timer):
             self.poison_from = 1 if step == 1 else 10**9
-            return super().update(batch, knobs, step)
+            return super().update(batch, knobs, step, timer)
 
     overrides = TINY + ["sft.steps=0", "eval.limit=0", "train.steps=3", "train.max_bad_steps=2"]
     trainer = OneBadStep(

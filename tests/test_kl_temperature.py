@@ -169,3 +169,31 @@ def test_build_wires_the_phase_schedule_to_the_curriculum_in_order():
         build_controllers(
             {"kl_temperature": {"enabled": True, "schedule": "phase"}}, base=knobs(), total_steps=5
         )
+
+
+def test_kl_as_a_reward_objective_keeps_the_loss_beta_at_zero():
+    """rewards.kl_mode=reward: the KL is already an objective of the fused reward, so the
+    loss's beta must stay 0, whatever beta_min, a phase's beta or the KL stream say (the
+    controller used to write max(beta, beta_min) > 0: KL counted twice)."""
+    phases = [PhaseSpec(name="a", max_steps=4, beta=0.05), PhaseSpec(name="b", beta=0.2)]
+    base = Knobs(temperature=1.0, beta=0.0, reward_weights={}, max_new_tokens=8)
+    cur = PhaseCurriculum(phases, base, total_steps=20)
+    cfg = KLTemperatureConfig(
+        enabled=True, schedule="constant", kl_target=TARGET, temperature_step=0.1, beta_min=1e-3
+    )
+    ctl = KLTemperatureController(
+        cfg, base_beta=0.0, base_temperature=1.0, total_steps=20, phases=cur, kl_in_loss=False
+    )
+    rows = drive(ctl, [5 * TARGET] * 8 + [0.1 * TARGET] * 8, curriculum=cur)
+    assert [r[1] for r in rows] == [0.0] * 16  # the curriculum's 0.05 / 0.2 overwritten too
+    kinds = [k for r in rows for k in r[2]]
+    assert "temperature_lowered" in kinds and "temperature_raised" in kinds  # it still acts
+    assert not {"beta_raised", "beta_lowered"} & set(kinds)
+    reset = [e for r in rows for e in r[3] if e.kind == "kl_phase_reset"]
+    assert reset and all(e.evidence["new_beta"] == 0.0 for e in reset)
+    assert ctl.beta == 0.0 and ctl.state_dict()["beta"] == 0.0
+    # with KL in the loss, the same controller does move beta (unchanged behaviour)
+    again = KLTemperatureController(
+        cfg, base_beta=0.04, base_temperature=1.0, total_steps=20, kl_in_loss=True
+    )
+    assert drive(again, [5 * TARGET] * 8)[-1][1] > 0.04

@@ -24,7 +24,7 @@ from deepsynapse.eval.probes import (
     score_item,
     summarize_probes,
 )
-from deepsynapse.formats import BASE_SCHEMA
+from deepsynapse.formats import BASE_SCHEMA, DEEPSYNAPSE_SCHEMA
 
 
 def _answer(text: str, valid: bool = True) -> str:
@@ -162,6 +162,88 @@ def test_consistency_counts_a_pair_only_when_both_wordings_are_right():
     }
 
 
+def _claimed(answer: str, confidence: str | None) -> str:
+    """A deepsynapse-schema completion; ``confidence=None`` leaves the field out."""
+    text = (
+        f"<reasoning>\nsteps\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
+        "<critique>\nI checked it.\n</critique>"
+    )
+    return text if confidence is None else text + f"\n<confidence>\n{confidence}\n</confidence>"
+
+
+def test_default_suite_has_calibration_items():
+    assert "calibration" in SKILLS
+    suite = build_probe_suite(seed=1234, per_skill=8)
+    items = [x for x in suite if x.skill == "calibration"]
+    assert len(items) == 8 and len({x.question for x in items}) == 8
+    assert items == [x for x in build_probe_suite(seed=1234, skills=["calibration"])]
+    for x in items:
+        assert "confident" in x.question and "between 0 and 1" in x.question
+        assert normalize(x.answer) == x.answer  # a plain number to be right or wrong about
+    # Easy and hard items, so that a calibrated confidence has something to track.
+    assert {x.columns["difficulty"] for x in items} == {"easy", "medium", "hard"}
+
+
+def normalize(text: str) -> str | None:
+    from deepsynapse.data.answers import normalize_answer
+
+    return normalize_answer(text)
+
+
+def test_calibration_scoring_tracks_correctness():
+    item = next(x for x in build_probe_suite(per_skill=1) if x.skill == "calibration")
+    right, wrong = item.answer, str(int(item.answer) + 1)
+    d = DEEPSYNAPSE_SCHEMA
+
+    def score(text: str, schema=d) -> dict:
+        return score_item(item, text, schema)
+
+    confident_right = score(_claimed(right, "0.9"))
+    unconfident_right = score(_claimed(right, "0.3"))
+    confident_wrong = score(_claimed(wrong, "0.9"))
+    humble_wrong = score(_claimed(wrong, "0.1"))
+    missing = score(_claimed(right, None))
+    assert confident_right["score"] == pytest.approx(1 - 0.1**2)  # 1 - Brier
+    assert confident_right["score"] > unconfident_right["score"] > confident_wrong["score"]
+    assert humble_wrong["score"] > confident_wrong["score"]
+    assert missing["score"] == 0.0  # worst value, not skipped
+    assert score(_claimed(wrong, "1"))["score"] == 0.0  # as bad as certain and wrong
+    assert score(_claimed(right, "high"))["score"] == 0.0  # not a number in [0, 1]
+    assert confident_right["correct"] and not confident_wrong["correct"]  # the answer's truth
+    assert confident_right["confidence"] == 0.9 and missing["confidence"] is None
+    # A model without a confidence field (the base schema) scores the worst value...
+    assert score(_answer(right), BASE_SCHEMA)["score"] == 0.0
+    assert score("no tags at all", BASE_SCHEMA)["score"] == 0.0
+    # ...unless it states one in a <confidence> tag anyway.
+    assert score(_answer(right) + "\n<confidence>0.9</confidence>", BASE_SCHEMA)[
+        "score"
+    ] == pytest.approx(0.99)
+    # Other skills score 1 or 0 as before.
+    arith = next(x for x in build_probe_suite(per_skill=1) if x.skill == "arithmetic")
+    assert score_item(arith, _answer(arith.answer), BASE_SCHEMA)["score"] == 1.0
+
+
+def test_calibration_summary_averages_item_scores():
+    records = [
+        {"skill": "calibration", "group": "c1", "correct": True, "format_valid": True,
+         "score": 0.99, "confidence": 0.9},
+        {"skill": "calibration", "group": "c2", "correct": False, "format_valid": True,
+         "score": 0.19, "confidence": 0.9},
+        {"skill": "calibration", "group": "c3", "correct": True, "format_valid": False,
+         "score": 0.0, "confidence": None},
+        {"skill": "units", "group": "u1", "correct": True, "format_valid": True},
+    ]  # fmt: skip
+    out = summarize_probes(records)
+    assert out["skills"]["calibration"] == pytest.approx((0.99 + 0.19 + 0.0) / 3)
+    assert out["skills"]["units"] == 1.0
+    cal = out["calibration"]
+    assert cal["stated"] == pytest.approx(2 / 3)
+    assert cal["brier"] == pytest.approx((0.01 + 0.81 + 1.0) / 3)  # missing counts as 1
+    assert cal["ece"] == pytest.approx(abs(0.9 - 0.5))  # one bin: confidence 0.9, accuracy 0.5
+    assert probe_metrics(out)["probes/calibration"] == pytest.approx(out["skills"]["calibration"])
+    json.dumps(out)
+
+
 def test_run_probes_on_the_tiny_model():
     from deepsynapse.models.loading import load_model, load_tokenizer
 
@@ -169,9 +251,9 @@ def test_run_probes_on_the_tiny_model():
     torch.manual_seed(0)
     model = load_model("tiny-random", torch.float32, tok)
     items = build_probe_suite(per_skill=1)
-    out = run_probes(model, tok, items, "base", batch_size=9, max_new_tokens=4)
+    out = run_probes(model, tok, items, "base", batch_size=10, max_new_tokens=4)
     assert set(out["skills"]) == set(SKILLS)
-    assert out["n_items"] == 9 and out["counts"] == {s: 1 for s in SKILLS}
+    assert out["n_items"] == 10 and out["counts"] == {s: 1 for s in SKILLS}
     assert [r["id"] for r in out["records"]] == [x.id for x in items]
     assert all(0.0 <= v <= 1.0 for v in out["skills"].values())
     json.dumps(out)

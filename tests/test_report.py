@@ -54,7 +54,7 @@ def make_run(run_dir: Path, steps: int = 30) -> Path:
             "curriculum/phase": phase,
             "lora/rank": 4 if phase == 0 else 8 if phase == 1 else 16,
             "hypernet/scale_mean": 1.0 + 0.1 * math.sin(s / 4),
-            "timing/generation": 3.0,
+            "timing/generate": 3.0,
             "timing/update": 2.0,
             "throughput/tokens_per_s": 120 + s,
             "memory/rss_mb": 900 + s,

@@ -64,6 +64,18 @@ def test_deepsynapse_schema_confidence_must_parse() -> None:
     assert checks["answer_parses"] == 0.0 and checks["present"] == 1.0
 
 
+def test_deepsynapse_schema_requires_its_claims() -> None:
+    """Under deepsynapse, critique and confidence are required: leaving them out costs."""
+    claims = "\n<critique>\nchecks out\n</critique>\n<confidence>\n0.8\n</confidence>"
+    texts = [RIGHT + claims, RIGHT, RIGHT + "\n<confidence>\n0.8\n</confidence>"]
+    scores = structure_reward(["q"] * 3, texts, schema=DEEPSYNAPSE_SCHEMA)
+    assert scores == pytest.approx([1.0, 0.8, 0.9])  # present: 4/4, 2/4, 3/4 of 0.4
+    counts = error_counts([parse_completion(t, DEEPSYNAPSE_SCHEMA) for t in texts], "deepsynapse")
+    assert counts["missing:critique"] == 2 and counts["missing:confidence"] == 1
+    assert counts["empty:confidence"] == 0
+    assert structure_reward(["q"], [RIGHT]) == [1.0]  # the base schema is unchanged
+
+
 def test_error_counts() -> None:
     parsed = [parse_completion(t) for t in (RIGHT, MALFORMED, TRUNCATED, NOT_NUMERIC, "junk")]
     counts = error_counts(parsed)

@@ -33,6 +33,7 @@ import torch
 
 from deepsynapse.config import Config, ConfigError, load_config
 from deepsynapse.interactive import Completion, complete
+from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 
 Reward = Callable[..., list[float | None]]
 ModelOrRun = str | os.PathLike | tuple[Any, Any]
@@ -177,6 +178,22 @@ class Loaded:
     model: Any
     tokenizer: Any
     schema: str | None  # the schema the model was trained with, when known
+    # generation context per batch: the hypernetwork's per-prompt LoRA scales of a run
+    around: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+    pad_multiple: int = SEQUENCE_MULTIPLE  # forward widths (a run's model.pad_to_multiple_of)
+    checkpoint: str | None = None  # the run checkpoint loaded, when it is one
+
+    @classmethod
+    def of_trained(cls, trained: Any, tokenizer: Any = None) -> Loaded:
+        """A ``TrainedPolicy`` (``deepsynapse.models.trained``) with everything it runs with."""
+        return cls(
+            trained.model,
+            trained.tokenizer if tokenizer is None else tokenizer,
+            trained.schema,
+            trained.around,
+            trained.pad_multiple,
+            str(trained.checkpoint),
+        )
 
 
 def open_model(
@@ -187,11 +204,17 @@ def open_model(
     Accepted: a run folder (newest checkpoint, or ``checkpoint``), a ``checkpoints/step-N``
     folder or its ``adapter``, a PEFT folder whose config names its base, an exported merged
     folder or GGUF file, a model alias / folder / .gguf / hub id, or a ``(model, tokenizer)``.
+    A run or checkpoint loads as it trained (``deepsynapse.models.trained``: module scales,
+    hypernetwork per prompt, neural memory), not as its raw PEFT adapter.
     """
+    from deepsynapse.models.trained import load_trained_policy, locate_run, trained_policy_of
+
     if isinstance(model_or_run, tuple):
         model, tokenizer = model_or_run
+        trained = trained_policy_of(model)
+        if trained is not None:
+            return Loaded.of_trained(trained, tokenizer)
         return Loaded(model, tokenizer, None)
-    from deepsynapse.export import find_checkpoint, load_policy
     from deepsynapse.models.loading import (
         ModelLoadError,
         load_model,
@@ -201,15 +224,11 @@ def open_model(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     path = Path(model_or_run).expanduser()
-    if path.name == "adapter" and path.parent.parent.name == "checkpoints":
-        path = path.parent
-    if path.name.startswith("step-") and path.parent.name == "checkpoints":
-        checkpoint, path = path.name, path.parent.parent
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        run = find_checkpoint(path, checkpoint)
-        torch_dtype = resolve_dtype(dtype if dtype != "auto" else run.config.model.dtype, device)
-        model, tokenizer = load_policy(run, torch_dtype.dtype)
-        return Loaded(model.to(device), tokenizer, run.config.rewards.schema)
+    located = locate_run(path)
+    if located is not None:
+        run_dir, named = located
+        trained = load_trained_policy(run_dir, checkpoint or named, device=device, dtype=dtype)
+        return Loaded.of_trained(trained)
     torch_dtype = resolve_dtype(dtype, device).dtype
     meta = _export_metadata(path)
     if path.is_dir() and str(meta.get("file", ".")).endswith(".gguf"):
@@ -259,7 +278,11 @@ def _export_metadata(path: Path) -> dict[str, Any]:
 def load(
     model_or_run: ModelOrRun, *, checkpoint: str | None = None, dtype: str = "auto"
 ) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for a run (base + trained adapter), an export or a model name."""
+    """``(model, tokenizer)`` for a run (the policy as trained), an export or a model name.
+
+    A run's model remembers its hypernetwork: passing the pair to ``generate`` or
+    ``evaluate`` applies the per-prompt scales (``trained_policy_of``).
+    """
     loaded = open_model(model_or_run, checkpoint=checkpoint, dtype=dtype)
     return loaded.model, loaded.tokenizer
 
@@ -294,6 +317,8 @@ def evaluate(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=progress,
+        around=loaded.around,
+        pad_multiple=loaded.pad_multiple,
     )
     result["data"], result["split"] = data, split
     return result
@@ -323,4 +348,6 @@ def generate(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
+        around=loaded.around,
+        pad_multiple=loaded.pad_multiple,
     )

@@ -14,6 +14,17 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIG = "configs/demo-cpu.yaml"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MODEL_HELP = (
+    f"base model: alias, folder, .gguf or hub id (default {DEFAULT_MODEL}); a run or "
+    "checkpoint given here or as --adapter uses the base its config.yaml names"
+)
+ADAPTER_HELP = (
+    "a run folder or checkpoint (loaded as trained: module scales, hypernetwork per prompt, "
+    "neural memory), or a plain PEFT adapter folder for --model"
+)
+SCHEMA_HELP = "XML schema of the prompt and parser (default: the run's, else base)"
+DTYPE_HELP = "base model dtype (auto: a run's model.dtype, else bf16 where supported)"
 
 
 def _default_config() -> str | None:
@@ -45,17 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("eval", help="accuracy and format validity on held-out GSM8K")
-    ev.add_argument(
-        "--model", default="smollm2-135m-instruct", help="alias, folder, .gguf or hub id"
-    )
-    ev.add_argument("--adapter", help="PEFT adapter folder, or a run folder / checkpoint")
+    ev.add_argument("--model", default=None, help=MODEL_HELP)
+    ev.add_argument("--adapter", help=ADAPTER_HELP)
     ev.add_argument("--data", default="gsm8k", help="gsm8k, a .jsonl file, a hub id or synthetic")
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-new-tokens", type=int, default=256)
-    ev.add_argument("--schema", default="base", choices=["base", "deepsynapse"])
-    ev.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ev.add_argument("--schema", choices=["base", "deepsynapse"], help=SCHEMA_HELP)
+    ev.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help=DTYPE_HELP)
+    ev.add_argument("--checkpoint", help="step-N of a run (default: the newest complete one)")
     ev.add_argument("--output", "-o", help="write the JSON result (with every completion) here")
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument(
@@ -79,14 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("b")
 
     pr = sub.add_parser("probe", help="the emergent-skill probe suite on a model or checkpoint")
-    pr.add_argument("--model", default="smollm2-135m-instruct")
-    pr.add_argument("--adapter", help="PEFT adapter folder, or a run folder / checkpoint")
+    pr.add_argument("--model", default=None, help=MODEL_HELP)
+    pr.add_argument("--adapter", help=ADAPTER_HELP)
+    pr.add_argument("--checkpoint", help="step-N of a run (default: the newest complete one)")
     pr.add_argument("--seed", type=int, default=1234)
     pr.add_argument("--per-skill", type=int, default=8)
-    pr.add_argument("--schema", default="base", choices=["base", "deepsynapse"])
+    pr.add_argument("--schema", choices=["base", "deepsynapse"], help=SCHEMA_HELP)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--max-new-tokens", type=int, default=200)
-    pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    pr.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help=DTYPE_HELP)
     pr.add_argument("--output", "-o")
     add_export_parser(sub)
     add_generate_parser(sub)
@@ -198,20 +209,49 @@ def format_summary(summary: dict) -> str:
 
 
 def _load_for_eval(args: argparse.Namespace):
-    """Base model (+ adapter) for eval and probe."""
+    """The model eval and probe run: a run or checkpoint as it trained, else base (+ adapter).
+
+    A run folder, ``checkpoints/step-N`` or its ``adapter`` folder (as ``--adapter`` or as
+    ``--model``) goes through the one loader of trained policies
+    (``deepsynapse.models.trained``), never as its raw PEFT adapter: module scales, the
+    hypernetwork's per-prompt scales and the neural memory are part of the trained function.
+    Returns the API's ``Loaded`` (model, tokenizer, schema, around, pad_multiple).
+    """
     import torch
 
+    from deepsynapse.api import Loaded, open_model
+    from deepsynapse.models import trained as trained_module
     from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(args.dtype, device)
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype.dtype, tokenizer).to(device)
-    if args.adapter:
-        from peft import PeftModel
+    for source, as_adapter in ((args.adapter, True), (args.model, False)):
+        located = trained_module.locate_run(source) if source else None
+        if located is None:
+            continue
+        run_dir, named = located
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        trained = trained_module.load_trained_policy(
+            run_dir, args.checkpoint or named, device=device, dtype=args.dtype
+        )
+        base = trained.config.model.name
+        if as_adapter and args.model and args.model != base:
+            print(
+                f"deepsynapse: note: {run_dir} was trained on '{base}' (its config.yaml); "
+                f"evaluating it on that base, not on --model {args.model}",
+                file=sys.stderr,
+            )
+        args.model = base
+        return Loaded.of_trained(trained)
+    args.model = args.model or DEFAULT_MODEL
+    if args.adapter is None:
+        return open_model(args.model, dtype=args.dtype)
+    from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(resolve_adapter(args.adapter)))
-    return model, tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, resolve_dtype(args.dtype, device).dtype, tokenizer)
+    model = PeftModel.from_pretrained(model, str(resolve_adapter(args.adapter))).to(device)
+    model.eval()
+    return Loaded(model, tokenizer, None)
 
 
 def _judge(args: argparse.Namespace, schema):
@@ -248,14 +288,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deepsynapse.formats import get_schema
     from deepsynapse.rl.trainer import build_problems
 
-    model, tokenizer = _load_for_eval(args)
-    schema = get_schema(args.schema)
+    loaded = _load_for_eval(args)
+    schema = get_schema(args.schema or loaded.schema or "base")
     problems, _ = build_problems(args.data, args.split, Config())
     if args.limit:
         problems = problems[: args.limit]
     result = evaluate(
-        model,
-        tokenizer,
+        loaded.model,
+        loaded.tokenizer,
         problems,
         schema,
         batch_size=args.batch_size,
@@ -266,8 +306,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         select=_judge(args, schema) if args.mode == "best_of_n" else None,
+        around=loaded.around,
+        pad_multiple=loaded.pad_multiple,
     )
     result["model"], result["adapter"], result["data"] = args.model, args.adapter, args.data
+    result["checkpoint"] = loaded.checkpoint
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     brief = {k: v for k, v in result.items() if k != "records"}
@@ -291,25 +334,46 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    import inspect
+
     from deepsynapse.eval.probes import build_probe_suite, run_probes
     from deepsynapse.formats import get_schema
 
-    model, tokenizer = _load_for_eval(args)
+    loaded = _load_for_eval(args)
     items = build_probe_suite(args.seed, args.per_skill)
+    extra = {"pad_multiple": loaded.pad_multiple}
+    if loaded.around is not None:
+        if "around" in inspect.signature(run_probes).parameters:
+            extra["around"] = loaded.around  # the hypernetwork's per-prompt scales
+        elif _has_hypernet(loaded.model):
+            print(
+                "deepsynapse: warning: this run's hypernetwork scales LoRA per prompt, and "
+                "run_probes takes no around= hook yet: probes run it at multiplier 1",
+                file=sys.stderr,
+            )
     result = run_probes(
-        model,
-        tokenizer,
+        loaded.model,
+        loaded.tokenizer,
         items,
-        get_schema(args.schema),
+        get_schema(args.schema or loaded.schema or "base"),
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         progress=True,
+        **extra,
     )
     result["model"], result["adapter"] = args.model, args.adapter
+    result["checkpoint"] = loaded.checkpoint
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "records"}, indent=1))
     return 0
+
+
+def _has_hypernet(model) -> bool:
+    from deepsynapse.models.trained import trained_policy_of
+
+    trained = trained_policy_of(model)
+    return trained is not None and trained.adaptive.scaler is not None
 
 
 def resolve_adapter(path: str) -> Path:
@@ -377,6 +441,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        around=loaded.around,
+        pad_multiple=loaded.pad_multiple,
     )
     print(json.dumps(result.to_dict(), indent=1) if args.json else render(result))
     return 0
@@ -394,6 +460,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         args.schema or loaded.schema or "base",
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        around=loaded.around,
+        pad_multiple=loaded.pad_multiple,
     )
     return 0
 

@@ -129,11 +129,29 @@ class GRPOConfig:
         "token: mean over all tokens (DAPO); sequence: mean of per-sequence means (GRPO); dr_grpo: sum / (N * max_new_tokens)",
     )
     importance_sampling: Literal["token", "sequence"] = _f(
-        "token", "token: per-token ratios (GRPO); sequence: length-normalised sequence ratio (GSPO)"
+        "token",
+        "token: per-token ratios (GRPO); sequence: length-normalised sequence ratio (GSPO),"
+        " with the GSPO paper's clip bounds unless epsilon_low/high are set",
     )
-    epsilon_low: float = _f(0.2, "lower clip range of the ratio")
-    epsilon_high: float = _f(0.28, "upper clip range (clip-higher when > epsilon_low)")
-    num_iterations: int = _f(1, "inner updates per generated batch (mu), reusing old log-probs")
+    epsilon_low: float | None = _f(
+        None,
+        "lower clip range of the ratio; unset = by importance_sampling: 0.2 (token) or 3e-4"
+        " (sequence, the GSPO paper's: that ratio averages log-ratios over tokens, so it"
+        " stays far closer to 1)."
+        " Clipping needs num_iterations > 1: with num_iterations=1 (every shipped recipe) the"
+        " ratio is exactly 1 and never clipped",
+    )
+    epsilon_high: float | None = _f(
+        None,
+        "upper clip range (clip-higher when > epsilon_low); unset = 0.28 (token) or 4e-4"
+        " (sequence, GSPO paper). With num_iterations=1 the ratio is 1 and never clipped",
+    )
+    num_iterations: int = _f(
+        1,
+        "inner updates per generated batch (mu), reusing old log-probs. With num_iterations=1"
+        " the policy that sampled is the one updated: the ratio is exactly 1, the clip"
+        " (epsilon_low/high) never applies and only the ratio's gradient (-A) matters",
+    )
     beta: float = _f(0.04, "KL coefficient (k3 estimator, reference = base with adapters off)")
     mask_truncated: bool = _f(False, "exclude completions that hit max_new_tokens from the loss")
     dynamic_sampling: bool = _f(False, "drop groups whose correctness does not vary (no signal)")
@@ -143,6 +161,24 @@ class GRPOConfig:
     logprob_chunk_tokens: int = _f(
         1024, "tokens per chunk of the output head (no full-vocab tensor for the batch)"
     )
+
+    # Clip bounds an unset epsilon takes, per importance_sampling: DAPO's clip-higher for
+    # token ratios; GSPO's (Zheng et al. 2025, 3e-4 / 4e-4) for the sequence ratio, whose
+    # length-normalised log-ratio stays far closer to 0 than a single token's.
+    DEFAULT_EPSILONS: typing.ClassVar[dict[str, tuple[float, float]]] = {
+        "token": (0.2, 0.28),
+        "sequence": (3e-4, 4e-4),
+    }
+
+    def __post_init__(self) -> None:
+        """Resolve unset clip bounds (so config.yaml records the ones a run used)."""
+        low, high = self.DEFAULT_EPSILONS.get(
+            self.importance_sampling, self.DEFAULT_EPSILONS["token"]
+        )
+        if self.epsilon_low is None:
+            self.epsilon_low = low
+        if self.epsilon_high is None:
+            self.epsilon_high = high
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Export a training run for the tools people already use: PEFT, transformers, llama.cpp.
 
-Three formats, all built from a run folder's checkpoint (``checkpoints/step-N/adapter``) and
-the base model its ``config.yaml`` names:
+Three formats, all built from a run folder's checkpoint as it trained (the one loader,
+``deepsynapse.models.trained.load_trained_policy``: the base its ``config.yaml`` names, the
+adapter at its saved rank, module scales and hypernetwork restored), with those parts then
+folded into plain LoRA weights:
 
 - ``peft``: the LoRA adapter folder that ``peft.PeftModel.from_pretrained`` loads;
 - ``merged``: base + adapter merged (``merge_and_unload``) into a plain transformers folder
@@ -22,21 +24,20 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deepsynapse.checkpoint import (
-    CheckpointError,
-    complete_checkpoints,
-    latest_checkpoint,
-    load_tree,
-)
-from deepsynapse.config import Config, load_config
+from deepsynapse.config import Config
 from deepsynapse.formats import system_prompt
-from deepsynapse.models.loading import ModelLoadError, load_model, load_tokenizer
+from deepsynapse.models.loading import ModelLoadError
+from deepsynapse.models.trained import (
+    TRAINED_POLICY_ATTR,
+    RunCheckpoint,
+    find_checkpoint,
+    load_trained_policy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,47 +58,25 @@ class ExportError(ModelLoadError):
 
 # ------------------------------------------------------------------ the run and its policy
 
-
-@dataclass(frozen=True)
-class RunCheckpoint:
-    """A run folder, its resolved config and the checkpoint chosen for export."""
-
-    run_dir: Path
-    checkpoint: Path
-    config: Config
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.checkpoint / "adapter"
-
-    @property
-    def step(self) -> int:
-        return int(self.checkpoint.name.removeprefix("step-"))
+# The run, its checkpoint and the policy as trained come from the one loader of trained
+# policies (eval, probe, generate, the API and resume use it too): ``RunCheckpoint`` and
+# ``find_checkpoint`` are importable from here as before.
 
 
-def find_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> RunCheckpoint:
-    """The run's newest complete checkpoint, or the one named (``step-N``, ``N`` or a folder)."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise CheckpointError(f"{run} is not a run folder (no config.yaml)")
-    root = run / "checkpoints"
-    if checkpoint is None:
-        chosen = latest_checkpoint(root)
-        if chosen is None:
-            raise CheckpointError(f"{run}: no complete checkpoint under {root}")
-    else:
-        name = Path(str(checkpoint)).name
-        name = name if name.startswith("step-") else f"step-{name}"
-        chosen = root / name
-        complete = complete_checkpoints(root)
-        if chosen not in complete:
-            found = ", ".join(p.name for p in complete) or "none"
-            raise CheckpointError(
-                f"{run}: no complete checkpoint '{name}' (complete checkpoints: {found})"
-            )
-    if not (chosen / "adapter" / "adapter_config.json").is_file():
-        raise CheckpointError(f"{chosen}: no PEFT adapter (adapter/adapter_config.json)")
-    return RunCheckpoint(run, chosen, load_config(run / "config.yaml"))
+def _check_exportable(run: RunCheckpoint, mean_multipliers: torch.Tensor | None) -> None:
+    """Refuse, before loading anything, what no plain model can hold."""
+    cfg = run.config
+    if getattr(getattr(cfg, "memory", None), "enabled", False):
+        raise ExportError(
+            f"{run.run_dir} was trained with the neural memory (memory.enabled), a module that "
+            "no PEFT, transformers or GGUF model can hold; export needs a run without it"
+        )
+    if getattr(getattr(cfg, "hypernet", None), "enabled", False) and mean_multipliers is None:
+        raise ExportError(
+            f"{run.run_dir} was trained with the hypernetwork (hypernet.enabled): its "
+            "per-input LoRA scales are baked at their mean over the eval prompts, so export "
+            "needs eval problems (--eval-limit > 0)"
+        )
 
 
 def _bake_adaptive_parts(
@@ -105,49 +84,33 @@ def _bake_adaptive_parts(
 ) -> None:
     """Fold what DeepSynapse adds around plain LoRA into the LoRA weights, in place.
 
-    Exports must be plain PEFT/transformers models. Per-module LoRA scales
-    (``lora.module_scales``) are multiplied into ``lora_B`` exactly. The hypernetwork's
-    per-prompt scales are replaced by ``mean_multipliers`` (their mean over the eval prompts,
-    ``hypernet_bake_report``). The neural memory (a module beside the layers that no plain
-    model holds) is refused rather than silently dropping a part of the trained function.
+    ``peft_model`` is the policy as ``load_trained_policy`` restored it. Exports must be
+    plain PEFT/transformers models: per-module LoRA scales (``lora.module_scales``) are
+    multiplied into ``lora_B`` exactly and their hooks removed; the hypernetwork's per-prompt
+    scales are replaced by ``mean_multipliers`` (their mean over the eval prompts,
+    ``hypernet_bake_report``) and the hypernetwork is removed. The neural memory (a module
+    beside the layers that no plain model holds) is refused rather than silently dropping a
+    part of the trained function.
     """
-    cfg = run.config
-    if getattr(getattr(cfg, "memory", None), "enabled", False):
-        raise ExportError(
-            f"{run.run_dir} was trained with the neural memory (memory.enabled), a module that "
-            "no PEFT, transformers or GGUF model can hold; export needs a run without it"
-        )
-    if not (run.checkpoint / "trainer_state.json").is_file():
-        return
-    adaptive = load_tree(run.checkpoint, "trainer_state").get("adaptive") or {}
-    mean = mean_multipliers
-    hypernet = getattr(cfg, "hypernet", None)
-    if getattr(hypernet, "enabled", False) and mean is None:
-        raise ExportError(
-            f"{run.run_dir} was trained with the hypernetwork (hypernet.enabled): its "
-            "per-input LoRA scales are baked at their mean over the eval prompts, so export "
-            "needs eval problems (--eval-limit > 0)"
-        )
-    if adaptive.get("lora") is None and mean is None:
-        return
-    from deepsynapse.models.hypernet import bake_saved_scales
+    from deepsynapse.models.dynamic_lora import (
+        ADAPTIVE_ATTR,
+        bake_module_scales,
+        causal_lm,
+        remove_module_scales,
+        unregister_adaptive,
+    )
+    from deepsynapse.models.hypernet import bake_mean_scales
 
-    per = getattr(hypernet, "granularity", "layer")
-    bake_saved_scales(peft_model, adaptive.get("lora"), mean, per)
-
-
-def _base_with_adapter(run: RunCheckpoint, dtype: torch.dtype):
-    """The base rebuilt exactly as training built it (``load_model``; tiny-random is seeded,
-    so it is the same random model) with the checkpoint's raw PEFT adapter on it."""
-    from peft import PeftModel
-
-    tokenizer = load_tokenizer(run.config.model.name)
-    base = load_model(run.config.model.name, dtype, tokenizer)
-    try:
-        peft_model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-    except Exception as exc:  # PEFT raises many types for a mismatched adapter
-        raise CheckpointError(f"{run.adapter_dir}: adapter does not fit the base: {exc}") from exc
-    return peft_model, tokenizer
+    _check_exportable(run, mean_multipliers)
+    bake_module_scales(peft_model)
+    remove_module_scales(peft_model)
+    if mean_multipliers is not None:
+        bake_mean_scales(peft_model, mean_multipliers, run.config.hypernet.granularity)
+    unregister_adaptive(peft_model, "hypernet")
+    lm = causal_lm(peft_model)
+    container = getattr(lm, ADAPTIVE_ATTR, None)
+    if container is not None and len(container) == 0:
+        delattr(lm, ADAPTIVE_ATTR)  # nothing DeepSynapse-specific is left in the model
 
 
 def load_policy(
@@ -155,33 +118,28 @@ def load_policy(
     dtype: torch.dtype = torch.float32,
     mean_multipliers: torch.Tensor | None = None,
 ):
-    """Base model + the checkpoint's adapter (adaptive parts baked in), in eval mode.
+    """The trained policy with its adaptive parts baked in: a plain PEFT model, in eval mode.
 
     Returns ``(peft_model, tokenizer)``. ``mean_multipliers``: the hypernetwork multipliers
     to bake (runs trained with it).
     """
-    peft_model, tokenizer = _base_with_adapter(run, dtype)
+    _check_exportable(run, mean_multipliers)
+    trained = load_trained_policy(run, device="cpu", dtype=dtype)
+    peft_model = trained.model
     _bake_adaptive_parts(peft_model, run, mean_multipliers)
+    delattr(peft_model, TRAINED_POLICY_ATTR)  # no longer the function trained_policy_of says
     peft_model.eval()
-    return peft_model, tokenizer
+    return peft_model, trained.tokenizer
 
 
 def trained_policy(run: RunCheckpoint, dtype: torch.dtype = torch.float32):
-    """The run's policy as it trained: the adapter with every adaptive part attached and
-    restored (module scales, hypernetwork and its context encoder, memory), in eval mode.
+    """The run's policy as it trained (``load_trained_policy``), on the CPU, in eval mode.
 
     Returns ``(peft_model, tokenizer, adaptive)``; ``adaptive.for_prompts`` is the context
     that applies the hypernetwork's per-input scales during generation.
     """
-    from deepsynapse.models.adaptive import AdaptivePolicy
-
-    peft_model, tokenizer = _base_with_adapter(run, dtype)
-    adaptive = AdaptivePolicy(peft_model, run.config)
-    state = load_tree(run.checkpoint, "trainer_state").get("adaptive")
-    if state is not None:
-        adaptive.load_state_dict(state)
-    peft_model.eval()
-    return peft_model, tokenizer, adaptive
+    trained = load_trained_policy(run, device="cpu", dtype=dtype)
+    return trained.model, trained.tokenizer, trained.adaptive
 
 
 def hypernet_bake_report(

@@ -10,11 +10,17 @@ completions are untrusted and can be megabytes of garbage.
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING
 
-from deepsynapse.data.answers import normalize_answer
+from deepsynapse.data.answers import answers_match, normalize_answer
+
+if TYPE_CHECKING:
+    from deepsynapse.data.problems import Problem
 
 __all__ = [
     "BASE_SCHEMA",
@@ -25,8 +31,11 @@ __all__ = [
     "format_completion",
     "get_schema",
     "parse_completion",
+    "sft_target",
     "stop_strings",
     "system_prompt",
+    "target_confidence",
+    "verification_critique",
 ]
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -67,11 +76,10 @@ class XMLSchema:
 
 
 BASE_SCHEMA = XMLSchema("base", ("reasoning", "answer"), frozenset())
-DEEPSYNAPSE_SCHEMA = XMLSchema(
-    "deepsynapse",
-    ("reasoning", "answer", "critique", "confidence"),
-    frozenset({"critique", "confidence"}),
-)
+# Critique and confidence are required: were they optional, leaving them out would score
+# None on the calibration and critique rewards (0 after fusion), which beats any stated
+# confidence (a Brier reward is <= 0), and the policy would learn never to state one.
+DEEPSYNAPSE_SCHEMA = XMLSchema("deepsynapse", ("reasoning", "answer", "critique", "confidence"))
 SCHEMAS: dict[str, XMLSchema] = {"base": BASE_SCHEMA, "deepsynapse": DEEPSYNAPSE_SCHEMA}
 
 
@@ -270,3 +278,181 @@ def stop_strings(schema: XMLSchema | str = BASE_SCHEMA) -> list[str]:
     """Strings at which generation may stop: the closing tag of the last field."""
     schema = get_schema(schema)
     return [f"</{schema.fields[-1]}>"]
+
+
+# ----------------------------------------------------------------- SFT warm-up targets
+#
+# The warm-up teaches the format by imitation, so under the deepsynapse schema it must
+# show a critique and a confidence too: a policy that never saw them has nothing for the
+# calibration and critique rewards to shape. Targets are gold solutions, so the critique
+# is a check that is TRUE for the gold (it recomputes the computation of the worked
+# solution that yields the answer and, for one operation, runs it backwards) and ends on
+# a verdict of "correct"; the confidence is high but falls with the number of steps (see
+# `target_confidence`). No deliberately wrong solutions are mixed in: imitating them
+# would teach the policy to answer wrongly; low confidence on wrong answers is left to
+# the calibration reward of the RL phase.
+
+_NUMBER = r"\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+_EQUATION_RE = re.compile(
+    rf"(?<![\w.,$])({_NUMBER}(?:\s*(?:[-+*/\u00d7\u00f7]|x)\s*{_NUMBER})+)\s*=\s*({_NUMBER})"
+)
+_OPERAND_RE = re.compile(rf"{_NUMBER}|[-+*/\u00d7\u00f7x]")
+_OPS = {"x": "*", "\u00d7": "*", "\u00f7": "/"}
+
+
+def _fraction(token: str) -> Fraction:
+    return Fraction(token.replace("$", "").replace(",", ""))
+
+
+def _show(value: Fraction) -> str | None:
+    """A value as a plain decimal ("18", "0.2", "-3"), or None if it does not terminate."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    d = value.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    if d != 1:
+        return None
+    text = f"{value.numerator / value.denominator:.12f}".rstrip("0")
+    return text if Fraction(text) == value else None
+
+
+def _evaluate(numbers: list[Fraction], ops: list[str]) -> Fraction | None:
+    """``numbers[0] ops[0] numbers[1] ...`` with * and / before + and -; None on x / 0."""
+    terms, signs = [numbers[0]], []
+    for op, number in zip(ops, numbers[1:], strict=True):
+        if op == "*":
+            terms[-1] *= number
+        elif op == "/":
+            if number == 0:
+                return None
+            terms[-1] /= number
+        else:
+            signs.append(op)
+            terms.append(number)
+    total = terms[0]
+    for op, term in zip(signs, terms[1:], strict=True):
+        total = total + term if op == "+" else total - term
+    return total
+
+
+def _checked_equations(solution: str) -> list[tuple[str, Fraction, str | None]]:
+    """Every arithmetically true ``a op b ... = r`` of a worked solution, in order.
+
+    Each as (the expression rewritten with plain numbers and * /, its value, the inverse
+    check for a single operation such as "18 / 2 = 9", or None). Equations that do not
+    hold as written (GSM8K has a few, and text around numbers can fool the pattern) are
+    left out, so a critique built from them claims nothing false.
+    """
+    found = []
+    for match in _EQUATION_RE.finditer(solution):
+        tokens = _OPERAND_RE.findall(match.group(1))
+        numbers = [_fraction(t) for t in tokens[0::2]]
+        ops = [_OPS.get(t, t) for t in tokens[1::2]]
+        value = _evaluate(numbers, ops)
+        if value is None or value != _fraction(match.group(2)) or value < 0:
+            continue
+        shown = [_show(n) for n in numbers]
+        if any(s is None for s in shown):
+            continue
+        expression = " ".join(
+            part for pair in zip(shown, [*ops, ""], strict=True) for part in pair if part
+        )
+        inverse = None
+        if len(ops) == 1:
+            a, b = numbers
+            back = {"+": ("-", value - b), "-": ("+", value + b), "*": ("/", a), "/": ("*", a)}
+            op, result = back[ops[0]]
+            if not (ops[0] == "*" and b == 0) and result == a:
+                inverse = f"{_show(value)} {op} {shown[1]} = {shown[0]}"
+        found.append((expression, value, inverse))
+    return found
+
+
+_RECOMPUTE = (
+    "Check: {expr} = {value}, and {inverse}. The answer {answer} is correct.",
+    "Recomputing: {expr} = {value}. Working backwards, {inverse}. The answer {answer} "
+    "matches, so it is correct.",
+    "I redo the calculation of the answer: {expr} = {value}. Reversing it, {inverse}. The "
+    "answer {answer} is correct.",
+)
+_RECOMPUTE_ONLY = (
+    "Check: {expr} = {value}, which matches the answer {answer}. The answer is correct.",
+    "Recomputing the answer: {expr} = {value}. The answer {answer} is correct.",
+)
+_RESTATE = (
+    "The last step of the working gives {answer}, the quantity the question asks for. The "
+    "answer {answer} is correct.",
+)
+_LEADS_TO = (
+    "The working above leads to {answer}, the quantity the question asks for. The answer "
+    "{answer} is correct.",
+)
+
+
+def verification_critique(problem: Problem, rng: random.Random | None = None) -> str:
+    """A short critique of a GOLD solution that is true and concludes "correct".
+
+    It recomputes the last computation of ``problem.solution`` whose result is the answer
+    (and, for a single operation, checks it backwards: "18 / 2 = 9"), written from the
+    problem's own numbers; only equations that hold as written are used. Without one it
+    restates where the answer comes from. ``rng`` picks among equivalent phrasings (the
+    first when None).
+
+    >>> from deepsynapse.data.problems import Problem
+    >>> p = Problem("p", "q", "18", "She sells 16 - 7 = 9 eggs.\\nShe makes 9 * 2 = $18.", 2, "x")
+    >>> verification_critique(p)
+    'Check: 9 * 2 = 18, and 18 / 2 = 9. The answer 18 is correct.'
+    """
+    answer = str(problem.answer).strip()
+
+    def pick(templates: tuple[str, ...]) -> str:
+        return templates[rng.randrange(len(templates))] if rng is not None else templates[0]
+
+    for expression, value, inverse in reversed(_checked_equations(problem.solution)):
+        if answers_match(_show(value), answer):
+            templates = _RECOMPUTE if inverse else _RECOMPUTE_ONLY
+            return pick(templates).format(
+                expr=expression, value=_show(value), inverse=inverse, answer=answer
+            )
+    lines = [line for line in problem.solution.splitlines() if line.strip()]
+    gives = bool(lines) and answers_match(normalize_answer(lines[-1]), answer)
+    return pick(_RESTATE if gives else _LEADS_TO).format(answer=answer)
+
+
+def target_confidence(problem: Problem) -> float:
+    """The confidence an SFT target states: 0.95 for one step, 0.05 less per extra step,
+    never below 0.5.
+
+    The target is gold, so any high value is honest for it; falling with the number of
+    steps (``problem.difficulty``) shows the policy that confidence is a judgement that
+    varies, not a constant tag, and matches how a small model's accuracy falls on longer
+    problems. The calibration reward refines it during RL.
+    """
+    steps = max(1, int(problem.difficulty))
+    return round(min(0.95, max(0.5, 0.95 - 0.05 * (steps - 1))), 2)
+
+
+def sft_target(
+    problem: Problem,
+    schema: XMLSchema | str = BASE_SCHEMA,
+    rng: random.Random | None = None,
+    *,
+    eos: str = "",
+) -> str:
+    """The supervised warm-up target for ``problem`` in ``schema``, followed by ``eos``.
+
+    Reasoning and answer are the gold solution. Under a schema with ``critique`` and
+    ``confidence`` fields (deepsynapse), the target also carries `verification_critique`
+    (a true check of the gold's last computation) and `target_confidence`. Under any other
+    schema it is exactly ``format_completion({"reasoning": p.solution, "answer":
+    p.answer}, schema) + eos`` (what the trainer built before), and ``rng`` is not used.
+    """
+    schema = get_schema(schema)
+    fields = {"reasoning": problem.solution, "answer": problem.answer}
+    if "critique" in schema.fields:
+        fields["critique"] = verification_critique(problem, rng)
+    if "confidence" in schema.fields:
+        fields["confidence"] = f"{target_confidence(problem):g}"
+    return format_completion(fields, schema) + eos

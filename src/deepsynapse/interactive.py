@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -17,6 +18,7 @@ import torch
 
 from deepsynapse.data.answers import normalize_answer
 from deepsynapse.formats import ParsedCompletion, get_schema, parse_completion, stop_strings
+from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rollout.hf import generate_groups
 
@@ -84,8 +86,15 @@ def complete(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     seed: int | None = None,
+    around: Callable | None = None,
+    pad_multiple: int = SEQUENCE_MULTIPLE,
 ) -> Completion:
-    """Answer ``question``: greedy when ``temperature`` is 0, sampled otherwise."""
+    """Answer ``question``: greedy when ``temperature`` is 0, sampled otherwise.
+
+    ``around(prompt_ids, prompt_mask)``: the generation context of a trained run (the
+    hypernetwork's per-prompt LoRA scales: ``TrainedPolicy.around``); ``pad_multiple``: the
+    run's ``model.pad_to_multiple_of``.
+    """
     xml = get_schema(schema)
     prompt = build_prompt(tokenizer, question, xml)
     if seed is not None:
@@ -103,6 +112,8 @@ def complete(
         greedy=temperature <= 0,
         stop_strings=stop_strings(xml),
         prefix_sharing=False,
+        around=around,
+        pad_multiple=pad_multiple,
     )
     seconds = time.perf_counter() - start
     model.train(was_training)
@@ -155,8 +166,13 @@ def chat(
     stdout: TextIO | None = None,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
+    around: Callable | None = None,
+    pad_multiple: int = SEQUENCE_MULTIPLE,
 ) -> int:
-    """Read questions until EOF or ``exit``; print each parsed answer. Returns how many."""
+    """Read questions until EOF or ``exit``; print each parsed answer. Returns how many.
+
+    ``around`` and ``pad_multiple`` as in ``complete``.
+    """
     stdin = stdin if stdin is not None else sys.stdin
     stdout = stdout if stdout is not None else sys.stdout
     stdout.write(
@@ -183,6 +199,8 @@ def chat(
             schema,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
+            around=around,
+            pad_multiple=pad_multiple,
         )
         stdout.write(render(result) + "\n\n")
         answered += 1

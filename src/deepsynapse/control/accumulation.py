@@ -14,8 +14,9 @@ recovers each micro-batch's own gradient (:class:`MicrobatchGradients`), and rep
 mean pairwise cosine of those gradients as ``grad/microbatch_cosine`` (near 1: pieces agree,
 the batch is big enough; near 0: noise dominates). Under DDP each rank measures its own
 pieces and the metric is averaged over ranks before the controllers see it, so every rank
-takes the same decision. A gradient noise scale (``grad/noise_scale``, higher = noisier)
-works too (``signal=noise_scale``).
+takes the same decision. The simple gradient noise scale of the same pieces
+(``grad/noise_scale``, in completions, higher = noisier; :meth:`MicrobatchGradients.noise_scale`)
+works too (``signal=noise_scale``): the trainer reports both.
 
 The controller keeps an EWMA of the signal and moves k by one within ``[min_steps,
 max_steps]``: up when noisy (cosine EWMA below ``low``), down when consistent (above
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from deepsynapse.control.knobs import Event, Knobs
 
@@ -90,6 +91,7 @@ class MicrobatchGradients:
     the piece is the difference from the previous capture. Keeps one snapshot plus one copy
     per micro-batch of the trainable gradients (small for LoRA). Under DDP, capture only the
     micro-batches run under ``no_sync`` (the synchronised one holds the all-rank average).
+    Gives both signals the controller can read: :meth:`cosine` and :meth:`noise_scale`.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]):
@@ -110,6 +112,36 @@ class MicrobatchGradients:
 
     def cosine(self) -> float:
         return microbatch_gradient_cosine(self.pieces)
+
+    def noise_scale(self, rows_per_piece: float) -> float:
+        """The simple gradient noise scale B = b tr(Sigma_b) / |G|^2, in completions.
+
+        Each of the K pieces is one micro-batch's share of the step's gradient G (their
+        sum), so K * piece is an estimate of G from b = ``rows_per_piece`` completions; the
+        spread of those estimates gives tr(Sigma_b) (McCandlish et al. 2018, "An Empirical
+        Model of Large-Batch Training"). NaN with fewer than 2 pieces or a zero gradient.
+        """
+        import torch
+
+        k = len(self.pieces)
+        if k < 2:
+            return float("nan")
+        flat = [
+            torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).double().flatten()
+                    for g, p in zip(piece, self.params, strict=True)
+                ]
+            )
+            for piece in self.pieces
+        ]
+        estimates = torch.stack(flat) * k  # [K, P]
+        total = estimates.mean(0)
+        norm2 = float(total.pow(2).sum())
+        if norm2 == 0.0:
+            return float("nan")
+        spread = float((estimates - total).pow(2).sum()) / (k - 1)
+        return rows_per_piece * spread / norm2
 
     def reset(self) -> None:
         self.pieces, self._last = [], None
@@ -161,6 +193,7 @@ class AccumulationController:
     """EWMA of gradient agreement -> rollout batches accumulated per optimizer step."""
 
     name = "accumulation"
+    writes: ClassVar[dict[str, str]] = {"accumulation_steps": "sets"}
 
     def __init__(self, config: AccumulationConfig):
         self.cfg = config

@@ -63,6 +63,7 @@ class BuildContext:
     total_steps: int  # train.steps
     problems: Sequence[Problem] = ()  # training problems (data curriculum)
     seed: int = 0  # train.seed
+    kl_in_loss: bool = True  # False: rewards.kl_mode=reward, the KL is a reward objective
     built: dict[str, Controller] = field(default_factory=dict)
 
 
@@ -115,6 +116,7 @@ def _kl_temperature(cfg: KLTemperatureConfig, ctx: BuildContext) -> KLTemperatur
         base_temperature=ctx.base.temperature,
         total_steps=ctx.total_steps,
         phases=phases,
+        kl_in_loss=ctx.kl_in_loss,
     )
 
 
@@ -146,10 +148,17 @@ def build_controllers(
     total_steps: int,
     problems: Sequence[Problem] = (),
     seed: int = 0,
+    kl_in_loss: bool = True,
 ) -> list[Controller]:
     """The enabled controllers, in ``BUILDERS`` order (the order they must run in)."""
     cfg = from_dict(ControlConfig, section, "control")
-    ctx = BuildContext(base=base.copy(), total_steps=total_steps, problems=problems, seed=seed)
+    ctx = BuildContext(
+        base=base.copy(),
+        total_steps=total_steps,
+        problems=problems,
+        seed=seed,
+        kl_in_loss=kl_in_loss,
+    )
     for name, build in BUILDERS.items():
         sub = getattr(cfg, name)
         if sub.enabled:

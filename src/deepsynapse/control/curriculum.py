@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from deepsynapse.control.knobs import Event, Knobs
 
@@ -218,6 +218,9 @@ class PhaseSpec:
         default=None, metadata={"help": "[high, low] sampling temperature over the phase"}
     )
     max_new_tokens: int | None = field(default=None, metadata={"help": "completion budget"})
+    length_budget: int | None = field(
+        default=None, metadata={"help": "token budget of the length_penalty reward in this phase"}
+    )
     difficulty: list[int] | None = field(
         default=None, metadata={"help": "[min, max] problem difficulty sampled"}
     )
@@ -257,7 +260,7 @@ class PhaseSpec:
             raise ValueError(
                 f"{where}: difficulty: got {d!r}, expected [min, max], 0 <= min <= max"
             )
-        for key in ("max_new_tokens", "lora_rank"):
+        for key in ("max_new_tokens", "length_budget", "lora_rank"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{where}: {key}: got {value!r}, expected an integer >= 1")
@@ -412,6 +415,23 @@ class PhaseCurriculum:
     """
 
     name = "curriculum"
+    writes: ClassVar[dict[str, str]] = {
+        k: "sets"
+        for k in (
+            "phase",
+            "phase_index",
+            "phase_step",
+            "reward_weights",
+            "active_rewards",
+            "beta",
+            "temperature",
+            "max_new_tokens",
+            "length_budget",
+            "difficulty",
+            "trainable_groups",
+            "lora_rank",
+        )
+    }
 
     def __init__(self, phases: Sequence[PhaseSpec], base: Knobs, *, total_steps: int | None = None):
         if not phases:
@@ -466,6 +486,7 @@ class PhaseCurriculum:
         knobs.beta = base.beta if spec.beta is None else spec.beta
         knobs.temperature = base.temperature if spec.temperature is None else spec.temperature[0]
         knobs.max_new_tokens = spec.max_new_tokens or base.max_new_tokens
+        knobs.length_budget = spec.length_budget or base.length_budget
         knobs.difficulty = base.difficulty if spec.difficulty is None else tuple(spec.difficulty)
         groups = spec.trainable_groups
         knobs.trainable_groups = list(base.trainable_groups if groups is None else groups)

@@ -25,7 +25,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from deepsynapse.control.knobs import Event, Knobs
 from deepsynapse.data.problems import Problem
@@ -68,6 +68,7 @@ class DataCurriculum:
     """UCB over difficulty buckets, seeded passes within a bucket, resting of solved problems."""
 
     name = "data_curriculum"
+    writes: ClassVar[dict[str, str]] = {}  # reads knobs.difficulty, samples problems
 
     def __init__(self, problems: Sequence[Problem], config: DataCurriculumConfig, *, seed: int = 0):
         if not problems:

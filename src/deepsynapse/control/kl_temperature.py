@@ -17,6 +17,15 @@ first returns toward the schedule, and only once it is back on schedule does bet
 such decision is an event with its evidence (kl, target, error, old and new value); the cosine
 schedule itself is deterministic and shows in ``knobs/temperature``.
 
+KL as a reward objective (``rewards.kl_mode=reward``, ``kl_in_loss=False``): the KL is then
+already inside the fused reward, weighted by ``rewards.weights.kl``, and a non-zero beta in
+the loss would count it a second time. The controller then keeps the loss's beta at exactly
+0 (it writes ``knobs.beta = 0`` every step, over a curriculum phase's beta too, and
+``beta_min`` does not apply), has no beta actuator (no ``beta_raised``/``beta_lowered``) and
+acts through temperature only: the coupled cut below the schedule when KL overshoots, back
+toward the schedule when it undershoots. The KL's reward weight stays the allocator's to set
+(``rewards.allocator``); the controller does not write it, so the two never fight over it.
+
 Order: build after the :class:`~deepsynapse.control.curriculum.PhaseCurriculum`, whose
 transition (in its ``observe``) this controller picks up in its own ``observe``: a new phase
 resets the temperature cut, sets beta to the phase's ``beta`` and the target to its
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from deepsynapse.control.curriculum import PhaseCurriculum
 from deepsynapse.control.knobs import Event, Knobs
@@ -65,7 +74,10 @@ class KLTemperatureConfig:
     tolerance: float = field(
         default=0.1, metadata={"help": "relative KL error within which nothing changes"}
     )
-    beta_min: float = field(default=1e-3, metadata={"help": "lower bound of beta"})
+    beta_min: float = field(
+        default=1e-3,
+        metadata={"help": "lower bound of beta (KL in the loss; with kl_mode=reward beta is 0)"},
+    )
     beta_max: float = field(default=1.0, metadata={"help": "upper bound of beta"})
     couple: bool = field(
         default=True, metadata={"help": "act on temperature before beta (both directions)"}
@@ -103,6 +115,8 @@ class KLTemperatureController:
     """Cosine temperature schedule + adaptive beta, coupled through the measured KL."""
 
     name = "kl_temperature"
+    # A schedule within the phase: replaces the phase's starting temperature and beta.
+    writes: ClassVar[dict[str, str]] = {"temperature": "overrides", "beta": "overrides"}
 
     def __init__(
         self,
@@ -112,10 +126,14 @@ class KLTemperatureController:
         base_temperature: float,
         total_steps: int,
         phases: PhaseCurriculum | None = None,
+        kl_in_loss: bool = True,
     ):
+        """``kl_in_loss``: False when the KL is a reward objective (``rewards.kl_mode=reward``,
+        the trainer's ``engine.fusion.kl_in_loss``): beta then stays 0 (see the module doc)."""
         if config.schedule == "phase" and phases is None:
             raise ValueError("kl_temperature.schedule=phase needs the curriculum to be enabled")
         self.cfg = config
+        self.kl_in_loss = bool(kl_in_loss)
         self.total_steps = max(1, int(total_steps))
         self.phases = phases
         self.base_temperature = float(base_temperature)
@@ -133,6 +151,8 @@ class KLTemperatureController:
     # ------------------------------------------------------------ schedule
 
     def _bound(self, beta: float) -> float:
+        if not self.kl_in_loss:
+            return 0.0  # the KL is in the reward: no beta in the loss, beta_min included
         return min(max(float(beta), self.cfg.beta_min), self.cfg.beta_max)
 
     def _schedule(self) -> tuple[float, float]:
@@ -164,7 +184,9 @@ class KLTemperatureController:
         temperature = max(floor, scheduled - self.cut)
         knobs.temperature = temperature
         self.last_temperature, self.last_floor = temperature, floor
-        if self.cfg.adaptive_beta:
+        if not self.kl_in_loss:
+            knobs.beta = 0.0  # over whatever wrote it before (a curriculum phase's beta)
+        elif self.cfg.adaptive_beta:
             knobs.beta = self.beta
 
     def observe(self, step: int, metrics: dict[str, float]) -> list[Event]:
@@ -224,7 +246,7 @@ class KLTemperatureController:
 
     def _move_beta(self, error: float, evidence: dict[str, Any], kind: str) -> Event | None:
         cfg = self.cfg
-        if not cfg.adaptive_beta:
+        if not cfg.adaptive_beta or not self.kl_in_loss:
             return None
         clipped = min(max(error, -cfg.error_clip), cfg.error_clip)
         old = self.beta
@@ -250,7 +272,7 @@ class KLTemperatureController:
         self.phase_index = pos.index
         self.cut = 0.0
         self.target = pos.kl_target if pos.kl_target is not None else self.cfg.kl_target
-        if pos.beta is not None and self.cfg.adaptive_beta:
+        if pos.beta is not None and self.cfg.adaptive_beta and self.kl_in_loss:
             self.beta = self._bound(pos.beta)
         if first:
             return None

@@ -9,8 +9,9 @@ decision as an event carrying its evidence.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Knobs:
     beta: float
     reward_weights: dict[str, float]
     max_new_tokens: int
-    lr_scale: float = 1.0
+    length_budget: int | None = None  # the length penalty's budget (None = as configured)
     micro_batches: int = 1
     difficulty: tuple[int, int] | None = None
     trainable_groups: list[str] = field(default_factory=lambda: ["all"])
@@ -44,6 +45,8 @@ class Knobs:
         }
         if self.lora_rank is not None:
             out["knobs/lora_rank"] = float(self.lora_rank)
+        if self.length_budget is not None:
+            out["knobs/length_budget"] = float(self.length_budget)
         out.update({f"weights/{k}": v for k, v in self.reward_weights.items()})
         return out
 
@@ -63,6 +66,7 @@ class Knobs:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Knobs:
         state = dict(state)
+        state.pop("lr_scale", None)  # a knob with no writer, removed; older checkpoints have it
         if state.get("difficulty") is not None:
             state["difficulty"] = tuple(state["difficulty"])
         return cls(**state)
@@ -77,8 +81,61 @@ class Event:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+# How a controller's write composes with what earlier controllers (in apply order) wrote.
+WRITE_RULES = {
+    "sets": "the knob's value from config or this controller alone; no earlier writer",
+    "overrides": "replaces what an earlier writer set (e.g. a schedule within the phase)",
+    "scales": "multiplies what an earlier writer set (allocator factors on phase weights)",
+    "adds": "adds entries an earlier writer did not set (discovered reward terms)",
+}
+
+
+class KnobOwnershipError(ValueError):
+    """A knob written by two controllers without a rule, or written and never read."""
+
+
+def check_knob_owners(controllers: Iterable[Any], reads: Collection[str]) -> dict[str, list[str]]:
+    """Check who writes each knob, in apply order; returns knob -> writer names.
+
+    Every controller declares ``writes = {knob: rule}`` (rules: :data:`WRITE_RULES`). A
+    knob written by a second controller needs a composing rule (not ``sets``); a knob that
+    is written must be one the loop ``reads``; an unknown knob name fails.
+    """
+    fields = {f.name for f in dataclasses.fields(Knobs)}
+    owners: dict[str, list[str]] = {}
+    for c in controllers:
+        writes = getattr(c, "writes", None)
+        if writes is None:
+            raise KnobOwnershipError(
+                f"controller {getattr(c, 'name', type(c).__name__)!r} does not declare the "
+                "knobs it writes (a class attribute writes = {knob: rule}, {} for none)"
+            )
+        for knob, rule in writes.items():
+            if knob not in fields:
+                raise KnobOwnershipError(f"controller {c.name!r} writes unknown knob {knob!r}")
+            if rule not in WRITE_RULES:
+                raise KnobOwnershipError(
+                    f"controller {c.name!r}: rule {rule!r} for knob {knob!r} is not one of "
+                    f"{', '.join(WRITE_RULES)}"
+                )
+            if knob not in reads:
+                raise KnobOwnershipError(
+                    f"knob {knob!r} is written by {c.name!r} and read by nothing in the loop"
+                )
+            earlier = owners.setdefault(knob, [])
+            if earlier and rule == "sets":
+                raise KnobOwnershipError(
+                    f"knob {knob!r} is written by {earlier} and then by {c.name!r} without a "
+                    f"rule for how the two compose (declare one of "
+                    f"{', '.join(r for r in WRITE_RULES if r != 'sets')})"
+                )
+            earlier.append(c.name)
+    return owners
+
+
 class Controller(Protocol):
     name: str
+    writes: ClassVar[dict[str, str]]  # knob -> rule (WRITE_RULES); {} for an observer
 
     def apply(self, knobs: Knobs) -> None: ...
 

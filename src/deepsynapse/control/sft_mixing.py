@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from deepsynapse.control.knobs import Event, Knobs
 
@@ -102,6 +102,7 @@ class SFTMixing:
     """Writes CHORD's decaying SFT weight ``mu`` into ``knobs.sft_weight``."""
 
     name = "sft_mixing"
+    writes: ClassVar[dict[str, str]] = {"sft_weight": "sets"}
 
     def __init__(self, config: SFTMixingConfig):
         self.cfg = config

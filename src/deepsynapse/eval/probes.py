@@ -20,9 +20,20 @@ never uses, so a probe item is never a training item. Skills and how an item is 
   "unknown" to everything scores no better than answering a number to everything.
 - ``error_spotting``: a worked solution with numbered steps, exactly one with a wrong
   result (later steps compute correctly from it); the answer is the wrong step's number.
+- ``calibration``: questions from trivial to hard (one-digit sums, two-digit products,
+  four-by-three-digit products, multi-step word problems) that ask for a confidence
+  too. An item scores ``1 - (c - y)^2`` (one minus its Brier score) with c the stated
+  ``<confidence>`` and y = 1 if the answer is right, else 0: 1 for a right answer stated
+  with certainty, 0 for a wrong one stated with certainty. A completion that states no
+  confidence (none of the schema's, or none that is a number in [0, 1]) scores 0, the
+  worst value, never skipped; under a schema without a confidence field (base) a
+  ``<confidence>`` tag is still read if the model writes one. The summary also reports
+  Brier score, expected calibration error (ECE) and how often a confidence was stated.
 
 Answers are read from the ``<answer>`` field even when the completion is otherwise
-invalid, as in the held-out evaluation; only ``format`` judges validity.
+invalid, as in the held-out evaluation; only ``format`` judges validity. Every record
+carries a ``score`` in [0, 1] (1 or 0 = correct or not, except for ``calibration``); a
+skill's value is the mean over its units of the lowest score among the unit's items.
 
 `EmergenceDetector` watches the per-skill curves (metrics ``probes/<skill>``) and logs an
 ``emergence`` event when a skill jumps beyond its binomial noise band.
@@ -36,14 +47,21 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
 from deepsynapse.control.knobs import Event, Knobs
 from deepsynapse.data.answers import answers_match
-from deepsynapse.formats import XMLSchema, get_schema, parse_completion, stop_strings
+from deepsynapse.formats import (
+    DEEPSYNAPSE_SCHEMA,
+    ParsedCompletion,
+    XMLSchema,
+    get_schema,
+    parse_completion,
+    stop_strings,
+)
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rollout.hf import generate_groups
@@ -56,10 +74,12 @@ __all__ = [
     "EmergenceDetector",
     "ProbeItem",
     "build_probe_suite",
+    "calibration_summary",
     "probe_metrics",
     "run_probes",
     "says_cannot",
     "score_item",
+    "stated_confidence",
     "summarize_probes",
 ]
 
@@ -72,6 +92,7 @@ SKILLS = (
     "consistency",
     "unanswerable",
     "error_spotting",
+    "calibration",
 )
 CANNOT = "cannot be determined"
 UNANSWERABLE_PHRASES = (
@@ -91,6 +112,9 @@ UNANSWERABLE_PHRASES = (
 _HINT = (
     f' If the question cannot be answered from the information given, write "{CANNOT}"'
     " as the answer."
+)
+_ASK_CONFIDENCE = (
+    " Also state how confident you are that your answer is right, as a number between 0 and 1."
 )
 
 
@@ -483,6 +507,36 @@ def _error_spotting(g: _Gen, i: int) -> list[ProbeItem]:
     ]
 
 
+def _calibration(g: _Gen, i: int) -> list[ProbeItem]:
+    """A question of known difficulty that also asks for a confidence (see the docstring).
+
+    Difficulty cycles easy, medium, hard, multi-step, so that a model whose confidence
+    tracks its correctness has easy items to be sure of and hard ones to doubt.
+    """
+    kind = i % 4
+    if kind == 0:
+        a, b = g.randint(2, 9), g.randint(2, 9)
+        q, ans, level = g.pick((f"What is {a} + {b}?", f"Add {a} and {b}.")), a + b, "easy"
+    elif kind == 1:
+        a, b = g.randint(13, 49), g.randint(3, 9)
+        q, ans, level = f"What is {a} * {b}?", a * b, "medium"
+    elif kind == 2:
+        a, b = g.randint(1234, 9876), g.randint(123, 987)
+        q, ans, level = f"What is {a} * {b}?", a * b, "hard"
+    else:
+        q, ans, _ = _WORD_PROBLEMS[(i // 4 + 1) % len(_WORD_PROBLEMS)](g)
+        level = "hard"
+    return [
+        ProbeItem(
+            f"probe-calibration-{i}",
+            "calibration",
+            q + _ASK_CONFIDENCE,
+            str(ans),
+            columns={"difficulty": level},
+        )
+    ]
+
+
 _GENERATORS: dict[str, Callable[[_Gen, int], list[ProbeItem]]] = {
     "format": _format,
     "arithmetic": _arithmetic,
@@ -492,6 +546,7 @@ _GENERATORS: dict[str, Callable[[_Gen, int], list[ProbeItem]]] = {
     "consistency": _consistency,
     "unanswerable": _unanswerable,
     "error_spotting": _error_spotting,
+    "calibration": _calibration,
 }
 
 
@@ -505,7 +560,7 @@ def build_probe_suite(
 
     >>> a, b = build_probe_suite(per_skill=2), build_probe_suite(per_skill=2)
     >>> a == b, len(a), sorted({x.skill for x in a}) == sorted(SKILLS)
-    (True, 18, True)
+    (True, 20, True)
     """
     unknown = [s for s in skills if s not in _GENERATORS]
     if unknown:
@@ -546,10 +601,37 @@ def says_cannot(answer: str | None) -> bool:
     return any(phrase in text for phrase in UNANSWERABLE_PHRASES)
 
 
+def stated_confidence(completion: str, parsed: ParsedCompletion, schema: XMLSchema) -> float | None:
+    """The completion's ``<confidence>`` in [0, 1], or None.
+
+    Read with ``schema`` when it has the field, else as if the schema were deepsynapse (a
+    model trained without the field may still write one).
+    """
+    if "confidence" in schema.fields:
+        return parsed.confidence
+    return parse_completion(completion, DEEPSYNAPSE_SCHEMA).confidence
+
+
 def score_item(item: ProbeItem, completion: str, schema: XMLSchema | str) -> dict[str, Any]:
-    """Whether one completion answers one probe item correctly (see the module docstring)."""
+    """Whether one completion answers one probe item correctly (see the module docstring).
+
+    Returns ``predicted``, ``correct``, ``format_valid`` and ``score`` (in [0, 1]; for
+    ``calibration`` one minus the Brier score of ``confidence``, 0 without a confidence).
+    """
+    schema = get_schema(schema)
     parsed = parse_completion(completion, schema)
     answer = parsed.fields.get("answer")
+    if item.skill == "calibration":
+        correct = answer is not None and answers_match(answer, item.answer)
+        confidence = stated_confidence(completion, parsed, schema)
+        score = 0.0 if confidence is None else 1.0 - (confidence - float(correct)) ** 2
+        return {
+            "predicted": answer,
+            "correct": bool(correct),
+            "format_valid": parsed.valid,
+            "score": round(score, 12),
+            "confidence": confidence,
+        }
     if item.skill == "format":
         correct = parsed.valid
     elif answer is None:
@@ -566,7 +648,12 @@ def score_item(item: ProbeItem, completion: str, schema: XMLSchema | str) -> dic
         correct = answers_match(answer, item.answer) and not says_cannot(answer)
     else:
         correct = answers_match(answer, item.answer)
-    return {"predicted": answer, "correct": bool(correct), "format_valid": parsed.valid}
+    return {
+        "predicted": answer,
+        "correct": bool(correct),
+        "format_valid": parsed.valid,
+        "score": float(bool(correct)),
+    }
 
 
 @torch.no_grad()
@@ -580,11 +667,16 @@ def run_probes(
     *,
     progress: bool = False,
     pad_multiple: int = SEQUENCE_MULTIPLE,
+    around: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Greedy, batched completions for ``items``; per-skill accuracy over scored units.
 
-    Returns ``skills`` ({skill: accuracy}), ``counts`` ({skill: units}), ``accuracy`` (the
-    mean over skills), ``format_validity`` (over items), ``seconds`` and ``records``.
+    ``around`` is the per-prompt hook of the trained policy (the hypernetwork's scales),
+    as in ``generate_groups``: probes see the model that was trained.
+
+    Returns ``skills`` ({skill: score}), ``counts`` ({skill: units}), ``accuracy`` (the
+    mean over skills), ``format_validity`` (over items), ``seconds``, ``records`` and,
+    with calibration items, ``calibration`` (see `calibration_summary`).
     """
     schema = get_schema(schema)
     was_training = model.training
@@ -606,6 +698,7 @@ def run_probes(
                 stop_strings=stop_strings(schema),
                 prefix_sharing=False,
                 pad_multiple=pad_multiple,
+                around=around,
             )
             for it, text in zip(chunk, out.texts, strict=True):
                 scored = score_item(it, text, schema)
@@ -626,16 +719,61 @@ def run_probes(
     return summarize_probes(records, time.perf_counter() - start)
 
 
+def _record_score(record: dict[str, Any]) -> float:
+    """A record's score in [0, 1] (records without one: 1 if correct, else 0)."""
+    score = record.get("score")
+    return float(bool(record["correct"])) if score is None else float(score)
+
+
+def calibration_summary(records: list[dict[str, Any]], bins: int = 10) -> dict[str, Any]:
+    """Brier score, ECE and more over ``calibration`` records (empty dict without any).
+
+    ``brier`` counts a record without a confidence as 1 (the worst); ``ece`` (expected
+    calibration error: ``bins`` equal-width confidence bins, the gap between mean
+    confidence and accuracy weighted by the bin's share) uses the records that state a
+    confidence and is None when none does; ``stated`` is their share.
+    """
+    cal = [r for r in records if r["skill"] == "calibration"]
+    if not cal:
+        return {}
+    stated = [(float(r["confidence"]), float(bool(r["correct"]))) for r in cal
+              if r.get("confidence") is not None]  # fmt: skip
+    brier = (sum((c - y) ** 2 for c, y in stated) + (len(cal) - len(stated))) / len(cal)
+    ece = None
+    if stated:
+        grouped: dict[int, list[tuple[float, float]]] = {}
+        for c, y in stated:
+            grouped.setdefault(min(int(c * bins), bins - 1), []).append((c, y))
+        gaps = [abs(sum(c for c, _ in v) - sum(y for _, y in v)) for v in grouped.values()]
+        ece = sum(gaps) / len(stated)  # = sum over bins of share * |confidence - accuracy|
+    return {
+        "n": len(cal),
+        "stated": len(stated) / len(cal),
+        "accuracy": sum(bool(r["correct"]) for r in cal) / len(cal),
+        "mean_confidence": sum(c for c, _ in stated) / len(stated) if stated else None,
+        "brier": brier,
+        "ece": ece,
+    }
+
+
 def summarize_probes(records: list[dict[str, Any]], seconds: float = 0.0) -> dict[str, Any]:
-    """Per-skill accuracy over units: a unit (a ``group``) is correct iff all its items are."""
-    units: dict[tuple[str, str], bool] = {}
+    """Per-skill score over units: a unit (a ``group``) scores the lowest ``score`` of its
+    items, so a consistency pair is correct iff both wordings are; calibration units are
+    single items scored 1 - Brier. Adds ``calibration`` (`calibration_summary`) when the
+    records hold calibration items."""
+    units: dict[tuple[str, str], float] = {}
     for r in records:
         key = (r["skill"], r["group"])
-        units[key] = units.get(key, True) and bool(r["correct"])
-    skills: dict[str, list[bool]] = {}
-    for (skill, _), ok in units.items():
-        skills.setdefault(skill, []).append(ok)
+        units[key] = min(units.get(key, 1.0), _record_score(r))
+    skills: dict[str, list[float]] = {}
+    for (skill, _), value in units.items():
+        skills.setdefault(skill, []).append(value)
     per_skill = {s: sum(v) / len(v) for s, v in skills.items()}
+    extra = (
+        {"calibration": calibration_summary(records)}
+        if any(r["skill"] == "calibration" for r in records)
+        else {}
+    )
     return {
         "n_items": len(records),
         "n_units": len(units),
@@ -646,6 +784,7 @@ def summarize_probes(records: list[dict[str, Any]], seconds: float = 0.0) -> dic
             sum(bool(r["format_valid"]) for r in records) / len(records) if records else 0.0
         ),
         "seconds": seconds,
+        **extra,
         "records": records,
     }
 
@@ -679,6 +818,7 @@ class EmergenceDetector:
     """
 
     name = "emergence"
+    writes: ClassVar[dict[str, str]] = {}  # probes observe
 
     def __init__(
         self,

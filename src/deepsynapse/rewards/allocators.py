@@ -8,15 +8,41 @@ one by name with :func:`build_allocator`:
 - ``phase``: one weight table per curriculum phase, switched on ``curriculum/phase``.
 - ``neural``: a small MLP maps each objective's training state (running mean, trend,
   variance, correlation with correctness) to a softmax over objectives; it is trained
-  online by REINFORCE on the change of a target metric (default ``accuracy/train``).
+  online by REINFORCE, by default on how well the fused reward of each batch agrees with
+  correctness within groups (counterfactually, on the batch itself), or with ``target=``
+  on a metric's change one step after the weights were applied (see
+  :class:`NeuralAllocator`).
 - ``mirror``: exponentiated-gradient (mirror descent on the simplex) toward objectives
   whose within-group scores agree with correctness.
+
+How allocator weights compose with a curriculum. The allocator runs after the curriculum
+(a controller earlier in the same step), which writes each phase's reward weights into the
+knobs. What the allocator finds there is the *prior*, and for each objective ``c`` it owns,
+``static``, ``neural`` and ``mirror`` write::
+
+    knobs.reward_weights[c] = prior[c] * weights[c] / base[c]
+
+so the allocator's weights act as multiplicative factors on the phase's emphasis: ``static``
+(weights == base) leaves the phase weights exactly as they are, an adaptive allocator
+that doubles an objective's weight doubles it in every phase, and a phase that zeroes an
+objective keeps it at zero. Without a curriculum the prior is the configured (base)
+weights. An objective whose base weight is 0 has no scale to be relative to: its factor is
+1 and the prior passes through unchanged (a zero-weight objective stays off unless a phase
+turns it on, and then the phase's weight is used as given). The trainer carries the knobs
+from one step to the next, so without a curriculum the value found is the one the
+allocator wrote itself the step before; a value equal to what it last wrote is read as
+carried over and the prior it used then is kept, so the factors never compound.
+
+``phase`` is the exception: its tables are absolute weights and it overwrites whatever the
+knobs hold for the objectives it owns (the engine gives it every configured objective), so
+with both curriculum phase ``reward_weights`` and the ``phase`` allocator, the allocator's
+tables win. Use one or the other.
 
 The adaptive two keep their weights on a scaled simplex: each weight >= ``floor`` and
 their sum equal to ``total`` (default: the sum of the base weights), so the reward's scale
 does not drift while its mix does. Each logs a ``reward_weights`` event, with the evidence
 behind it, whenever its (mean) weights have moved by more than ``event_threshold`` since
-the last event. Weights themselves are logged every step by the trainer (``weights/*``).
+the last event. Weights applied are logged every step by the trainer (``weights/*``).
 """
 
 from __future__ import annotations
@@ -27,7 +53,7 @@ import inspect
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -170,7 +196,10 @@ class ObjectiveTracker:
         var = sum((m - mean) ** 2 for m in means) / n if n else 0.0
         pairs = self.pairs[name]
         if len(pairs) >= 8:
-            corr = _pearson([p[0] for p in pairs], [p[1] for p in pairs])
+            xy = torch.tensor(list(pairs), dtype=torch.float64)
+            xy = xy - xy.mean(0)
+            sxx, syy = float(xy[:, 0].square().sum()), float(xy[:, 1].square().sum())
+            corr = float(xy.prod(1).sum()) / math.sqrt(sxx * syy) if min(sxx, syy) > 1e-12 else 0.0
         else:
             both = [
                 (m, t) for m, t in zip(means, self.paired_target[name], strict=True) if _finite(t)
@@ -215,6 +244,7 @@ class WeightAllocator:
 
     name = "allocator"
     kind = "base"
+    writes: ClassVar[dict[str, str]] = {"reward_weights": "scales"}
 
     def __init__(
         self,
@@ -234,10 +264,38 @@ class WeightAllocator:
         self.weights = dict(self.base)
         self.shown = dict(self.base)
         self._logged = dict(self.base)
+        self._prior = dict(self.base)  # the prior found in the knobs at the last apply
+        self._written: dict[str, float] = {}  # what the last apply wrote
+
+    def factor(self, c: str, weight: float | None = None) -> float:
+        """The factor ``weight / base`` applied to the prior of ``c`` (1 when base is 0)."""
+        weight = self.weights[c] if weight is None else weight
+        return 1.0 if self.base[c] == 0 else weight / self.base[c]
+
+    def compose(self, weights: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The weights ``apply`` writes: ``prior * weight / base`` per objective (the prior
+        of the last :meth:`apply`, the base weights before any)."""
+        weights = self.weights if weights is None else weights
+        return {c: self._prior[c] * self.factor(c, weights[c]) for c in self.components}
 
     def apply(self, knobs: Knobs) -> None:
-        """Write this allocator's weights into the step's knobs (other keys untouched)."""
-        knobs.reward_weights.update(self.weights)
+        """Scale the prior found in the knobs by this allocator's factors (other keys untouched).
+
+        The prior of an objective is what the knobs hold for it (the curriculum's phase
+        weight, or the base weight), except a value equal to what this allocator wrote at
+        its last apply: that one was carried over from the previous step, and the prior
+        used then is kept (the factors do not compound). A missing key reads as the base.
+        """
+        held = knobs.reward_weights
+        for c in self.components:
+            current = held.get(c)
+            if current is None:
+                self._prior[c] = self.base[c]
+            elif not (c in self._written and float(current) == self._written[c]):
+                self._prior[c] = float(current)
+        out = self.compose()
+        held.update(out)
+        self._written = dict(out)
 
     def observe(self, step: int, metrics: dict[str, float]) -> list[Event]:
         """Update the weights from this step's metrics; an event if they moved enough."""
@@ -259,8 +317,13 @@ class WeightAllocator:
         scores: Mapping[str, Sequence[float | None]],
         correct: Sequence[float],
         group_size: int | None = None,
+        calibrated: Mapping[str, Sequence[float | None]] | None = None,
     ) -> None:
-        """Per-completion data after scoring (unused by this allocator)."""
+        """Per-completion data after scoring (unused by this allocator).
+
+        ``scores`` are the raw component scores, ``calibrated`` (optional) the calibrated
+        ones fusion weighed, ``correct`` 0/1 per completion, in groups of ``group_size``.
+        """
 
     def _decide(self, step: int, metrics: Mapping[str, float]) -> dict[str, Any] | None:
         return None
@@ -271,6 +334,8 @@ class WeightAllocator:
             "weights": dict(self.weights),
             "shown": dict(self.shown),
             "logged": dict(self._logged),
+            "prior": dict(self._prior),
+            "written": dict(self._written),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -278,13 +343,20 @@ class WeightAllocator:
         self.weights = {c: float(state["weights"][c]) for c in self.components}
         self.shown = {c: float(state["shown"][c]) for c in self.components}
         self._logged = {c: float(state["logged"][c]) for c in self.components}
+        prior = state.get("prior", {})  # checkpoints from before the composition rule
+        self._prior = {c: float(prior.get(c, self.base[c])) for c in self.components}
+        self._written = {c: float(v) for c, v in state.get("written", {}).items()}
 
 
 # ------------------------------------------------------------------ static and phase
 
 
 class StaticAllocator(WeightAllocator):
-    """The base weights, unchanged: the ablation baseline."""
+    """The base weights, unchanged: the ablation baseline.
+
+    Its factors are all 1, so it writes the prior unchanged: a curriculum's phase weights
+    as the phase sets them, the base weights without a curriculum.
+    """
 
     kind = "static"
 
@@ -297,9 +369,13 @@ class PhaseAllocator(WeightAllocator):
     its base weight. The phase comes from the ``curriculum/phase`` metric (so weights follow
     one step after the curriculum's switch) or from :meth:`set_phase`. Weights are used as
     given (no simplex): a phase may switch an objective off.
+
+    Absolute, not a factor: :meth:`apply` overwrites what the knobs hold for the objectives
+    it owns, curriculum phase weights included (this allocator is the alternative to them).
     """
 
     kind = "phase"
+    writes: ClassVar[dict[str, str]] = {"reward_weights": "overrides"}
 
     def __init__(
         self,
@@ -339,6 +415,10 @@ class PhaseAllocator(WeightAllocator):
         old = self.phase
         self.set_phase(int(value))
         return {"step": step, "phase": self.phase, "previous_phase": old}
+
+    def apply(self, knobs: Knobs) -> None:
+        """Write this phase's table as it is (absolute weights, no prior)."""
+        knobs.reward_weights.update(self.weights)
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state (JSON-able; the neural allocator adds tensors)."""
@@ -452,6 +532,7 @@ class MirrorDescentAllocator(WeightAllocator):
         scores: Mapping[str, Sequence[float | None]],
         correct: Sequence[float],
         group_size: int | None = None,
+        calibrated: Mapping[str, Sequence[float | None]] | None = None,
     ) -> None:
         """Per-completion scores and correctness after scoring: the within-group usefulness."""
         self.core.tracker.observe_batch(scores, correct, group_size)
@@ -514,12 +595,46 @@ class NeuralAllocator(WeightAllocator):
     variance, correlation with correctness), logits ``z_i ~ N(log prior_i + MLP(f_i),
     std^2)`` and weights ``floor + (total - n*floor) * softmax(z)``. One MLP is shared by
     all objectives, so it learns what a useful objective *looks like* rather than which
-    name to prefer. The sampled weights are applied to the next step; that step's change
-    of the target metric (``accuracy/train`` by default; a held-out metric works too) is the
-    return of the action. The loss is ``-(R - b)/s * log pi(z | f)`` with b and s running
-    mean and scale of R (a baseline), Adam on the MLP. Deterministic given ``seed`` (its
-    own generator for init and sampling). Events compare the policy's *mean* weights,
-    not the exploration samples.
+    name to prefer. Deterministic given ``seed`` (its own generator for init and sampling).
+    Events compare the policy's *mean* weights.
+
+    The return must be something the action can move. Weights decided at ``observe(t)``
+    are applied at step t+1: they fuse step t+1's rewards, hence its advantages and its
+    update. ``accuracy/train`` at step t+1 is measured on rollouts drawn *before* that
+    update, so crediting the weights with its change (as this allocator once did) credits
+    an action with an outcome it cannot have caused: the policy then random-walks on its
+    exploration noise. Two returns are offered:
+
+    - ``target=None`` (default): **alignment, same batch.** The reward engine hands
+      :meth:`observe_batch` the scores of exactly the batch the applied weights fused.
+      The return of weights w is the mean, over groups whose correctness varies, of the
+      within-group correlation between the fused reward ``sum_c v_c x_c`` (``v`` the
+      weights :meth:`apply` wrote, i.e. prior x factor; ``x_c`` the calibrated scores
+      when the engine passes them, else each objective's within-group deviations divided
+      by their pooled standard deviation in that batch) and correctness. A GRPO step moves
+      the policy along ``sum_y A(y) grad log pi(y)``, so to first order its effect on
+      accuracy is the within-group covariance of the advantages with correctness: this is
+      the part of the update the weights decide, measured on the batch they decided it
+      for. The rollouts do not depend on the weights, so the return of *any* w can be
+      computed on that batch: exploration is counterfactual (``samples`` draws around the
+      mean, each scored on the batch, baseline = the mean weights' own score), and the
+      weights applied to training are the policy's mean, never a noisy sample.
+      Consequence: objectives whose scores agree with correctness within groups gain
+      weight (correctness itself, if weighed, agrees perfectly), down to the floor for
+      the others; groups where correctness does not vary carry no evidence and do not
+      count. Use ``target`` when what matters is a downstream metric instead.
+    - ``target="<metric>"``: **a metric, one step later.** Explored weights (mean + noise)
+      are applied; the weights applied at step s are credited with ``m(s + delay) -
+      m(s + delay - 1)``, ``delay`` = 1 by default: ``m(s + 1)`` is the first value
+      measured after the update those weights made. Baseline and scale are running
+      averages of the return; an action whose metrics are missing is dropped.
+
+    No signal, no move: a step whose batches have no group where correctness varies
+    (alignment), or no group where correctness or any weighed score varies (target; without
+    batches: the metric did not change), says nothing about the weights. The allocator
+    then neither learns nor explores and holds its mean weights, applied = shown, so a run
+    whose rewards are all zero keeps the prior weights. The loss is ``-A * log pi(z | f)``,
+    Adam on the MLP, and no optimizer step is taken without a non-zero advantage.
     """
 
     kind = "neural"
@@ -532,82 +647,231 @@ class NeuralAllocator(WeightAllocator):
         hidden: int = 16,
         lr: float = 0.02,
         exploration_std: float = 0.3,
+        samples: int = 8,
         baseline_decay: float = 0.9,
         seed: int = 0,
         floor: float = 0.02,
         total: float | None = None,
         window: int = 20,
         pair_window: int = 512,
-        target: str = "accuracy/train",
+        target: str | None = None,
+        delay: int = 1,
         event_threshold: float = 0.05,
     ) -> None:
         super().__init__(components, base_weights, event_threshold=event_threshold)
-        self.core = AdaptiveCore(self.kind, self.base, floor, total, window, pair_window, target)
+        if int(samples) < 1:
+            raise ValueError(f"neural allocator: samples must be >= 1, got {samples}")
+        if int(delay) < 1:
+            raise ValueError(f"neural allocator: delay must be >= 1, got {delay}")
+        self.target = target
+        self.signal = "alignment" if target is None else "target"
+        tracked = "accuracy/train" if target is None else target
+        self.core = AdaptiveCore(self.kind, self.base, floor, total, window, pair_window, tracked)
         self.weights = self.core.weights(self.core.prior)
         self.shown, self._logged = dict(self.weights), dict(self.weights)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.net = _ScoreNet(len(FEATURES), hidden, self.generator)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.std = float(exploration_std)
+        self.samples = int(samples)
+        self.delay = int(delay)
         self.decay = float(baseline_decay)
         self.log_prior = torch.tensor([math.log(p) for p in self.core.prior])
         self.baseline = 0.0
         self.scale = 0.0
         self.updates = 0
-        self.pending: dict[str, Any] | None = None  # the action awaiting its return
+        # alignment: the features the applied (mean) weights were decided from
+        self.pending: torch.Tensor | None = None
+        # target: explored actions awaiting their delayed return (step applied, features, z)
+        self.queue: list[dict[str, Any]] = []
         self.last_target: float | None = None
+        self.last_target_step: int | None = None
+        # this step's batches: groups whose correctness varies, as (x per objective, y)
+        # deviations from the group means; whether anything varied; how many batches
+        self._groups: list[tuple[dict[str, list[float]], list[float]]] = []
+        self._varied = False
+        self._batches = 0
 
     def observe_batch(
         self,
         scores: Mapping[str, Sequence[float | None]],
         correct: Sequence[float],
         group_size: int | None = None,
+        calibrated: Mapping[str, Sequence[float | None]] | None = None,
     ) -> None:
-        """Per-completion scores and correctness after scoring: the correlation feature."""
+        """The batch the applied weights fused: features, and the groups the return uses."""
         self.core.tracker.observe_batch(scores, correct, group_size)
+        ys = [float(c) for c in correct]
+        n = len(ys)
+        g = group_size or n or 1
+        source = scores if calibrated is None else calibrated
+        columns = {
+            c: list(source[c])
+            for c in self.components
+            if source.get(c) is not None and len(source[c]) == n
+        }
+        self._batches += 1
+        groups: list[tuple[dict[str, list[float]], list[float]]] = []
+        for start in range(0, n, g):
+            idx = range(start, min(start + g, n))
+            my = sum(ys[i] for i in idx) / len(idx)
+            yc = [ys[i] - my for i in idx]
+            xs: dict[str, list[float]] = {}
+            for c, values in columns.items():
+                vals = [float(values[i]) if _finite(values[i]) else None for i in idx]
+                if calibrated is not None:  # fusion counts None as 0
+                    vals = [0.0 if v is None else v for v in vals]
+                known = [v for v in vals if v is not None]
+                m = sum(known) / len(known) if known else 0.0
+                xs[c] = [0.0 if v is None else v - m for v in vals]
+                self._varied |= any(abs(x) > 1e-12 for x in xs[c])
+            groups.append((xs, yc))
+        if calibrated is None:  # raw scores: each objective per unit of its within-group spread
+            for c in columns:
+                ss = sum(x * x for xs, _ in groups for x in xs[c])
+                count = sum(1 for i in range(n) if _finite(columns[c][i]))
+                s = math.sqrt(ss / count) if count else 0.0
+                for xs, _ in groups:
+                    xs[c] = [x / s if s > 1e-12 else 0.0 for x in xs[c]]
+        for xs, yc in groups:
+            if sum(y * y for y in yc) > 1e-12:
+                self._groups.append((xs, yc))
+                self._varied = True
+
+    def alignment(self, weights: Mapping[str, float]) -> float | None:
+        """This step's return for allocator weights ``weights`` (None: no group has signal).
+
+        The mean over groups with varying correctness of corr(fused reward, correctness),
+        the fused reward weighing each objective by ``prior * weight / base``.
+        """
+        values = self._alignments([weights])
+        return None if values is None else float(values[0])
+
+    def _alignments(self, candidates: Sequence[Mapping[str, float]]) -> torch.Tensor | None:
+        """:meth:`alignment` of several weight vectors at once ([K], float64)."""
+        if not self._groups:
+            return None
+        size = max(len(yc) for _, yc in self._groups)
+
+        def pad(values: Sequence[float]) -> list[float]:  # short groups: zeros add nothing
+            return [*values, *[0.0] * (size - len(values))]
+
+        x = torch.tensor(
+            [[pad(xs.get(c, ())) for c in self.components] for xs, _ in self._groups],
+            dtype=torch.float64,
+        )
+        y = torch.tensor([pad(yc) for _, yc in self._groups], dtype=torch.float64)
+        sign = torch.tensor([-1.0 if c == "kl" else 1.0 for c in self.components])  # fusion
+        applied = [self.compose(w) for w in candidates]  # subtracts the KL
+        v = torch.tensor([[a[c] for c in self.components] for a in applied], dtype=torch.float64)
+        r = torch.einsum("kc,mcg->kmg", v * sign.double(), x)
+        sxx, syy = (r * r).sum(-1), (y * y).sum(-1)
+        corr = (r * y).sum(-1) / (sxx * syy).clamp_min(1e-300).sqrt()
+        return torch.where(sxx > 1e-12, corr, torch.zeros_like(corr)).mean(-1)
 
     def _policy_mean(self, features: torch.Tensor) -> torch.Tensor:
         return self.log_prior + self.net(features)
 
     def _decide(self, step: int, metrics: Mapping[str, float]) -> dict[str, Any] | None:
         self.core.tracker.observe(metrics)
-        target = metrics.get(self.core.target)
-        evidence: dict[str, Any] = {"step": step}
-        if _finite(target):
-            target = float(target)
-            if self.pending is not None and self.last_target is not None:
-                evidence.update(self._learn(target - self.last_target))
-            self.last_target = target
+        evidence: dict[str, Any] = {"step": step, "signal": self.signal}
+        if self.signal == "alignment":
+            signal = bool(self._groups)
+            if signal and self.pending is not None:
+                evidence.update(self._learn_alignment(self.pending))
+        else:
+            signal = self._credit_target(step, metrics, evidence)
+        self._groups, self._varied, self._batches = [], False, 0
+        if not signal:  # nothing says which weights are better: hold them, do not explore
+            self.pending = None
+            self.weights = dict(self.shown)
+            evidence["held"] = True
+            return evidence
         table = self.core.features()
         features = torch.tensor([table[c] for c in self.components], dtype=torch.float32)
         with torch.no_grad():
             mean = self._policy_mean(features)
-            noise = torch.randn(mean.shape, generator=self.generator)
-            sample = mean + self.std * noise
-        self.pending = {"features": features, "sample": sample}
         self.shown = self.core.weights(torch.softmax(mean, 0).tolist())
-        self.weights = self.core.weights(torch.softmax(sample, 0).tolist())
+        if self.signal == "alignment":  # exploration is counterfactual: apply the mean
+            self.pending = features
+            self.weights = dict(self.shown)
+        else:  # the metric only sees weights that were applied: apply a sample
+            with torch.no_grad():
+                noise = torch.randn(mean.shape, generator=self.generator)
+                sample = mean + self.std * noise
+            self.queue.append({"step": step + 1, "features": features, "sample": sample})
+            self.weights = self.core.weights(torch.softmax(sample, 0).tolist())
         evidence["features"] = {
             c: dict(zip(FEATURES, table[c], strict=True)) for c in self.components
         }
         return evidence
 
-    def _learn(self, ret: float) -> dict[str, Any]:
-        """One REINFORCE step for the pending action, whose return is ``ret``."""
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def _learn_alignment(self, features: torch.Tensor) -> dict[str, Any]:
+        """REINFORCE on this batch: ``samples`` draws around the mean weights, each scored."""
+        mean = self._policy_mean(features)
+        with torch.no_grad():
+            noise = torch.randn((self.samples, *mean.shape), generator=self.generator)
+            draws = mean.detach() + self.std * noise
+            logits = [mean.detach(), *draws]
+            values = self._alignments(
+                [self.core.weights(torch.softmax(z, 0).tolist()) for z in logits]
+            )
+        assert values is not None
+        gains = (values[1:] - values[0]).float()
+        dev = float(gains.abs().mean())
+        first = self.updates == 0
+        self.scale = dev if first else self.decay * self.scale + (1 - self.decay) * dev
+        self.updates += 1
+        out = {"return": float(values[0]), "gain_mean": float(gains.mean())}
+        if self.scale <= 1e-12:
+            return out
+        logp = torch.distributions.Normal(mean, self.std).log_prob(draws).sum(-1)
+        self._step(-(gains / self.scale * logp).mean())
+        return out
+
+    def _credit_target(self, step: int, metrics: Mapping[str, float], evidence: dict) -> bool:
+        """Credit the actions whose delayed return is measured now; whether there is signal."""
+        value = metrics.get(self.core.target)
+        value = float(value) if _finite(value) else None
+        prev = self.last_target if self.last_target_step == step - 1 else None
+        due = [a for a in self.queue if a["step"] + self.delay <= step]
+        self.queue = [a for a in self.queue if a["step"] + self.delay > step]
+        for action in due:
+            if action["step"] + self.delay == step and value is not None and prev is not None:
+                evidence.update(self._learn_target(action, value - prev))
+        if self._batches:
+            signal = self._varied
+        else:
+            signal = value is not None and self.last_target not in (None, value)
+        if value is not None:
+            self.last_target, self.last_target_step = value, step
+        return signal
+
+    def _learn_target(self, action: Mapping[str, Any], ret: float) -> dict[str, Any]:
+        """One REINFORCE step for an applied action whose (delayed) return is ``ret``."""
         first = self.updates == 0
         self.baseline = ret if first else self.decay * self.baseline + (1 - self.decay) * ret
         dev = abs(ret - self.baseline)
         self.scale = dev if first else self.decay * self.scale + (1 - self.decay) * dev
         advantage = (ret - self.baseline) / (self.scale + 1e-8)
         self.updates += 1
-        assert self.pending is not None
-        mean = self._policy_mean(self.pending["features"])
+        out = {
+            "return": ret,
+            "baseline": self.baseline,
+            "advantage": advantage,
+            "credited": action["step"],
+        }
+        if advantage == 0.0:
+            return out
+        mean = self._policy_mean(action["features"])
         dist = torch.distributions.Normal(mean, self.std)
-        loss = -advantage * dist.log_prob(self.pending["sample"]).sum()
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return {"return": ret, "baseline": self.baseline, "advantage": advantage}
+        self._step(-advantage * dist.log_prob(action["sample"]).sum())
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Weights, tracker windows, the network, Adam and RNG state (tensors included)."""
@@ -620,10 +884,20 @@ class NeuralAllocator(WeightAllocator):
             "baseline": self.baseline,
             "scale": self.scale,
             "updates": self.updates,
-            "pending": None
-            if self.pending is None
-            else {k: v.clone() for k, v in self.pending.items()},
+            "pending": None if self.pending is None else self.pending.clone(),
+            "queue": [
+                {
+                    "step": a["step"],
+                    "features": a["features"].clone(),
+                    "sample": a["sample"].clone(),
+                }
+                for a in self.queue
+            ],
             "last_target": self.last_target,
+            "last_target_step": self.last_target_step,
+            "groups": [{"scores": dict(xs), "correct": list(yc)} for xs, yc in self._groups],
+            "varied": self._varied,
+            "batches": self._batches,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -635,9 +909,28 @@ class NeuralAllocator(WeightAllocator):
         self.generator.set_state(state["generator"])
         self.baseline, self.scale = float(state["baseline"]), float(state["scale"])
         self.updates = int(state["updates"])
-        pending = state["pending"]
-        self.pending = None if pending is None else {k: v.clone() for k, v in pending.items()}
-        self.last_target = state["last_target"]
+        pending = state.get("pending")  # older checkpoints held a {features, sample} dict
+        self.pending = pending.clone() if isinstance(pending, torch.Tensor) else None
+        self.queue = [
+            {
+                "step": int(a["step"]),
+                "features": a["features"].clone(),
+                "sample": a["sample"].clone(),
+            }
+            for a in state.get("queue", [])
+        ]
+        self.last_target = state.get("last_target")
+        step = state.get("last_target_step")
+        self.last_target_step = None if step is None else int(step)
+        self._groups = [
+            (
+                {c: [float(x) for x in v] for c, v in g["scores"].items()},
+                [float(y) for y in g["correct"]],
+            )
+            for g in state.get("groups", [])
+        ]
+        self._varied = bool(state.get("varied", False))
+        self._batches = int(state.get("batches", 0))
 
 
 # ------------------------------------------------------------------ factory

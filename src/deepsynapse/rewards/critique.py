@@ -1,11 +1,18 @@
 """Reinforced critique validation: reward a self-critique and a confidence that tell the truth.
 
-The DeepSynapse schema lets a completion end with ``<critique>`` (a check of its own answer)
-and ``<confidence>`` (0 to 1). Both are only worth training if they track whether the
-answer is actually right, so the rewards here compare them with the gold answer:
+The DeepSynapse schema makes a completion end with ``<critique>`` (a check of its own
+answer) and ``<confidence>`` (0 to 1). Both are only worth training if they track whether
+the answer is actually right, so the rewards here compare them with the gold answer:
 calibration (a proper scoring rule, so the best policy reports its true probability) and
-consistency of the critique's verdict. Completions without the field score None (not
-applicable), so these components never punish the base schema.
+consistency of the critique's verdict.
+
+Under a schema that REQUIRES the field (deepsynapse), a completion without it (left out,
+empty, truncated before it, or a confidence that is not a number in [0, 1]) scores the
+worst value of the component: omission must never pay more than a stated claim. (Scoring
+None there, which fusion counts as 0, beat every Brier score <= 0, and the policy learnt
+never to state a confidence.) Under a schema without the field (base), or where it is
+optional, such completions score None (not applicable), so these components never touch
+the base schema.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepsynapse.data.answers import answers_match
-from deepsynapse.formats import ParsedCompletion
+from deepsynapse.formats import BASE_SCHEMA, ParsedCompletion, get_schema
 from deepsynapse.rewards.base import Scores, _parsed
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "critique_verdict",
     "is_correct",
     "make_calibration_reward",
+    "requires_field",
 ]
 
 # The verdict lexicon. Phrases that say the answer is WRONG; negated positives come first
@@ -121,13 +129,21 @@ def is_correct(parsed: ParsedCompletion, gold: str) -> bool:
     return answer is not None and answers_match(answer, gold)
 
 
+def requires_field(columns: dict[str, Any], name: str) -> bool:
+    """Whether the completions' schema (column ``schema``, base by default) requires ``name``."""
+    schema = get_schema(columns.get("schema") or BASE_SCHEMA)
+    return name in schema.required
+
+
 @dataclass(frozen=True)
 class CalibrationReward:
     """Negative Brier score of ``<confidence>`` against actual correctness.
 
     reward = -(c - y)^2 with c the confidence and y = 1 if the answer is right, else 0;
-    in [-1, 0]; None when the completion has no valid confidence. A proper scoring rule:
-    the expected reward is highest when c is the true probability of being right.
+    in [-1, 0]. A proper scoring rule: the expected reward is highest when c is the true
+    probability of being right. A completion without a valid confidence scores the worst
+    value, ``-1 - confident_wrong_penalty`` (as if certain and wrong), when the schema
+    requires the field (deepsynapse), and None (not applicable) when it does not (base).
 
     The confidently-wrong penalty is the Brier term itself: a wrong answer given with
     confidence 1 scores -1, the worst possible, while a wrong answer with confidence 0
@@ -137,21 +153,29 @@ class CalibrationReward:
     >>> ok, bad = "<answer>42</answer><confidence>0.9</confidence>", "<answer>41</answer>"
     >>> calibration_reward(["q"] * 3, [ok, ok.replace("42", "41"), bad], answer=["42"] * 3,
     ...                    schema="deepsynapse")
-    [-0.01, -0.81, None]
+    [-0.01, -0.81, -1.0]
+    >>> calibration_reward(["q"], [bad], answer=["42"])  # base schema: no confidence field
+    [None]
     """
 
     confident_wrong_penalty: float = 0.0
     threshold: float = 0.8
     name: str = "calibration"
 
+    @property
+    def worst(self) -> float:
+        """The lowest score: a wrong answer stated with confidence 1."""
+        return -1.0 - self.confident_wrong_penalty
+
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[str], **columns: Any
     ) -> Scores:
+        missing = self.worst if requires_field(columns, "confidence") else None
         out: Scores = []
         for parsed, gold in zip(_parsed(completions, columns), columns["answer"], strict=True):
             c = parsed.confidence
             if c is None:
-                out.append(None)
+                out.append(missing)
                 continue
             y = 1.0 if is_correct(parsed, gold) else 0.0
             reward = -((c - y) ** 2)
@@ -181,19 +205,22 @@ def critique_consistency_reward(
     """+1 when the critique's verdict agrees with the truth, -1 when not, 0 without a verdict.
 
     The verdict is `critique_verdict` of the ``<critique>`` field; the truth is whether the
-    answer matches the gold. None when the completion has no (non-empty) critique.
+    answer matches the gold. A completion without a (non-empty) critique scores -1, no
+    better than a wrong verdict, when the schema requires the field (deepsynapse), and None
+    when it does not (base).
 
     >>> done = "<answer>42</answer><critique>{}</critique>"
     >>> texts = [done.format("The answer is correct."), done.format("I made a mistake."),
     ...          done.format("Let me look again."), "<answer>42</answer>"]
     >>> critique_consistency_reward(["q"] * 4, texts, answer=["42"] * 4, schema="deepsynapse")
-    [1.0, -1.0, 0.0, None]
+    [1.0, -1.0, 0.0, -1.0]
     """
+    missing = -1.0 if requires_field(columns, "critique") else None
     out: Scores = []
     for parsed, gold in zip(_parsed(completions, columns), columns["answer"], strict=True):
         critique = parsed.fields.get("critique")
         if not critique:
-            out.append(None)
+            out.append(missing)
             continue
         verdict = critique_verdict(critique)
         if verdict is None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from deepsynapse.control.knobs import Event, Knobs
 from deepsynapse.memory.episodic import EpisodicMemory
@@ -106,6 +106,7 @@ class RewardDiscovery:
     """
 
     name = "discovery"
+    writes: ClassVar[dict[str, str]] = {"reward_weights": "adds"}
 
     def __init__(
         self,

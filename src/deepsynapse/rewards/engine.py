@@ -151,9 +151,31 @@ class RewardEngine:
             ]
         return comps
 
-    def score(
+    def evaluate(
         self,
         prompts: Sequence[str],
+        texts: Sequence[str],
+        columns: dict[str, Any],
+        knobs: Knobs,
+    ) -> tuple[dict[str, list[float | None]], list[ComponentFailure], list[float]]:
+        """Every active component's scores, the failures, and ground-truth correctness."""
+        scores, failures = call_components(
+            self.active(knobs), prompts, texts, columns, timeout=self.cfg.rewards.timeout_s or None
+        )
+        correct = [
+            float(
+                p.fields.get("answer") is not None
+                and answers_match(p.fields["answer"], prob.answer)
+            )
+            for p, prob in zip(columns["parsed"], columns["problem"], strict=True)
+        ]
+        return scores, failures, correct
+
+    def fuse(
+        self,
+        scores: dict[str, list[float | None]],
+        correct: list[float],
+        failures: list[ComponentFailure],
         texts: Sequence[str],
         columns: dict[str, Any],
         knobs: Knobs,
@@ -161,24 +183,14 @@ class RewardEngine:
         step: int,
         kl: list[float] | None = None,
     ) -> ScoredBatch:
-        components = self.active(knobs)
-        scores, failures = call_components(
-            components, prompts, texts, columns, timeout=self.cfg.rewards.timeout_s or None
-        )
+        """Calibrate and weigh the scores with the knob weights; the learners read the step."""
         parsed, problems = columns["parsed"], columns["problem"]
-        correct = [
-            float(
-                p.fields.get("answer") is not None
-                and answers_match(p.fields["answer"], prob.answer)
-            )
-            for p, prob in zip(parsed, problems, strict=True)
-        ]
         result = self.fusion.fuse(scores, knobs.reward_weights, group_size, kl=kl)
         metrics = dict(self.fusion.metrics(result))
         for category, count in error_counts(parsed, columns["schema"]).items():
             metrics[f"format/errors/{category}"] = count / max(len(parsed), 1)
         # Learners read this step after it was scored.
-        self.allocator.observe_batch(scores, correct, group_size)
+        self.allocator.observe_batch(scores, correct, group_size, calibrated=result.calibrated)
         if self.discovery is not None:
             self.discovery.observe_rollouts(
                 records_from_columns(list(texts), columns, step, self.memory)
@@ -204,6 +216,20 @@ class RewardEngine:
             failures,
             metrics,
         )
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        texts: Sequence[str],
+        columns: dict[str, Any],
+        knobs: Knobs,
+        group_size: int,
+        step: int,
+        kl: list[float] | None = None,
+    ) -> ScoredBatch:
+        """:meth:`evaluate` then :meth:`fuse`: one step's reward side in one call."""
+        scores, failures, correct = self.evaluate(prompts, texts, columns, knobs)
+        return self.fuse(scores, correct, failures, texts, columns, knobs, group_size, step, kl=kl)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {

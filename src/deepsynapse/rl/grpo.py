@@ -77,6 +77,9 @@ def importance_ratio_sequence(
     """GSPO: exp(mean over the sequence's tokens of log ratio), broadcast to every token.
 
     Gradients still flow per token, through ``logp`` (the detached-sequence trick of GSPO-token).
+    Being a mean over tokens, this ratio stays far closer to 1 than a token's: clip it with
+    the GSPO paper's bounds (3e-4 / 4e-4, what ``grpo.epsilon_*`` default to for
+    ``importance_sampling=sequence``), not the token-level 0.2 / 0.28, which it never reaches.
     """
     m = mask.to(logp.dtype)
     log_ratio = ((logp - old_logp) * m).sum(1) / m.sum(1).clamp(min=1)
@@ -152,6 +155,11 @@ def grpo_token_loss(
 
     loss_t = -min(r_t A, clip(r_t, 1-eps_low, 1+eps_high) A) + beta * KL_k3(pi || ref)_t
     Returns the per-token ``loss``, ``kl`` and ``clipped`` tensors, all [N, T].
+
+    On-policy (``old_logp`` = ``logp`` detached, i.e. ``num_iterations == 1``) every ratio is
+    exactly 1, so the clip never applies and the gradient is that of ``-A * logp``; the
+    epsilons matter only for the inner iterations after the first. ``beta`` is the loss's KL
+    coefficient: 0 when the KL is a reward objective (``rewards.kl_mode=reward``).
     """
     ratio = IMPORTANCE_RATIOS[importance_sampling](logp, old_logp, mask)
     loss, clipped = clipped_policy_loss(ratio, advantages, epsilon_low, epsilon_high)

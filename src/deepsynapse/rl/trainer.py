@@ -11,10 +11,13 @@ aggregation weights (``LOSS_AGGREGATIONS``: DAPO token-level by default).
 
 Departures from the GRPO paper, each a config switch:
 - token-level loss normalisation by default (DAPO); ``grpo.loss_aggregation=sequence`` is
-  the paper's; clip-higher (eps_high 0.28 > eps_low 0.2) by default;
+  the paper's; clip-higher (eps_high 0.28 > eps_low 0.2) by default for token ratios; GSPO's
+  sequence ratio (``importance_sampling=sequence``) defaults to the paper's 3e-4 / 4e-4;
 - the reference policy is the base model with the LoRA adapters switched off;
-- pi_old = the policy that sampled; with ``num_iterations == 1`` the ratio is 1 and only
-  its gradient matters (as in the paper's on-policy case);
+- pi_old = the policy that sampled; with ``num_iterations == 1`` (every shipped recipe) the
+  ratio is exactly 1, so the clip (eps_low/eps_high) never applies and only the ratio's
+  gradient matters (the paper's on-policy case); clipping acts only in the inner iterations
+  of ``num_iterations > 1``;
 - log-probs use the sampling temperature (the distribution actually sampled);
 - dynamic sampling (DAPO) judges a group by *correctness*, not the shaped reward;
 - an optional SFT warm-up on gold solutions in the XML format precedes RL: the embedded
@@ -35,7 +38,6 @@ import os
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +50,12 @@ from deepsynapse.checkpoint import (
     save_tree,
     write_checkpoint,
 )
-from deepsynapse.config import Config, save_config
+from deepsynapse.config import Config, ConfigError, save_config
 from deepsynapse.control.accumulation import MicrobatchGradients
 from deepsynapse.control.build import build_controllers
-from deepsynapse.control.curriculum import apply_locking, locking_summary
+from deepsynapse.control.curriculum import PhaseCurriculum, apply_locking, locking_summary
 from deepsynapse.control.data_curriculum import DataCurriculum
-from deepsynapse.control.knobs import Controller, Event, Knobs
+from deepsynapse.control.knobs import Controller, Event, Knobs, check_knob_owners
 from deepsynapse.control.sft_mixing import chord_phi_weights
 from deepsynapse.data.distractors import attach_distractors
 from deepsynapse.data.gsm8k import load_gsm8k
@@ -68,21 +70,24 @@ from deepsynapse.eval.probes import (
     run_probes,
     summarize_probes,
 )
-from deepsynapse.formats import format_completion, get_schema, parse_completion, stop_strings
+from deepsynapse.formats import get_schema, parse_completion, sft_target, stop_strings
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, apply_lora, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
+from deepsynapse.models.trained import restore_policy_state
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rewards.fusion import sequence_kl
+from deepsynapse.rl.batch import GroupBatch, concat_batches, select_groups
 from deepsynapse.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
     LOSS_AGGREGATIONS,
     group_has_signal,
     grpo_token_loss,
 )
-from deepsynapse.rollout.hf import RolloutOutput, encode_prompts, generate_groups
+from deepsynapse.rl.ranks import gather_rows, mean_metrics, reduce_scalar
+from deepsynapse.rollout.hf import encode_prompts, generate_groups
 from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
@@ -97,100 +102,30 @@ from deepsynapse.telemetry.run_logger import (
 logger = logging.getLogger(__name__)
 
 
+# The knobs the loop reads (a knob a controller writes must be one of them: check_knob_owners).
+KNOB_READS = frozenset(
+    {
+        "temperature",  # rollout, log-probs
+        "beta",  # the loss's KL coefficient
+        "reward_weights",  # fusion
+        "active_rewards",  # which components score
+        "max_new_tokens",  # rollout budget, loss aggregation
+        "length_budget",  # the length penalty's column
+        "micro_batches",  # the update's memory split
+        "difficulty",  # which problems are sampled
+        "trainable_groups",  # component locking
+        "lora_rank",  # dynamic LoRA growth
+        "accumulation_steps",  # rollout rounds per optimizer step
+        "sft_weight",  # CHORD mixing
+        "phase",  # progress bar, metrics
+        "phase_index",  # metrics, the phase allocator
+        "phase_step",  # metrics
+    }
+)
+
+
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message names the last good checkpoint."""
-
-
-# ------------------------------------------------------------------ the batch contract
-
-
-@dataclass
-class GroupBatch:
-    """Everything one step exchanges between rollout, rewards and loss (this process's share)."""
-
-    problems: list[Problem]  # B problems
-    prompts: list[str]  # B prompt texts
-    rollout: RolloutOutput  # N = B*G completions, groups contiguous
-    scores: dict[str, list[float | None]]  # component -> N scores
-    correct: torch.Tensor  # [N] float 0/1, ground-truth correctness (not a shaped reward)
-    reward: torch.Tensor  # [N] fused reward, exactly what the advantages use
-    parsed: list[Any] = field(default_factory=list)  # N ParsedCompletion
-    advantages: torch.Tensor | None = None  # [N]
-    calibrated: dict[str, list[float | None]] = field(default_factory=dict)
-    ref_logp: torch.Tensor | None = None  # [N, T] when computed early (KL in the reward)
-    reward_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def concat_batches(parts: list[GroupBatch]) -> GroupBatch:
-    """Join rollout rounds (dynamic sampling) into one batch, padding to common widths."""
-    if len(parts) == 1:
-        return parts[0]
-    p = max(b.rollout.prompt_ids.shape[1] for b in parts)
-    t = max(b.rollout.completion_ids.shape[1] for b in parts)
-
-    def pad(x: torch.Tensor, width: int, left: bool, value: int) -> torch.Tensor:
-        extra = width - x.shape[1]
-        if extra == 0:
-            return x
-        filler = x.new_full((x.shape[0], extra), value)
-        return torch.cat([filler, x] if left else [x, filler], 1)
-
-    pad_id = (
-        int(parts[0].rollout.completion_ids.flatten()[-1])
-        if parts[0].rollout.completion_ids.numel()
-        else 0
-    )
-    r = RolloutOutput(
-        prompt_ids=torch.cat([pad(b.rollout.prompt_ids, p, True, pad_id) for b in parts]),
-        prompt_mask=torch.cat([pad(b.rollout.prompt_mask, p, True, 0) for b in parts]),
-        completion_ids=torch.cat([pad(b.rollout.completion_ids, t, False, pad_id) for b in parts]),
-        completion_mask=torch.cat([pad(b.rollout.completion_mask, t, False, 0) for b in parts]),
-        texts=[x for b in parts for x in b.rollout.texts],
-        truncated=torch.cat([b.rollout.truncated for b in parts]),
-    )
-    names = parts[0].scores.keys()
-    return GroupBatch(
-        problems=[x for b in parts for x in b.problems],
-        prompts=[x for b in parts for x in b.prompts],
-        rollout=r,
-        scores={
-            k: [x for b in parts for x in b.scores.get(k, [None] * len(b.rollout.texts))]
-            for k in names
-        },
-        correct=torch.cat([b.correct for b in parts]),
-        reward=torch.cat([b.reward for b in parts]),
-        parsed=[x for b in parts for x in b.parsed],
-        calibrated={
-            k: [x for b in parts for x in b.calibrated.get(k, [None] * len(b.rollout.texts))]
-            for k in parts[0].calibrated
-        },
-        reward_metrics=parts[-1].reward_metrics,
-    )
-
-
-def select_groups(batch: GroupBatch, keep: torch.Tensor, group_size: int) -> GroupBatch:
-    """Keep the groups where ``keep`` [B] is True."""
-    rows = keep.repeat_interleave(group_size).nonzero().flatten().tolist()
-    groups = keep.nonzero().flatten().tolist()
-    r = batch.rollout
-    return GroupBatch(
-        problems=[batch.problems[i] for i in groups],
-        prompts=[batch.prompts[i] for i in groups],
-        rollout=RolloutOutput(
-            r.prompt_ids[rows],
-            r.prompt_mask[rows],
-            r.completion_ids[rows],
-            r.completion_mask[rows],
-            [r.texts[i] for i in rows],
-            r.truncated[rows],
-        ),
-        scores={k: [v[i] for i in rows] for k, v in batch.scores.items()},
-        correct=batch.correct[rows],
-        reward=batch.reward[rows],
-        parsed=[batch.parsed[i] for i in rows],
-        calibrated={k: [v[i] for i in rows] for k, v in batch.calibrated.items()},
-        reward_metrics=batch.reward_metrics,
-    )
 
 
 # ------------------------------------------------------------------ builders
@@ -198,11 +133,18 @@ def select_groups(batch: GroupBatch, keep: torch.Tensor, group_size: int) -> Gro
 
 def build_accelerator(cfg: Config, run_dir: Path):
     """Accelerate owns processes, devices, DDP and the trackers (TensorBoard, W&B, ...)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     trackers = list(cfg.train.trackers) or None
+    # Component locking freezes parameter groups mid-run: DDP must expect unused ones.
+    handlers = (
+        [DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if cfg.control.curriculum.enabled
+        else []
+    )
     return Accelerator(
         cpu=not torch.cuda.is_available(),
+        kwargs_handlers=handlers,
         log_with=trackers,
         project_dir=str(run_dir / "trackers") if trackers else None,
     )
@@ -341,6 +283,7 @@ class Trainer:
                 total_steps=cfg.train.steps,
                 problems=self.train_problems,
                 seed=cfg.train.seed,
+                kl_in_loss=self.engine.fusion.kl_in_loss,
             )
             + self.engine.controllers()
             + list(controllers or [])
@@ -348,6 +291,7 @@ class Trainer:
         self.data_curriculum = next(
             (c for c in self.controllers if isinstance(c, DataCurriculum)), None
         )
+        self.refuse_rank_growth_across_processes()
         self.tokenizer = load_tokenizer(cfg.model.name)
         torch.manual_seed(cfg.train.seed)  # LoRA A, hypernet and memory are initialised from this
         policy = build_policy(cfg, self.tokenizer, self.dtype_choice.dtype)
@@ -374,6 +318,7 @@ class Trainer:
         self.step = 0
         self.cursor = 0  # prompts drawn so far from the seeded epoch permutations
         self.sft_done = cfg.sft.steps == 0
+        self.sft_step = 0  # warm-up steps done (checkpointed: a stop inside it resumes there)
         self.bad_steps = 0
         self.skipped_steps = 0
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
@@ -392,8 +337,29 @@ class Trainer:
         )
         if self.emergence is not None:
             self.controllers.append(self.emergence)
+        self.knob_owners = check_knob_owners(self.controllers, KNOB_READS)
 
     # -------------------------------------------------------------- small helpers
+
+    def refuse_rank_growth_across_processes(self) -> None:
+        """LoRA rank growth replaces parameters, which a DDP-wrapped model cannot follow:
+        refuse it at build rather than skip it silently while logging the asked rank."""
+        if self.world == 1:
+            return
+        asked = {
+            p.lora_rank
+            for c in self.controllers
+            if isinstance(c, PhaseCurriculum)
+            for p in c.phases
+            if p.lora_rank not in (None, self.cfg.lora.r)
+        }
+        if asked:
+            raise ConfigError(
+                f"control.curriculum.phases[].lora_rank: ranks {sorted(asked)} differ from "
+                f"lora.r={self.cfg.lora.r}; LoRA rank growth runs in one process only "
+                f"({self.world} here). Set the phases' lora_rank to {self.cfg.lora.r} or "
+                "control.curriculum.default_ranks=[]"
+            )
 
     @property
     def unwrapped(self) -> PolicyModule:
@@ -407,22 +373,35 @@ class Trainer:
         random.seed(s)
         torch.manual_seed(s)
 
-    def next_problems(self, step: int, round_: int) -> list[Problem]:
+    def next_problems(self, step: int, round_: int, knobs: Knobs) -> list[Problem]:
         """This process's share of the next ``prompts_per_step`` prompts.
 
         Without a data curriculum, prompts come in order from a seeded permutation per
-        epoch (a cursor that checkpoints); with it, from UCB over difficulty buckets.
+        epoch (a cursor that checkpoints), skipping problems outside ``knobs.difficulty``
+        when a phase sets it; with it, from UCB over difficulty buckets.
         """
         p = self.cfg.grpo.prompts_per_step
         if self.data_curriculum is not None:
             chosen = self.data_curriculum.sample(step, p, rng_seed=self.cfg.train.seed * 7 + round_)
             return chosen[self.rank :: self.world]
         n = len(self.train_problems)
-        idx = []
-        for k in range(self.cursor, self.cursor + p):
-            epoch, pos = divmod(k, n)
-            idx.append(self._permutation(epoch)[pos])
-        self.cursor += p
+        lo, hi = knobs.difficulty or (-math.inf, math.inf)
+        if not any(lo <= q.difficulty <= hi for q in self.train_problems):
+            if not getattr(self, "_warned_difficulty", False):
+                self._warned_difficulty = True
+                self.event(
+                    "difficulty_fallback",
+                    f"no training problem has difficulty in [{lo}, {hi}]; sampling all",
+                    difficulty=[lo, hi],
+                )
+            lo, hi = -math.inf, math.inf
+        idx: list[int] = []
+        while len(idx) < p:
+            epoch, pos = divmod(self.cursor, n)
+            i = self._permutation(epoch)[pos]
+            self.cursor += 1
+            if lo <= self.train_problems[i].difficulty <= hi:
+                idx.append(i)
         return [self.train_problems[i] for i in idx[self.rank :: self.world]]
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -436,30 +415,55 @@ class Trainer:
     # -------------------------------------------------------------- one step, top to bottom
 
     def train_step(self, step: int) -> dict[str, float]:
+        """One GRPO step as named, timed phases (``timing/<phase>``; ``timing/step`` = wall).
+
+        sample -> generate -> parse -> reward -> fuse (per rollout round) -> select ->
+        advantage -> reference (and old log-probs) -> update -> observe.
+        """
         cfg, timer = self.cfg, Timer()
+        start = time.perf_counter()
         knobs = self.knobs.copy()
         for controller in self.controllers:
             controller.apply(knobs)
         self.apply_structure(knobs, step)  # component locking, LoRA rank growth
         self.seed(step)
         with self.adaptive.step_context(step_seed(cfg.train.seed, step, 0, salt=23)):
-            batch = self.collect_groups(step, knobs, timer)  # sample -> parse -> reward -> fuse
-            with timer("update"):
+            batch, drawn = self.collect_groups(step, knobs, timer)
+            with timer("advantage"):
                 batch.advantages = ADVANTAGE_ESTIMATORS[cfg.grpo.advantage](
                     batch.reward, cfg.rollout.num_generations
                 )
-                update = self.update(batch, knobs, step)
-        metrics = self.step_metrics(batch, update, knobs, timer)
-        for controller in self.controllers:
-            for ev in controller.observe(step, metrics):
-                self.log.event(step, ev)
-        for controller in self.controllers:
-            metrics.update(getattr(controller, "metrics", dict)())
-        self.knobs = knobs
-        self._last_batch = batch
-        if cfg.train.trim_memory:  # the step's activations are gone: give their pages back
-            release_freed_memory()
+                batch = batch.to(self.accelerator.device)  # what the loss reads lives with it
+            update = self.update(batch, knobs, step, timer)
+        with timer("observe"):
+            metrics = self.step_metrics(batch, drawn, update, knobs)
+            shared = self.metrics_for_controllers(metrics)
+            for controller in self.controllers:
+                for ev in controller.observe(step, shared):
+                    self.log.event(step, ev)
+            for controller in self.controllers:
+                metrics.update(getattr(controller, "metrics", dict)())
+            self.knobs = knobs
+            self._last_batch = batch
+            if cfg.train.trim_memory:  # the step's activations are gone: give their pages back
+                release_freed_memory()
+        for name, sec in timer.seconds.items():
+            metrics[f"timing/{name}"] = sec
+        metrics["timing/step"] = time.perf_counter() - start
+        tokens = metrics.pop("_completion_tokens")
+        metrics["throughput/completion_tokens_per_s"] = tokens / max(
+            timer.seconds.get("generate", 0.0), 1e-9
+        )
+        metrics["throughput/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
         return metrics
+
+    def metrics_for_controllers(self, metrics: dict[str, float]) -> dict[str, float]:
+        """This step's metrics as every process sees them: the mean over processes.
+
+        Controllers decide from these, so phase, temperature, beta, weights and trainable
+        groups are the same on every rank.
+        """
+        return mean_metrics(self.accelerator, metrics)
 
     def apply_structure(self, knobs: Knobs, step: int) -> None:
         """What the knobs say about the model itself: trainable groups and LoRA rank."""
@@ -474,7 +478,7 @@ class Trainer:
                     f"trainable groups: {', '.join(knobs.trainable_groups)}",
                     changes=locking_summary(changes),
                 )
-        if knobs.lora_rank is not None and self.world == 1:
+        if knobs.lora_rank is not None:
             info = self.adaptive.maybe_grow(
                 knobs.lora_rank, self.optimizer, step_seed(self.cfg.train.seed, step, 0, salt=17)
             )
@@ -483,11 +487,15 @@ class Trainer:
                     "lora_growth", f"LoRA rank {info['old_rank']} -> {info['new_rank']}", **info
                 )
 
-    def collect_groups(self, step: int, knobs: Knobs, timer: Timer) -> GroupBatch:
-        """Roll out and score ``accumulation_steps`` rounds of prompts.
+    def collect_groups(
+        self, step: int, knobs: Knobs, timer: Timer
+    ) -> tuple[GroupBatch, dict[str, float]]:
+        """Roll out, score and select ``accumulation_steps`` rounds of prompts.
 
         With dynamic sampling, groups whose correctness does not vary are dropped and more
         rounds are drawn to refill the step (up to ``grpo.max_resample_rounds`` extra).
+        Returns the kept batch and what the policy did on *every* drawn completion (before
+        selection), so accuracy is not pushed toward 0.5 by the selection.
         """
         cfg = self.cfg
         g = cfg.rollout.num_generations
@@ -498,31 +506,40 @@ class Trainer:
         rounds = rounds_wanted + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
         self.dropped_groups = 0
         last: GroupBatch | None = None
+        correct_drawn, valid_drawn, signal_drawn = [], [], []
         for round_ in range(rounds):
-            problems = self.next_problems(step, round_)
-            with timer("generation"):
+            with timer("sample"):
+                problems = self.next_problems(step, round_, knobs)
+            with timer("generate"):
                 batch = self.rollout(problems, knobs)
-            with timer("scoring"):
-                self.score(batch, knobs, step)
+            self.score(batch, knobs, step, timer)
             self.observe_data_curriculum(batch)
             last = batch
-            keep = (
-                group_has_signal(batch.correct, g)
-                if cfg.grpo.dynamic_sampling
-                else torch.ones(len(problems), dtype=torch.bool)
-            )
-            self.dropped_groups += int((~keep).sum())
-            if keep.any():
-                keep = keep & (keep.cumsum(0) <= want - n_kept)
-                kept.append(batch if bool(keep.all()) else select_groups(batch, keep, g))
-                n_kept += int(keep.sum())
-            if n_kept >= want:
-                break
+            with timer("select"):
+                has_signal = group_has_signal(batch.correct, g)
+                correct_drawn.append(batch.correct)
+                valid_drawn += [p.valid for p in batch.parsed]
+                signal_drawn.append(has_signal)
+                keep = has_signal if cfg.grpo.dynamic_sampling else torch.ones_like(has_signal)
+                self.dropped_groups += int((~keep).sum())
+                if keep.any():
+                    keep = keep & (keep.cumsum(0) <= want - n_kept)
+                    kept.append(batch if bool(keep.all()) else select_groups(batch, keep, g))
+                    n_kept += int(keep.sum())
+            if reduce_scalar(self.accelerator, n_kept, "min") >= want:
+                break  # decided together: every process draws as many rounds (same cursor)
+        drawn = {
+            "accuracy/train": float(torch.cat(correct_drawn).mean()),
+            "format/valid_rate": sum(valid_drawn) / max(len(valid_drawn), 1),
+            "groups/with_signal": float(torch.cat(signal_drawn).float().mean()),
+            "groups/drawn": float(sum(len(s) for s in signal_drawn)),
+        }
         if not kept:  # nothing carries signal: train on the last batch with zero advantages
             assert last is not None
             last.reward = torch.zeros_like(last.reward)
-            return last
-        return concat_batches(kept)
+            return last, drawn
+        with timer("select"):
+            return concat_batches(kept), drawn
 
     def observe_data_curriculum(self, batch: GroupBatch) -> None:
         """Per-group |advantage| and solve rate, before any group is dropped (DUMP)."""
@@ -570,11 +587,12 @@ class Trainer:
         n = len(out.texts)
         return GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
 
-    def score(self, batch: GroupBatch, knobs: Knobs, step: int) -> None:
-        """Parse every completion once; the reward engine scores, fuses and learns."""
+    def score(self, batch: GroupBatch, knobs: Knobs, step: int, timer: Timer) -> None:
+        """parse -> reward -> fuse: every completion parsed once, scored, then fused."""
         g = self.cfg.rollout.num_generations
         texts = batch.rollout.texts
-        batch.parsed = [parse_completion(t, self.schema) for t in texts]
+        with timer("parse"):
+            batch.parsed = [parse_completion(t, self.schema) for t in texts]
         expanded = [p for p in batch.problems for _ in range(g)]
         prompts = [p for p in batch.prompts for _ in range(g)]
         columns: dict[str, Any] = {
@@ -586,15 +604,24 @@ class Trainer:
             "truncated": batch.rollout.truncated.tolist(),
             "completion_lengths": batch.rollout.lengths.tolist(),
         }
+        if knobs.length_budget is not None:
+            columns["length_budget"] = knobs.length_budget
         if self.scorer is not None:
             columns["scorer"] = self.scorer
         if any("distractors" in p.columns for p in batch.problems):
             columns["distractors"] = [p.columns.get("distractors") for p in expanded]
-        kl = None
-        if not self.engine.fusion.kl_in_loss:
-            logp, batch.ref_logp = self.policy_and_reference_logp(batch, knobs)
-            kl = sequence_kl(logp, batch.ref_logp, batch.rollout.completion_mask.float())
-        scored = self.engine.score(prompts, texts, columns, knobs, g, step, kl=kl)
+        with timer("reward"):
+            scores, failures, correct = self.engine.evaluate(prompts, texts, columns, knobs)
+        with timer("fuse"):
+            kl = None
+            if not self.engine.fusion.kl_in_loss:
+                logp, batch.ref_logp = self.policy_and_reference_logp(batch, knobs)
+                kl = sequence_kl(
+                    logp, batch.ref_logp, batch.rollout.completion_mask.to(logp.device)
+                )
+            scored = self.fuse_over_ranks(
+                scores, correct, failures, texts, columns, knobs, step, kl
+            )
         for failure in scored.failures:
             self.event(
                 "reward_error",
@@ -605,6 +632,58 @@ class Trainer:
         batch.correct, batch.reward = scored.correct, scored.reward
         batch.reward_metrics = scored.metrics
 
+    def fuse_over_ranks(
+        self,
+        scores: dict[str, list[float | None]],
+        correct: list[float],
+        failures: list[Any],
+        texts: list[str],
+        columns: dict[str, Any],
+        knobs: Knobs,
+        step: int,
+        kl: list[float] | None,
+    ) -> Any:
+        """Fuse every process's completions together, then keep this process's rows.
+
+        Fusion statistics, the allocator, discovery, the verifier and the episodic memory
+        then learn from the same data on every process, so they stay identical.
+        """
+        g = self.cfg.rollout.num_generations
+        if self.world == 1:
+            return self.engine.fuse(
+                scores, correct, failures, texts, columns, knobs, g, step, kl=kl
+            )
+        names = list(scores)
+        per_row = [k for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)]
+        local = [
+            (
+                [scores[k][i] for k in names],
+                correct[i],
+                texts[i],
+                None if kl is None else kl[i],
+                {k: columns[k][i] for k in per_row},
+            )
+            for i in range(len(texts))
+        ]
+        rows, mine = gather_rows(self.accelerator, local)
+        every = dict(columns)
+        every.update({k: [r[4][k] for r in rows] for k in per_row})
+        scored = self.engine.fuse(
+            {k: [r[0][j] for r in rows] for j, k in enumerate(names)},
+            [r[1] for r in rows],
+            failures,
+            [r[2] for r in rows],
+            every,
+            knobs,
+            g,
+            step,
+            kl=None if kl is None else [r[3] for r in rows],
+        )
+        scored.scores = {k: v[mine] for k, v in scored.scores.items()}
+        scored.calibrated = {k: v[mine] for k, v in scored.calibrated.items()}
+        scored.correct, scored.reward = scored.correct[mine], scored.reward[mine]
+        return scored
+
     @torch.no_grad()
     def policy_and_reference_logp(
         self, batch: GroupBatch, knobs: Knobs
@@ -613,8 +692,9 @@ class Trainer:
         r = batch.rollout
         ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
         attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
-        logp = torch.zeros(r.completion_mask.shape)
-        ref = torch.zeros(r.completion_mask.shape)
+        device = self.accelerator.device
+        logp = torch.zeros(r.completion_mask.shape, device=device)
+        ref = torch.zeros(r.completion_mask.shape, device=device)
         size = self.cfg.grpo.micro_batch_size
         for start in range(0, ids.shape[0], size):
             rows = slice(start, start + size)
@@ -628,8 +708,11 @@ class Trainer:
                 ).logp
         return logp, ref
 
-    def update(self, batch: GroupBatch, knobs: Knobs, step: int) -> dict[str, float]:
-        """GRPO update: ``num_iterations`` passes over micro-batches, one optimizer step each."""
+    def update(self, batch: GroupBatch, knobs: Knobs, step: int, timer: Timer) -> dict[str, float]:
+        """GRPO update: ``num_iterations`` passes over micro-batches, one optimizer step each.
+
+        Every tensor here lives on the policy's device (``batch.to`` put it there).
+        """
         cfg, acc = self.cfg, self.accelerator
         r = batch.rollout
         ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
@@ -638,7 +721,9 @@ class Trainer:
         loss_mask = cmask.float()
         if cfg.grpo.mask_truncated:
             loss_mask = loss_mask * (~r.truncated).float().unsqueeze(1)
-        totals = torch.tensor([loss_mask.sum().item(), float(loss_mask.shape[0])])
+        totals = torch.tensor(
+            [loss_mask.sum().item(), float(loss_mask.shape[0])], device=loss_mask.device
+        )
         if self.world > 1:
             totals = acc.reduce(totals, reduction="sum")
         weights = (
@@ -662,7 +747,7 @@ class Trainer:
             return ids[rows, cols], attn[rows, cols], cmask[rows, :t], slice(0, t)
 
         prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
-        with torch.no_grad():
+        with torch.no_grad(), timer("reference"):
             ref_logp, old_logp = batch.ref_logp, None
             if ref_logp is None and knobs.beta > 0:
                 ref_logp = torch.zeros_like(loss_mask)
@@ -679,56 +764,65 @@ class Trainer:
 
         mu = knobs.sft_weight
         stats: dict[str, float] = defaultdict(float)
-        entropy_sum = kl_sum = clip_sum = 0.0
-        recorder = None
-        if self.measures_gradient_noise:
-            recorder = MicrobatchGradients([p for p in self.policy.parameters() if p.requires_grad])
-        for iteration in range(cfg.grpo.num_iterations):
-            first = iteration == 0
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step) * knobs.lr_scale * group.get("lr_mult", 1.0)
-            if mu > 0:  # CHORD: L = (1 - mu) L_GRPO + mu L_SFT, SFT first (no sync)
-                with acc.no_sync(self.policy):
-                    stats["sft/aux_loss"] += self.sft_backward(step, mu) / cfg.grpo.num_iterations
+        with timer("update"):
+            entropy_sum = kl_sum = clip_sum = 0.0
+            recorder = None
+            if self.measures_gradient_noise:
+                recorder = MicrobatchGradients(
+                    [p for p in self.policy.parameters() if p.requires_grad]
+                )
+            for iteration in range(cfg.grpo.num_iterations):
+                first = iteration == 0
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(cfg, step) * group.get("lr_mult", 1.0)
+                if mu > 0:  # CHORD: L = (1 - mu) L_GRPO + mu L_SFT, SFT first (no sync)
+                    with acc.no_sync(self.policy):
+                        stats["sft/aux_loss"] += (
+                            self.sft_backward(step, mu) / cfg.grpo.num_iterations
+                        )
+                    if recorder is not None and first:
+                        recorder.reset()
+                for k, (rows, live) in enumerate(micro):
+                    sync = k == len(micro) - 1
+                    ctx = contextlib.nullcontext() if sync else acc.no_sync(self.policy)
+                    with ctx, self.adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
+                        i, a, c, tcols = rows_of(rows)
+                        out = self.policy(i, a, c, knobs.temperature, first)
+                        old = out.logp.detach() if old_logp is None else old_logp[rows, tcols]
+                        ref = None if ref_logp is None else ref_logp[rows, tcols]
+                        terms = grpo_token_loss(
+                            out.logp,
+                            old,
+                            ref,
+                            batch.advantages[rows],
+                            c.float(),
+                            epsilon_low=cfg.grpo.epsilon_low,
+                            epsilon_high=cfg.grpo.epsilon_high,
+                            beta=knobs.beta if self.engine.fusion.kl_in_loss else 0.0,
+                            importance_sampling=cfg.grpo.importance_sampling,
+                        )
+                        w = weights[rows, tcols] * ((1.0 - mu) if live else 0.0)
+                        loss = (terms["loss"] * w).sum()
+                        acc.backward(loss)
+                    if recorder is not None and first and live and not (sync and self.world > 1):
+                        recorder.capture()
+                    stats["loss/total"] += float(loss.detach()) / self.world
+                    if not live:
+                        continue
+                    lm = loss_mask[rows, tcols]
+                    if first:
+                        kl_sum += float((terms["kl"].detach() * lm).sum())
+                        if out.entropy is not None:
+                            entropy_sum += float((out.entropy * lm).sum())
+                    clip_sum += float((terms["clipped"].detach() * lm).sum())
                 if recorder is not None and first:
-                    recorder.reset()
-            for k, (rows, live) in enumerate(micro):
-                sync = k == len(micro) - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.policy)
-                with ctx, self.adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
-                    i, a, c, tcols = rows_of(rows)
-                    out = self.policy(i, a, c, knobs.temperature, first)
-                    old = out.logp.detach() if old_logp is None else old_logp[rows, tcols]
-                    ref = None if ref_logp is None else ref_logp[rows, tcols]
-                    terms = grpo_token_loss(
-                        out.logp,
-                        old,
-                        ref,
-                        batch.advantages[rows],
-                        c.float(),
-                        epsilon_low=cfg.grpo.epsilon_low,
-                        epsilon_high=cfg.grpo.epsilon_high,
-                        beta=knobs.beta,
-                        importance_sampling=cfg.grpo.importance_sampling,
+                    stats["grad/microbatch_cosine"] = self.mean_over_ranks(recorder.cosine())
+                    rows_per_piece = len(live_rows[0]) if live_rows else 1
+                    stats["grad/noise_scale"] = self.mean_over_ranks(
+                        recorder.noise_scale(rows_per_piece)
                     )
-                    w = weights[rows, tcols] * ((1.0 - mu) if live else 0.0)
-                    loss = (terms["loss"] * w).sum()
-                    acc.backward(loss)
-                if recorder is not None and first and live and not (sync and self.world > 1):
-                    recorder.capture()
-                stats["loss/total"] += float(loss.detach()) / self.world
-                if not live:
-                    continue
-                lm = loss_mask[rows, tcols]
-                if first:
-                    kl_sum += float((terms["kl"].detach() * lm).sum())
-                    if out.entropy is not None:
-                        entropy_sum += float((out.entropy * lm).sum())
-                clip_sum += float((terms["clipped"].detach() * lm).sum())
-            if recorder is not None and first:
-                stats["grad/microbatch_cosine"] = self.mean_over_ranks(recorder.cosine())
-            grad_norm = self.clip_and_step()
-            stats["grad_norm"] = grad_norm
+                grad_norm = self.clip_and_step()
+                stats["grad_norm"] = grad_norm
         n_tok = max(float(loss_mask.sum()), 1.0)
         stats["loss/total"] /= cfg.grpo.num_iterations
         stats["kl/mean"] = kl_sum / n_tok
@@ -746,7 +840,9 @@ class Trainer:
         if self.world == 1:
             return value
         finite = math.isfinite(value)
-        t = torch.tensor([value if finite else 0.0, 1.0 if finite else 0.0])
+        t = torch.tensor(
+            [value if finite else 0.0, 1.0 if finite else 0.0], device=self.accelerator.device
+        )
         t = self.accelerator.reduce(t, reduction="sum")
         return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
@@ -761,7 +857,7 @@ class Trainer:
         size = min(size, self.cfg.grpo.micro_batch_size)
         chunks = [(order[i : i + size], True) for i in range(0, len(order), size)]
         if self.world > 1:
-            count = int(self.accelerator.reduce(torch.tensor([len(chunks)]), reduction="max"))
+            count = int(reduce_scalar(self.accelerator, len(chunks), "max"))
             chunks += [([order[0]], False)] * (count - len(chunks))
         return chunks
 
@@ -799,8 +895,14 @@ class Trainer:
         return norm
 
     def step_metrics(
-        self, batch: GroupBatch, update: dict[str, float], knobs: Knobs, timer: Timer
+        self,
+        batch: GroupBatch,
+        drawn: dict[str, float],
+        update: dict[str, float],
+        knobs: Knobs,
     ) -> dict[str, float]:
+        """This process's metrics of the step: ``drawn`` covers every rollout, the rest the
+        kept groups the loss saw."""
         r = batch.rollout
         m: dict[str, float] = {}
         for name, values in batch.scores.items():
@@ -811,14 +913,11 @@ class Trainer:
         m["reward/fused/mean"] = float(batch.reward.mean())
         m["reward/fused/std"] = float(batch.reward.std()) if batch.reward.numel() > 1 else 0.0
         m["advantage/abs_mean"] = float(batch.advantages.abs().mean())
-        m["accuracy/train"] = float(batch.correct.mean())
-        m["format/valid_rate"] = sum(p.valid for p in batch.parsed) / max(len(batch.parsed), 1)
+        m.update(drawn)  # accuracy/train, format/valid_rate, groups/with_signal: all drawn
+        m["accuracy/train_kept"] = float(batch.correct.float().mean())
         m["completion/length_mean"] = float(r.lengths.float().mean())
         m["completion/length_max"] = float(r.lengths.max())
         m["completion/truncated_rate"] = float(r.truncated.float().mean())
-        m["groups/with_signal"] = float(
-            group_has_signal(batch.correct, self.cfg.rollout.num_generations).float().mean()
-        )
         m["groups/dropped"] = float(getattr(self, "dropped_groups", 0))
         m["data/skipped_rows"] = float(self.skipped_rows)
         trainable = [p for p in self.unwrapped.parameters() if p.requires_grad]
@@ -828,15 +927,7 @@ class Trainer:
         m.update(update)
         m.update(knobs.as_metrics())
         m.update(self.adaptive.metrics())
-        for name, sec in timer.seconds.items():
-            m[f"timing/{name}"] = sec
-        total = sum(timer.seconds.values())
-        m["timing/step"] = total
-        tokens = float(r.lengths.sum()) * self.world
-        m["throughput/completion_tokens_per_s"] = tokens / max(
-            timer.seconds.get("generation", 0.0), 1e-9
-        )
-        m["throughput/tokens_per_s"] = tokens / max(total, 1e-9)
+        m["_completion_tokens"] = float(r.lengths.sum()) * self.world
         m["memory/peak_rss_mb"] = peak_rss_mb()
         m["memory/rss_mb"] = current_rss_mb()
         if torch.cuda.is_available():
@@ -860,10 +951,7 @@ class Trainer:
         chosen = chosen[self.rank :: self.world]
         eos = self.tokenizer.eos_token or ""
         prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in chosen]
-        targets = [
-            format_completion({"reasoning": p.solution, "answer": p.answer}, self.schema) + eos
-            for p in chosen
-        ]
+        targets = [sft_target(p, self.schema, rng, eos=eos) for p in chosen]
         return prompts, targets
 
     def sft_loss(self, prompts: list[str], targets: list[str], phi: bool = False) -> torch.Tensor:
@@ -901,18 +989,24 @@ class Trainer:
         self.accelerator.backward(loss)
         return float(loss.detach())
 
-    def sft_warmup(self) -> None:
-        """Supervised steps on gold solutions rewritten into the XML format (cold start)."""
+    def sft_warmup(self) -> bool:
+        """Supervised steps on gold solutions rewritten into the XML format (cold start).
+
+        Resumes at ``self.sft_step``; checkpoints every ``train.save_every`` warm-up steps and
+        when a stop is requested. Returns whether the warm-up finished.
+        """
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            range(cfg.sft.steps),
+            total=cfg.sft.steps,
+            initial=self.sft_step,
             desc="sft warm-up",
             disable=not (self.progress and acc.is_main_process),
         )
         loss_value = None
-        for k in bar:
+        while self.sft_step < cfg.sft.steps and not self.stop_requested():
+            k = self.sft_step
             prompts, targets = self.sft_examples(k, cfg.sft.batch_size, salt=99)
             for group in self.optimizer.param_groups:
                 group["lr"] = (
@@ -938,8 +1032,15 @@ class Trainer:
                     "timing/sft_step": time.perf_counter() - start,
                 },
             )
+            self.sft_step = k + 1
+            bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}")
+            due = cfg.train.save_every and self.sft_step % cfg.train.save_every == 0
+            if due and self.sft_step < cfg.sft.steps:
+                self.save_checkpoint()
         bar.close()
+        if self.sft_step < cfg.sft.steps:
+            return False
         # RL starts with fresh Adam moments: SFT's gradient scale is not RL's.
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         inner.state.clear()
@@ -949,6 +1050,7 @@ class Trainer:
         self.event(
             "sft_done", f"SFT warm-up finished after {cfg.sft.steps} steps", last_loss=loss_value
         )
+        return True
 
     # -------------------------------------------------------------- evaluation
 
@@ -1017,6 +1119,7 @@ class Trainer:
             "step": self.step,
             "cursor": self.cursor,
             "sft_done": self.sft_done,
+            "sft_step": self.sft_step,
             "bad_steps": self.bad_steps,
             "skipped_steps": self.skipped_steps,
             "knobs": self.knobs.state_dict(),
@@ -1044,9 +1147,6 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore everything a step depends on; refuse a checkpoint made for another setup."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         state = load_tree(folder, "trainer_state")
         theirs, ours = state.get("identity", {}), self.identity()
         diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
@@ -1055,22 +1155,14 @@ class Trainer:
                 f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in diff.items()
             )
             raise CheckpointError(f"{folder} was made for another setup ({detail})")
-        # Grow to the saved LoRA rank first: the saved weights must fit.
-        self.adaptive.load_state_dict(state["adaptive"], self.optimizer)
-        adapter_file = folder / "adapter" / "adapter_model.safetensors"
-        try:
-            weights = load_file(str(adapter_file))
-        except Exception as exc:  # missing or damaged: say which file
-            raise CheckpointError(f"{adapter_file}: unreadable adapter ({exc})") from exc
-        result = set_peft_model_state_dict(self.unwrapped.peft_model, weights)
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(
-                f"{folder}: adapter has unexpected keys {result.unexpected_keys[:3]}"
-            )
+        restore_policy_state(
+            self.unwrapped.peft_model, self.adaptive, folder, self.optimizer, state=state
+        )
         self.optimizer.load_state_dict(load_tree(folder, "optimizer"))
         self.step = int(state["step"])
         self.cursor = int(state.get("cursor", 0))
         self.sft_done = bool(state["sft_done"])
+        self.sft_step = int(state.get("sft_step", self.cfg.sft.steps if self.sft_done else 0))
         self.bad_steps = int(state.get("bad_steps", 0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.knobs = Knobs.from_state(state["knobs"])
@@ -1105,7 +1197,7 @@ class Trainer:
             self.load_checkpoint(resumed_from)
             if acc.is_main_process:
                 for name in ("metrics.jsonl", "events.jsonl", "samples.jsonl"):
-                    truncate_jsonl_after(self.run_dir / name, self.step)
+                    truncate_jsonl_after(self.run_dir / name, self.step, self.sft_step)
             self.event("resume", f"resumed from {resumed_from.name}", step=self.step)
             self.say(f"resumed from {resumed_from} at step {self.step}")
         else:
@@ -1121,32 +1213,20 @@ class Trainer:
             f"{self.plan.describe()}; dtype {self.dtype_choice.dtype} ({self.dtype_choice.reason})"
         )
 
-        if resumed_from is None and not (self.run_dir / "eval_before.json").exists():
-            self.evaluate_heldout("before")
-        if not self.sft_done:
-            self.sft_warmup()
-            self.save_checkpoint()
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.train.steps,
-            initial=self.step,
-            desc="grpo",
-            disable=not (self.progress and acc.is_main_process),
-        )
         stop_at = (
             cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
         )
         with self.graceful_stop():
-            self.run_steps(stop_at, bar)
-        bar.close()
-        self.save_checkpoint()
-        if self.step < cfg.train.steps:
+            finished = self.run_stages(resumed_from is not None, stop_at)
+        if not finished:
             why = f" ({self._stop_requested})" if self._stop_requested else ""
+            where = (
+                f"warm-up step {self.sft_step}/{cfg.sft.steps}"
+                if not self.sft_done
+                else f"step {self.step}"
+            )
             self.say(
-                f"stopped at step {self.step}{why}; resume with: "
-                f"deepsynapse train --resume {self.run_dir}"
+                f"stopped at {where}{why}; resume with: deepsynapse train --resume {self.run_dir}"
             )
             self.write_report()
             return self.summary(None)
@@ -1157,6 +1237,32 @@ class Trainer:
         self.write_report()
         acc.end_training()
         return summary
+
+    def run_stages(self, resumed: bool, stop_at: int) -> bool:
+        """Evaluation before, SFT warm-up, GRPO steps; each checkpoints before a stop.
+
+        Returns whether the run reached ``train.steps`` (False: stopped, checkpointed).
+        """
+        cfg, acc = self.cfg, self.accelerator
+        if not resumed and not (self.run_dir / "eval_before.json").exists():
+            self.evaluate_heldout("before")
+        if not self.sft_done:
+            done = self.sft_warmup()
+            self.save_checkpoint()
+            if not done:
+                return False
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.train.steps,
+            initial=self.step,
+            desc="grpo",
+            disable=not (self.progress and acc.is_main_process),
+        )
+        self.run_steps(stop_at, bar)
+        bar.close()
+        self.save_checkpoint()
+        return self.step >= cfg.train.steps
 
     def write_report(self) -> None:
         """report.html with its plots; a failure here never fails the run."""
@@ -1225,6 +1331,7 @@ class Trainer:
                 batch_size=cfg.probes.batch_size,
                 max_new_tokens=cfg.probes.max_new_tokens,
                 pad_multiple=cfg.model.pad_to_multiple_of,
+                around=self.adaptive.for_prompts,  # the hypernetwork runs per input
             )
         records = result["records"]
         if self.world > 1:
@@ -1244,12 +1351,10 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Whether any process asked to stop (all must agree, or collectives would hang)."""
-        flag = torch.tensor([1 if self._stop_requested else 0])
-        if self.world > 1:
-            flag = self.accelerator.reduce(flag, reduction="max")
-        if int(flag) and not self._stop_requested:
+        flag = reduce_scalar(self.accelerator, 1 if self._stop_requested else 0, "max")
+        if flag and not self._stop_requested:
             self._stop_requested = "stop requested on another process"
-        return bool(int(flag))
+        return bool(flag)
 
     def write_samples(self) -> None:
         """Some completions of the last step with their per-component rewards."""

@@ -21,7 +21,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,10 +31,15 @@ from deepsynapse.models.policy import SEQUENCE_MULTIPLE, pad_to_multiple, positi
 
 @dataclass
 class RolloutOutput:
-    prompt_ids: torch.Tensor  # [N, P] left-padded, N = B * G, rows of a group contiguous
-    prompt_mask: torch.Tensor  # [N, P]
-    completion_ids: torch.Tensor  # [N, T] right-padded with pad_token_id
-    completion_mask: torch.Tensor  # [N, T] 1 on tokens that belong to the completion
+    """G completions per prompt. Field metadata says how rounds are padded when joined."""
+
+    # [N, P] left-padded, N = B * G, rows of a group contiguous
+    prompt_ids: torch.Tensor = field(metadata={"pad": "left", "pad_value": "pad_id"})
+    prompt_mask: torch.Tensor = field(metadata={"pad": "left", "pad_value": 0})  # [N, P]
+    # [N, T] right-padded with pad_token_id
+    completion_ids: torch.Tensor = field(metadata={"pad": "right", "pad_value": "pad_id"})
+    # [N, T] 1 on tokens that belong to the completion
+    completion_mask: torch.Tensor = field(metadata={"pad": "right", "pad_value": 0})
     texts: list[str]  # N decoded completions (up to and including the stop string)
     truncated: torch.Tensor  # [N] bool: hit max_new_tokens without stopping
 

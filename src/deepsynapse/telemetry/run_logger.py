@@ -165,11 +165,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_jsonl_after(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint's step so each step appears once."""
+def truncate_jsonl_after(path: Path, step: int, sft_step: int | None = None) -> None:
+    """On resume, drop rows logged after the checkpoint's step so each step appears once.
+
+    Warm-up rows (``sft/step``, logged at step 0) are also dropped past ``sft_step``.
+    """
     if not path.is_file():
         return
-    rows = [r for r in read_jsonl(path) if int(r.get("step", -1)) <= step]
+    rows = [
+        r
+        for r in read_jsonl(path)
+        if int(r.get("step", -1)) <= step
+        and (sft_step is None or int(r.get("sft/step", 0)) <= sft_step)
+    ]
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"

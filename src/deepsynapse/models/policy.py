@@ -10,7 +10,10 @@ being kept.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +27,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 SEQUENCE_MULTIPLE = 64
+
+
+@functools.cache
+def _cache_argument(forward_owner: type) -> str:
+    params = inspect.signature(forward_owner.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for the model's forward: ``cache`` where transformers renamed it
+    (5.2x deprecates ``past_key_values``, with a warning per call), else ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {_cache_argument(type(base)): cache}
 
 
 def pad_to_multiple(

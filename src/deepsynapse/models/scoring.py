@@ -18,6 +18,7 @@ from torch import nn
 
 from deepsynapse.models.policy import (
     SEQUENCE_MULTIPLE,
+    cache_kwarg,
     pad_to_multiple,
     position_ids_from_mask,
     selected_token_logprobs,
@@ -134,8 +135,8 @@ class PolicyScorer:
             input_ids=ctx,
             attention_mask=ctx_mask,
             position_ids=position_ids_from_mask(ctx_mask),
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwarg(body, cache),
         ).last_hidden_state[:, -1]  # [B, H]
 
         # Continuations, right-padded: [N, C], N = all continuations of the batch.
@@ -156,8 +157,8 @@ class PolicyScorer:
             input_ids=cont,
             attention_mask=full_mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwarg(body, cache),
         ).last_hidden_state  # [N, C, H]
         # Predictor of token k: the context's last state for k = 0, else cont. state k - 1.
         predictors = torch.cat([last[index].unsqueeze(1), hidden[:, :-1]], dim=1)  # [N, C, H]

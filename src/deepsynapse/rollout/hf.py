@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 import torch
 
 from deepsynapse.models.dynamic_lora import merged_lora
-from deepsynapse.models.policy import SEQUENCE_MULTIPLE, pad_to_multiple, position_ids_from_mask
+from deepsynapse.models.policy import (
+    SEQUENCE_MULTIPLE,
+    cache_kwarg,
+    pad_to_multiple,
+    position_ids_from_mask,
+)
 
 
 @dataclass
@@ -128,8 +133,8 @@ def _prefill(model, ids, mask, g, prefix_sharing):
         input_ids=prompt,
         attention_mask=prompt_mask,
         position_ids=position_ids_from_mask(prompt_mask),
-        past_key_values=cache,
         use_cache=True,
+        **cache_kwarg(model, cache),
     )
     if rows == 1 and g > 1:
         cache.batch_repeat_interleave(g)
@@ -262,11 +267,11 @@ def _generate_fast(
             input_ids=step_input,
             attention_mask=attn[:, : p + t],
             position_ids=step_pos,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwarg(model, cache),
         )
-        cache = out.past_key_values
+        cache = out.cache if "cache" in out else out.past_key_values
         logits = out.logits[:, -1]
         if gen_config.do_sample:
             token = sample_next(logits, gen_config.temperature, gen_config.top_p)

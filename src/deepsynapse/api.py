@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from deepsynapse.config import Config, ConfigError, load_config
+from deepsynapse.config import Config, ConfigError, default_config_path, load_config
 from deepsynapse.interactive import Completion, complete
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 
@@ -72,9 +72,7 @@ def build_config(
     if isinstance(config, (str, os.PathLike)):
         return load_config(config, overrides)
     if config is None:
-        from deepsynapse.cli import _default_config
-
-        return load_config(_default_config(), overrides)
+        return load_config(default_config_path(), overrides)
     if isinstance(config, Config):
         data: Any = config.to_dict()
     elif isinstance(config, Mapping):

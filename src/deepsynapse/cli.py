@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIG = "configs/demo-cpu.yaml"
+DEFAULT_CONFIG = "configs/demo-cpu.yaml"  # shown in --help; config.default_config_path finds it
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MODEL_HELP = (
     f"base model: alias, folder, .gguf or hub id (default {DEFAULT_MODEL}); a run or "
@@ -25,15 +25,6 @@ ADAPTER_HELP = (
 )
 SCHEMA_HELP = "XML schema of the prompt and parser (default: the run's, else base)"
 DTYPE_HELP = "base model dtype (auto: a run's model.dtype, else bf16 where supported)"
-
-
-def _default_config() -> str | None:
-    """configs/demo-cpu.yaml next to the working dir or the source checkout, if present."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base / DEFAULT_CONFIG
-        if candidate.is_file():
-            return str(candidate)
-    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +153,7 @@ def add_chat_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deepsynapse.config import load_config
+    from deepsynapse.config import default_config_path, load_config
     from deepsynapse.rl.trainer import Trainer, find_run_dir
 
     run_dir = None
@@ -171,11 +162,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = find_run_dir(args.resume)
             cfg = load_config(args.config or run_dir / "config.yaml", args.overrides)
         else:
-            cfg = load_config(args.config or _default_config(), args.overrides)
+            cfg = load_config(args.config or default_config_path(), args.overrides)
             if not cfg.train.run_name:
                 raise SystemExit(_fail("--resume without RUN_DIR needs train.run_name=NAME"))
     else:
-        cfg = load_config(args.config or _default_config(), args.overrides)
+        cfg = load_config(args.config or default_config_path(), args.overrides)
     trainer = Trainer(cfg, run_dir=run_dir, progress=not args.quiet)
     summary = trainer.train(resume=args.resume is not None)
     if trainer.accelerator.is_main_process:

@@ -30,6 +30,7 @@ from deepsynapse.control.kl_temperature import KLTemperatureConfig, KLTemperatur
 from deepsynapse.control.knobs import Controller, Knobs
 from deepsynapse.control.sft_mixing import SFTMixing, SFTMixingConfig
 from deepsynapse.data.problems import Problem
+from deepsynapse.strict import ConfigError, from_mapping
 
 __all__ = ["BUILDERS", "BuildContext", "ControlConfig", "build_controllers", "from_dict"]
 
@@ -72,19 +73,15 @@ class BuildContext:
 
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """``cls`` from a plain mapping, through the config's one strict reader."""
-    from deepsynapse.config import _from_mapping
-
     if isinstance(data, cls):
         return data
-    return _from_mapping(cls, data, where)
+    return from_mapping(cls, data, where)
 
 
 # ---------------------------------------------------------------- builders
 
 
 def _check_reward_names(phases: Sequence[PhaseSpec], known: Collection[str]) -> None:
-    from deepsynapse.config import ConfigError
-
     for phase in phases:
         for name in [*phase.reward_weights, *(phase.active_rewards or [])]:
             if name not in known:

@@ -71,3 +71,15 @@ def test_batch_plan_refuses_and_suggests():
 def test_shipped_recipes_load():
     for name in ("configs/demo-cpu.yaml", "configs/gsm8k-gpu.yaml"):
         load_config(Path(__file__).resolve().parents[1] / name)
+
+
+def test_config_is_frozen_after_validation():
+    import dataclasses
+
+    import pytest
+
+    cfg = load_config(None, ["grpo.beta=0.02"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.grpo.beta = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.grpo = None

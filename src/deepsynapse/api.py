@@ -20,6 +20,7 @@ functions follow TRL's convention and are called as TRL calls them (keywords ``p
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -147,7 +148,10 @@ def train(
     components = {name: as_reward_component(name, fn) for name, fn in (rewards or {}).items()}
     missing = {name: 1.0 for name in components if name not in cfg.rewards.weights}
     if missing:
-        cfg.rewards.weights = {**cfg.rewards.weights, **missing}
+        rewards_section = dataclasses.replace(
+            cfg.rewards, weights={**cfg.rewards.weights, **missing}
+        )
+        cfg = dataclasses.replace(cfg, rewards=rewards_section)
     trainer = Trainer(cfg, run_dir=run_dir, reward_fns=components, progress=progress)
     summary = trainer.train(resume=resume)
     return RunResult(trainer.run_dir, summary, cfg)

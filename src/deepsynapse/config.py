@@ -1,5 +1,8 @@
 """Typed, strict configuration: nested dataclasses from YAML plus ``key.sub=value`` overrides.
 
+Frozen once validated: a run's settings cannot change under it (``dataclasses.replace``
+makes a changed copy, validated again by ``load_config`` when it matters).
+
 Every field has a default and a help line (its ``metadata["help"]``). An unknown key fails
 and names the nearest valid one; a wrong type fails with the key's full path and the type
 expected. Defaults live here and nowhere else.
@@ -39,7 +42,7 @@ def _f(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = _f(
         "smollm2-135m-instruct",
@@ -56,7 +59,7 @@ class ModelConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     r: int = _f(16, "LoRA rank")
     alpha: float = _f(32.0, "LoRA alpha (scale = alpha / r)")
@@ -71,7 +74,7 @@ class LoraConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class HypernetConfig:
     enabled: bool = _f(False, "scale LoRA per prompt by a hypernetwork of its context embedding")
     granularity: Literal["layer", "module"] = _f(
@@ -84,7 +87,7 @@ class HypernetConfig:
     lr_mult: float = _f(10.0, "hypernetwork learning rate as a multiple of optim.lr")
 
 
-@dataclass
+@dataclass(frozen=True)
 class NeuralMemoryConfig:
     enabled: bool = _f(False, "gated neural memory: learned slots read by attention from a layer")
     slots: int = _f(32, "number of key/value slots")
@@ -93,7 +96,7 @@ class NeuralMemoryConfig:
     lr_mult: float = _f(10.0, "memory learning rate as a multiple of optim.lr")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     train: str = _f(
         "gsm8k", "training problems: gsm8k (local copy), a .jsonl path, a hub id, or synthetic"
@@ -104,7 +107,7 @@ class DataConfig:
     skip_malformed: bool = _f(False, "skip (and count) malformed dataset rows instead of failing")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     num_generations: int = _f(4, "G: completions sampled per prompt (one group)")
     max_new_tokens: int = _f(128, "completion token budget; longer completions are truncated")
@@ -125,7 +128,7 @@ class RolloutConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRPOConfig:
     prompts_per_step: int = _f(4, "prompts per optimizer step, over all processes")
     micro_batch_size: int = _f(16, "completions per forward/backward pass on one process")
@@ -184,12 +187,12 @@ class GRPOConfig:
             self.importance_sampling, self.DEFAULT_EPSILONS["token"]
         )
         if self.epsilon_low is None:
-            self.epsilon_low = low
+            object.__setattr__(self, "epsilon_low", low)  # frozen: resolved once, here
         if self.epsilon_high is None:
-            self.epsilon_high = high
+            object.__setattr__(self, "epsilon_high", high)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = _f(2e-5, "peak learning rate of AdamW")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -199,7 +202,7 @@ class OptimConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RewardsConfig:
     schema: Literal["base", "deepsynapse"] = _f("base", "XML schema of completions")
     weights: dict[str, float] = _f(
@@ -238,7 +241,7 @@ class RewardsConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiscoveryConfig:
     enabled: bool = _f(
         False, "mine recent rollouts for recurring failures; switch penalty terms on/off (3.12)"
@@ -253,14 +256,14 @@ class DiscoveryConfig:
     cluster_weight: float = _f(-0.2, "weight of a term proposed from a cluster")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EpisodicConfig:
     attempts_per_problem: int = _f(8, "attempts remembered per problem (spans epochs)")
     max_problems: int = _f(10000, "problems remembered (LRU)")
     solutions_per_problem: int = _f(2, "verified solutions kept per problem")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbesConfig:
     every: int = _f(0, "run the skill probes and a held-out slice every N steps (0 = off)")
     per_skill: int = _f(8, "probe units per skill (fewer = a wider noise band)")
@@ -272,7 +275,7 @@ class ProbesConfig:
     emergence: bool = _f(True, "log an 'emergence' event when a skill rises beyond its noise band")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFTConfig:
     steps: int = _f(0, "supervised warm-up steps on gold solutions in the XML format (0 = off)")
     batch_size: int = _f(8, "examples per warm-up step")
@@ -280,14 +283,14 @@ class SFTConfig:
     data: str = _f("gsm8k", "source of worked solutions (same names as data.train)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalConfig:
     limit: int = _f(32, "held-out problems evaluated before and after training (0 = off)")
     max_new_tokens: int = _f(200, "completion budget at evaluation")
     batch_size: int = _f(16, "prompts per generation batch at evaluation")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = _f(20, "GRPO optimizer steps")
     seed: int = _f(0, "seed of data order, sampling and initialisation")
@@ -308,7 +311,7 @@ class TrainConfig:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

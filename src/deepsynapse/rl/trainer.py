@@ -58,9 +58,7 @@ from deepsynapse.control.data_curriculum import DataCurriculum
 from deepsynapse.control.knobs import Controller, Event, Knobs, check_knob_owners
 from deepsynapse.control.sft_mixing import chord_phi_weights
 from deepsynapse.data.distractors import attach_distractors
-from deepsynapse.data.gsm8k import load_gsm8k
 from deepsynapse.data.problems import Problem
-from deepsynapse.data.synthetic import generate_problems
 from deepsynapse.eval.harness import evaluate, summarize
 from deepsynapse.eval.probes import (
     SKILLS,
@@ -72,8 +70,8 @@ from deepsynapse.eval.probes import (
 )
 from deepsynapse.formats import get_schema, parse_completion, sft_target, stop_strings
 from deepsynapse.models.adaptive import AdaptivePolicy
-from deepsynapse.models.loading import load_model, load_tokenizer, resolve_dtype
-from deepsynapse.models.policy import PolicyModule, apply_lora, trainable_parameters
+from deepsynapse.models.loading import load_tokenizer, resolve_dtype
+from deepsynapse.models.policy import PolicyModule, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
 from deepsynapse.models.trained import restore_policy_state
 from deepsynapse.prompting import build_prompt
@@ -87,6 +85,17 @@ from deepsynapse.rl.grpo import (
     grpo_token_loss,
 )
 from deepsynapse.rl.ranks import gather_rows, mean_metrics, reduce_scalar
+from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir: public here too)
+    Timer,
+    build_accelerator,
+    build_policy,
+    build_problems,
+    default_run_dir,
+    find_run_dir,
+    init_trackers,
+    learning_rate,
+    step_seed,
+)
 from deepsynapse.rollout.hf import encode_prompts, generate_groups
 from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import (
@@ -94,10 +103,10 @@ from deepsynapse.telemetry.run_logger import (
     current_rss_mb,
     fix_malloc_thresholds,
     peak_rss_mb,
-    read_jsonl,
     release_freed_memory,
     truncate_jsonl_after,
 )
+from deepsynapse.telemetry.summary import run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -129,104 +138,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # ------------------------------------------------------------------ builders
-
-
-def build_accelerator(cfg: Config, run_dir: Path):
-    """Accelerate owns processes, devices, DDP and the trackers (TensorBoard, W&B, ...)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    trackers = list(cfg.train.trackers) or None
-    # Component locking freezes parameter groups mid-run: DDP must expect unused ones.
-    handlers = (
-        [DistributedDataParallelKwargs(find_unused_parameters=True)]
-        if cfg.control.curriculum.enabled
-        else []
-    )
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        kwargs_handlers=handlers,
-        log_with=trackers,
-        project_dir=str(run_dir / "trackers") if trackers else None,
-    )
-
-
-def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
-    """Start the configured trackers; W&B runs offline unless WANDB_MODE says otherwise."""
-    if not cfg.train.trackers:
-        return
-    flat = {
-        f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()
-    }
-    flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-    accelerator.init_trackers(
-        project_name="deepsynapse",
-        config=flat,
-        init_kwargs={
-            "wandb": {
-                "dir": str(run_dir),
-                "name": run_dir.name,
-                "mode": os.environ.get("WANDB_MODE", "offline"),
-            }
-        },
-    )
-
-
-def build_problems(
-    name: str, split: str, cfg: Config, *, seed_offset: int = 0
-) -> tuple[list[Problem], int]:
-    """Problems for ``name``: 'synthetic' or any GSM8K source that ``load_gsm8k`` resolves."""
-    if name == "synthetic":
-        lo, hi = cfg.data.synthetic_difficulty
-        seed = cfg.train.seed + (0 if split == "train" else 10_000) + seed_offset
-        return generate_problems(cfg.data.synthetic_size, seed=seed, difficulty=(lo, hi)), 0
-    return load_gsm8k(name, split, skip_malformed=cfg.data.skip_malformed)
-
-
-def build_policy(cfg: Config, tokenizer, dtype: torch.dtype) -> PolicyModule:
-    base = load_model(cfg.model.name, dtype=dtype, tokenizer=tokenizer)
-    if cfg.model.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()
-    peft_model = apply_lora(
-        base, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules
-    )
-    return PolicyModule(
-        peft_model,
-        chunk_tokens=cfg.grpo.logprob_chunk_tokens,
-        pad_multiple=cfg.model.pad_to_multiple_of,
-    )
-
-
-def learning_rate(cfg: Config, step: int) -> float:
-    """Peak lr with linear warm-up then constant, linear or cosine decay (a pure function)."""
-    o = cfg.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    total = max(cfg.train.steps - o.warmup_steps, 1)
-    progress = min(max(step - o.warmup_steps, 0) / total, 1.0)
-    if o.schedule == "linear":
-        return o.lr * (1.0 - progress)
-    if o.schedule == "cosine":
-        return o.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return o.lr
-
-
-def step_seed(seed: int, step: int, rank: int, salt: int = 0) -> int:
-    """Every step reseeds from (seed, step, rank): resuming replays exactly the same draws."""
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + salt * 7) % (2**31 - 1)
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
 
 
 # ------------------------------------------------------------------ the trainer
@@ -1394,72 +1305,7 @@ class Trainer:
 
     def summary(self, after: dict[str, Any] | None) -> dict[str, Any]:
         """Each reward's mean over the first and last steps, and held-out before/after."""
-        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if "reward/fused/mean" in r]
-        k = max(1, min(5, len(rows) // 2)) if rows else 0
-        keys = sorted(
-            {
-                key
-                for r in rows
-                for key in r
-                if key.endswith("/mean") and key.startswith(("rewards/", "reward/"))
-            }
-            | {"accuracy/train", "format/valid_rate"}
-        )
-        first = {key: _mean([r.get(key) for r in rows[:k]]) for key in keys}
-        last = {key: _mean([r.get(key) for r in rows[-k:]]) for key in keys}
-        before_path = self.run_dir / "eval_before.json"
-        before = json.loads(before_path.read_text()) if before_path.exists() else None
-        return {
-            "run_dir": str(self.run_dir),
-            "steps": self.step,
-            "window": k,
-            "first_steps": first,
-            "last_steps": last,
-            "eval_before": _headline(before),
-            "eval_after": _headline(after),
-            "mean_step_seconds": _mean([r.get("timing/step") for r in rows]),
-            "phases": self.phases_passed(),
-        }
-
-    def phases_passed(self) -> list[dict[str, Any]]:
-        """Curriculum phases in the order they ran, with the step each began and why."""
-        events = read_jsonl(self.run_dir / "events.jsonl")
-        changes = [e for e in events if e.get("kind") == "phase_transition"]
-        if not changes:
-            return []
-        first = changes[0]["evidence"]
-        out = [{"phase": first.get("from"), "from_step": 1, "why": "start"}]
-        for e in changes:
-            ev = e["evidence"]
-            # events carry the 0-based index of the step that decided; metrics count from 1
-            out.append({"phase": ev.get("to"), "from_step": e["step"] + 2, "why": ev.get("reason")})
-        return out
-
-
-def _headline(result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An evaluation result without its per-item records."""
-    if result is None:
-        return None
-    return {
-        k: result[k] for k in ("n", "accuracy", "format_validity", "mean_length", "truncation_rate")
-    }
-
-
-def _mean(values: list[Any]) -> float | None:
-    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    return sum(vals) / len(vals) if vals else None
-
-
-def default_run_dir(cfg: Config) -> Path:
-    name = cfg.train.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    return Path(cfg.train.output_dir) / name
-
-
-def find_run_dir(path: str | Path) -> Path:
-    p = Path(path)
-    if not (p / "config.yaml").is_file():
-        raise CheckpointError(f"{p} is not a run folder (no config.yaml)")
-    return p
+        return run_summary(self.run_dir, self.step, after)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

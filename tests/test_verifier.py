@@ -137,8 +137,10 @@ def test_verifier_reward_formula() -> None:
     assert scores[0] == pytest.approx(1 - 2 * (0.9 - p) ** 2, abs=1e-5)
     assert scores[1] == pytest.approx(1 - 2 * (0.0 - p) ** 2, abs=1e-5)
     assert scores[0] > scores[1]  # agreeing with the verifier pays
-    assert scores[2:] == [None, None]
-    assert all(-1.0 <= s <= 1.0 for s in scores[:2])
+    assert scores[2:] == [-1.0, -1.0]  # the schema requires a claim: omitting it never pays
+    assert min(scores[:2]) > -1.0
+    base = reward(["q"] * 2, texts[2:], question=[question] * 2, schema="base")
+    assert base == [None, None]  # a schema without claims: not applicable
     assert reward.name == "verifier"
 
 

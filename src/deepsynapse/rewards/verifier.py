@@ -41,7 +41,7 @@ from torch import nn
 from deepsynapse.checkpoint import load_tree, save_tree
 from deepsynapse.formats import BASE_SCHEMA, ParsedCompletion, XMLSchema, parse_completion
 from deepsynapse.rewards.base import Scores, _parsed
-from deepsynapse.rewards.critique import critique_verdict
+from deepsynapse.rewards.critique import critique_verdict, requires_field
 
 __all__ = [
     "MINILM_PACKAGE",
@@ -426,8 +426,10 @@ class VerifierReward:
     reward = 1 - 2 * (q - p)^2, in [-1, 1], where q = `claimed_probability` (confidence,
     else critique verdict) and p = the verifier's P(correct) for (question, reasoning,
     answer). Full agreement scores 1, a certain claim against a certain verifier -1.
-    None when the completion claims nothing, or until the verifier has seen
-    ``min_examples`` labelled examples (an untrained judge should not steer training).
+    A completion that claims nothing scores -1 (the worst) when its schema requires a
+    confidence (deepsynapse: omitting the claim must not pay), None otherwise; every row is
+    None until the verifier has seen ``min_examples`` labelled examples (an untrained judge
+    should not steer training).
 
     Score BEFORE calling ``verifier.update`` on the same batch, so the judgement is not
     fitted to the completions it scores. Columns: ``question`` (else ``problem``),
@@ -451,7 +453,8 @@ class VerifierReward:
         parsed = _parsed(completions, columns)
         claims = [claimed_probability(p) for p in parsed]
         rows = [i for i, q in enumerate(claims) if q is not None]
-        out: Scores = [None] * n
+        missing = -1.0 if requires_field(columns, "confidence") else None
+        out: Scores = [missing] * n
         if not rows:
             return out
         texts = verifier_texts([questions[i] for i in rows], [parsed[i] for i in rows])

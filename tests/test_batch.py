@@ -39,6 +39,7 @@ def _batch(b: int, g: int, p_len: int, t_len: int, tag: int) -> GroupBatch:
         advantages=rows.float() / 10,
         calibrated={"a": [float(r) / 2 for r in rows.tolist()]},
         ref_logp=-rows[:, None].float().repeat(1, t_len),
+        sampler_logp=-rows[:, None].float().repeat(1, t_len) / 2,
         reward_metrics={"m": float(tag)},
     )
 

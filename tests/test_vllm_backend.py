@@ -258,3 +258,35 @@ def test_sampler_logprobs_match_the_trainers(engine, policy, tok):
     scores = torch.log_softmax(logits[:, p - 1 : -1] / temperature, -1)
     trainer = scores.gather(-1, out.completion_ids[..., None])[..., 0] * out.completion_mask
     assert (trainer - logp).abs().max() < 1e-3
+
+
+# ------------------------------------------------------------------ the trainer's fallback
+
+
+def _trainer_run(tmp_path, extra):
+    from conftest import EXTRA_REWARDS, TINY
+
+    from deepsynapse.config import load_config
+    from deepsynapse.rl.trainer import Trainer
+
+    cfg = load_config(None, TINY + ["sft.steps=0", "eval.limit=0", "train.steps=1", *extra])
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    trainer.train()
+    return trainer
+
+
+def test_trainer_falls_back_with_a_reason_for_a_hypernetwork(tmp_path, capsys):
+    trainer = _trainer_run(tmp_path, ["rollout.backend=vllm", "hypernet.enabled=true"])
+    out = capsys.readouterr().out
+    assert "rollout.backend=vllm falls back to our decoder" in out and "hypernetwork" in out
+    assert trainer.vllm is None and trainer.step == 1
+
+
+def test_trainer_fallback_samples_exactly_as_our_decoder(tmp_path, capsys):
+    """Wherever vLLM cannot serve (here: tiny-random's head size on CPU, or vLLM missing),
+    the step is our decoder's, bit for bit."""
+    ours = _trainer_run(tmp_path / "ours", [])
+    fallback = _trainer_run(tmp_path / "vllm", ["rollout.backend=vllm"])
+    assert "falls back to our decoder" in capsys.readouterr().out
+    assert fallback._last_batch.rollout.texts == ours._last_batch.rollout.texts
+    assert torch.equal(fallback._last_batch.reward, ours._last_batch.reward)

@@ -50,6 +50,7 @@ class GroupBatch:
         default_factory=dict, metadata=_axis(ROW)
     )  # component -> N calibrated scores
     ref_logp: torch.Tensor | None = field(default=None, metadata=_axis(ROW))  # [N, T]
+    sampler_logp: torch.Tensor | None = field(default=None, metadata=_axis(ROW))  # [N, T]
     reward_metrics: dict[str, float] = field(default_factory=dict, metadata=_axis(META))
 
     @property

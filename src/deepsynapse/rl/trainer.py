@@ -226,6 +226,20 @@ class Trainer:
             if self.engine.needs_scorer
             else None
         )
+        self.vllm, self.rollout_note = None, ""
+        if cfg.rollout.backend == "vllm":
+            from deepsynapse.rollout.vllm import build_vllm_rollout
+
+            self.vllm, self.rollout_note = build_vllm_rollout(
+                self.unwrapped.peft_model,
+                self.tokenizer,
+                world_size=self.world,
+                kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+                max_model_len=cfg.rollout.vllm_max_model_len,
+                seed=cfg.train.seed,
+            )
+        self.weights_version = 0  # bumped by every optimizer step, growth and load
+        self.vllm_version = -1 if self.vllm is None else 0  # the engine has the built weights
         self.step = 0
         self.cursor = 0  # prompts drawn so far from the seeded epoch permutations
         self.sft_done = cfg.sft.steps == 0
@@ -394,6 +408,7 @@ class Trainer:
                 knobs.lora_rank, self.optimizer, step_seed(self.cfg.train.seed, step, 0, salt=17)
             )
             if info:
+                self.weights_version += 1
                 self.event(
                     "lora_growth", f"LoRA rank {info['old_rank']} -> {info['new_rank']}", **info
                 )
@@ -478,6 +493,8 @@ class Trainer:
     def rollout(self, problems: list[Problem], knobs: Knobs) -> GroupBatch:
         prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in problems]
         model = self.unwrapped.peft_model
+        if self.vllm is not None:
+            return self.rollout_vllm(problems, prompts, knobs)
         model.eval()
         out = generate_groups(
             model,
@@ -497,6 +514,29 @@ class Trainer:
         model.train()
         n = len(out.texts)
         return GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
+
+    def rollout_vllm(self, problems: list[Problem], prompts: list[str], knobs: Knobs) -> GroupBatch:
+        """The same rollout from vLLM's engine, fed the policy's weights when they changed."""
+        assert self.vllm is not None
+        if self.vllm_version != self.weights_version:
+            self.vllm.sync_weights(self.unwrapped.peft_model)
+            self.vllm_version = self.weights_version
+        seed = int(torch.randint(2**31 - 1, ()))  # from the step-seeded RNG: resume replays it
+        out, sampler_logp = self.vllm.generate(
+            prompts,
+            num_generations=self.cfg.rollout.num_generations,
+            max_new_tokens=knobs.max_new_tokens,
+            temperature=knobs.temperature,
+            top_p=self.cfg.rollout.top_p,
+            stop_strings=self.stops,
+            seed=seed,
+            pad_multiple=self.cfg.model.pad_to_multiple_of,
+            return_logprobs=True,
+        )
+        n = len(out.texts)
+        batch = GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
+        batch.sampler_logp = sampler_logp
+        return batch
 
     def score(self, batch: GroupBatch, knobs: Knobs, step: int, timer: Timer) -> None:
         """parse -> reward -> fuse: every completion parsed once, scored, then fused."""
@@ -676,7 +716,7 @@ class Trainer:
         mu = knobs.sft_weight
         stats: dict[str, float] = defaultdict(float)
         with timer("update"):
-            entropy_sum = kl_sum = clip_sum = 0.0
+            entropy_sum = kl_sum = clip_sum = sampler_gap = 0.0
             recorder = None
             if self.measures_gradient_noise:
                 recorder = MicrobatchGradients(
@@ -723,6 +763,9 @@ class Trainer:
                     lm = loss_mask[rows, tcols]
                     if first:
                         kl_sum += float((terms["kl"].detach() * lm).sum())
+                        if batch.sampler_logp is not None:
+                            gap = (out.logp.detach() - batch.sampler_logp[rows, tcols]).abs()
+                            sampler_gap += float((gap * lm).sum())
                         if out.entropy is not None:
                             entropy_sum += float((out.entropy * lm).sum())
                     clip_sum += float((terms["clipped"].detach() * lm).sum())
@@ -739,6 +782,8 @@ class Trainer:
         stats["kl/mean"] = kl_sum / n_tok
         stats["entropy/mean"] = entropy_sum / n_tok
         stats["clip/fraction"] = clip_sum / (n_tok * cfg.grpo.num_iterations)
+        if batch.sampler_logp is not None:  # how far the sampler's log-probs are from ours
+            stats["rollout/sampler_logp_abs_diff"] = sampler_gap / n_tok
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return dict(stats)
 
@@ -784,6 +829,7 @@ class Trainer:
             )
         if math.isfinite(norm):
             self.optimizer.step()
+            self.weights_version += 1
             self.bad_steps = 0
         else:
             self.bad_steps += 1
@@ -1070,6 +1116,7 @@ class Trainer:
             self.unwrapped.peft_model, self.adaptive, folder, self.optimizer, state=state
         )
         self.optimizer.load_state_dict(load_tree(folder, "optimizer"))
+        self.weights_version += 1
         self.step = int(state["step"])
         self.cursor = int(state.get("cursor", 0))
         self.sft_done = bool(state["sft_done"])
@@ -1123,6 +1170,9 @@ class Trainer:
         self.say(
             f"{self.plan.describe()}; dtype {self.dtype_choice.dtype} ({self.dtype_choice.reason})"
         )
+        if self.rollout_note:
+            self.say(self.rollout_note)
+            self.event("rollout_backend", self.rollout_note)
 
         stop_at = (
             cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
@@ -1140,7 +1190,9 @@ class Trainer:
                 f"stopped at {where}{why}; resume with: deepsynapse train --resume {self.run_dir}"
             )
             self.write_report()
+            self.close_rollout_engine()
             return self.summary(None)
+        self.close_rollout_engine()
         after = self.evaluate_heldout("after")
         summary = self.summary(after)
         if acc.is_main_process:
@@ -1148,6 +1200,12 @@ class Trainer:
         self.write_report()
         acc.end_training()
         return summary
+
+    def close_rollout_engine(self) -> None:
+        """Free vLLM's engine (its weights and KV cache) once the run's rollouts are done."""
+        if self.vllm is not None:
+            self.vllm.close()
+            self.vllm, self.vllm_version = None, -1
 
     def run_stages(self, resumed: bool, stop_at: int) -> bool:
         """Evaluation before, SFT warm-up, GRPO steps; each checkpoints before a stop.

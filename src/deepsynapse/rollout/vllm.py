@@ -86,6 +86,7 @@ def vllm_available() -> tuple[bool, str]:
     if importlib.util.find_spec("vllm") is None:
         return False, f"vllm is not installed ({INSTALL_HINT})"
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no engine chatter in a run's output
     try:
         import vllm
         from vllm import LLM  # noqa: F401  (the import that fails on a broken install)

@@ -34,26 +34,20 @@ def launch(tmp_path, *args: str) -> tuple[dict, dict]:
     return tuple(json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
 
 
-def test_two_process_launch(tmp_path):
-    r0, r1 = launch(tmp_path)
+def test_two_processes_take_the_same_decisions_every_step(tmp_path):
+    """Two processes on gloo, curriculum with locking, an adaptive allocator and KL-temperature
+    on: rollouts sharded, and after every step the knobs, the decisions logged, the data
+    cursors and the parameters are identical on both ranks."""
+    r0, r1 = launch(tmp_path, "controllers")
     assert r0["world"] == r1["world"] == 2
     # Each rank rolled out its own half of each step's prompts.
     for a, b in zip(r0["seen"][:2], r1["seen"][:2], strict=True):
         assert len(a) == len(b) == 2 and not set(a) & set(b)
-    # DDP kept the trainable parameters identical, and they moved from LoRA's zero init.
-    assert r0["params"].keys() == r1["params"].keys()
-    for name, value in r0["params"].items():
-        assert abs(value - r1["params"][name]) < 1e-6 * max(1.0, abs(value)), name
+    # DDP moved the trainable parameters from LoRA's zero init; evaluation was sharded and
+    # gathered: 4 problems in all.
     assert any(abs(v) > 0 for n, v in r0["params"].items() if "lora_B" in n)
-    # Evaluation was sharded and gathered: 4 problems in all.
     assert r0["eval_n"] == 4
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
-
-
-def test_two_processes_take_the_same_decisions_every_step(tmp_path):
-    """Curriculum with locking, an adaptive allocator and KL-temperature on: after every step
-    the knobs, the decisions logged and the parameters are identical on both ranks."""
-    r0, r1 = launch(tmp_path, "controllers")
     assert len(r0["steps"]) == len(r1["steps"]) == 4
     for k, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
         assert a["knobs"] == b["knobs"], f"knobs differ after step {k + 1}"

@@ -217,20 +217,6 @@ class RewardEngine:
             metrics,
         )
 
-    def score(
-        self,
-        prompts: Sequence[str],
-        texts: Sequence[str],
-        columns: dict[str, Any],
-        knobs: Knobs,
-        group_size: int,
-        step: int,
-        kl: list[float] | None = None,
-    ) -> ScoredBatch:
-        """:meth:`evaluate` then :meth:`fuse`: one step's reward side in one call."""
-        scores, failures, correct = self.evaluate(prompts, texts, columns, knobs)
-        return self.fuse(scores, correct, failures, texts, columns, knobs, group_size, step, kl=kl)
-
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "fusion": self.fusion.state_dict(),

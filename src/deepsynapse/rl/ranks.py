@@ -38,6 +38,16 @@ def mean_metrics(accelerator, metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
+def mean_scalar(accelerator, value: float) -> float:
+    """The NaN-safe mean of a per-process scalar (NaN only if every process has NaN)."""
+    if accelerator.num_processes == 1:
+        return value
+    finite = math.isfinite(value)
+    t = torch.tensor([value if finite else 0.0, float(finite)], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="sum")
+    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
 def reduce_scalar(accelerator, value: float, op: str = "sum") -> float:
     """``value`` reduced over processes (``sum``, ``max`` or ``min``) on the run's device."""
     if accelerator.num_processes == 1:

@@ -84,7 +84,7 @@ from deepsynapse.rl.grpo import (
     group_has_signal,
     grpo_token_loss,
 )
-from deepsynapse.rl.ranks import gather_rows, mean_metrics, reduce_scalar
+from deepsynapse.rl.ranks import gather_rows, mean_metrics, mean_scalar, reduce_scalar
 from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir: public here too)
     Timer,
     build_accelerator,
@@ -249,6 +249,7 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
         self._stop_requested: str | None = None
+        self._warned_difficulty = False  # the difficulty fallback is said once
         self._sft_pool: list[Problem] | None = None
         self.probe_items = (
             build_probe_suite(cfg.probes.seed, cfg.probes.per_skill, cfg.probes.skills or SKILLS)
@@ -312,7 +313,7 @@ class Trainer:
         n = len(self.train_problems)
         lo, hi = knobs.difficulty or (-math.inf, math.inf)
         if not any(lo <= q.difficulty <= hi for q in self.train_problems):
-            if not getattr(self, "_warned_difficulty", False):
+            if not self._warned_difficulty:
                 self._warned_difficulty = True
                 self.event(
                     "difficulty_fallback",
@@ -362,7 +363,7 @@ class Trainer:
             update = self.update(batch, knobs, step, timer)
         with timer("observe"):
             metrics = self.step_metrics(batch, drawn, update, knobs)
-            shared = self.metrics_for_controllers(metrics)
+            shared = mean_metrics(self.accelerator, metrics)  # every rank decides alike
             for controller in self.controllers:
                 for ev in controller.observe(step, shared):
                     self.log.event(step, ev)
@@ -375,20 +376,12 @@ class Trainer:
         for name, sec in timer.seconds.items():
             metrics[f"timing/{name}"] = sec
         metrics["timing/step"] = time.perf_counter() - start
-        tokens = metrics.pop("_completion_tokens")
+        tokens = float(batch.rollout.lengths.sum()) * self.world
         metrics["throughput/completion_tokens_per_s"] = tokens / max(
             timer.seconds.get("generate", 0.0), 1e-9
         )
         metrics["throughput/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
         return metrics
-
-    def metrics_for_controllers(self, metrics: dict[str, float]) -> dict[str, float]:
-        """This step's metrics as every process sees them: the mean over processes.
-
-        Controllers decide from these, so phase, temperature, beta, weights and trainable
-        groups are the same on every rank.
-        """
-        return mean_metrics(self.accelerator, metrics)
 
     def apply_structure(self, knobs: Knobs, step: int) -> None:
         """What the knobs say about the model itself: trainable groups and LoRA rank."""
@@ -492,9 +485,9 @@ class Trainer:
 
     def rollout(self, problems: list[Problem], knobs: Knobs) -> GroupBatch:
         prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in problems]
-        model = self.unwrapped.peft_model
         if self.vllm is not None:
             return self.rollout_vllm(problems, prompts, knobs)
+        model = self.unwrapped.peft_model
         model.eval()
         out = generate_groups(
             model,
@@ -770,10 +763,12 @@ class Trainer:
                             entropy_sum += float((out.entropy * lm).sum())
                     clip_sum += float((terms["clipped"].detach() * lm).sum())
                 if recorder is not None and first:
-                    stats["grad/microbatch_cosine"] = self.mean_over_ranks(recorder.cosine())
+                    stats["grad/microbatch_cosine"] = mean_scalar(
+                        self.accelerator, recorder.cosine()
+                    )
                     rows_per_piece = len(live_rows[0]) if live_rows else 1
-                    stats["grad/noise_scale"] = self.mean_over_ranks(
-                        recorder.noise_scale(rows_per_piece)
+                    stats["grad/noise_scale"] = mean_scalar(
+                        self.accelerator, recorder.noise_scale(rows_per_piece)
                     )
                 grad_norm = self.clip_and_step()
                 stats["grad_norm"] = grad_norm
@@ -790,17 +785,6 @@ class Trainer:
     @property
     def measures_gradient_noise(self) -> bool:
         return self.cfg.control.accumulation.enabled
-
-    def mean_over_ranks(self, value: float) -> float:
-        """NaN-safe mean of a per-process scalar, identical on every process."""
-        if self.world == 1:
-            return value
-        finite = math.isfinite(value)
-        t = torch.tensor(
-            [value if finite else 0.0, 1.0 if finite else 0.0], device=self.accelerator.device
-        )
-        t = self.accelerator.reduce(t, reduction="sum")
-        return float(t[0] / t[1]) if t[1] > 0 else float("nan")
 
     def micro_batches(self, order: list[int], knobs: Knobs) -> list[tuple[list[int], bool]]:
         """Split rows into micro-batches of similar length: (rows, live) pairs.
@@ -884,7 +868,6 @@ class Trainer:
         m.update(update)
         m.update(knobs.as_metrics())
         m.update(self.adaptive.metrics())
-        m["_completion_tokens"] = float(r.lengths.sum()) * self.world
         m["memory/peak_rss_mb"] = peak_rss_mb()
         m["memory/rss_mb"] = current_rss_mb()
         if torch.cuda.is_available():

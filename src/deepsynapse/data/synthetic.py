@@ -14,13 +14,21 @@ integer.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from deepsynapse.data.problems import Problem
 
-__all__ = ["MAX_DIFFICULTY", "generate_problems"]
+__all__ = [
+    "HELDOUT_SHARE",
+    "MAX_DIFFICULTY",
+    "generate_problems",
+    "heldout_problems",
+    "is_heldout",
+    "training_problems",
+]
 
 MAX_DIFFICULTY = 6
 _LIMIT = 50_000  # largest intermediate value; keeps numbers in a plausible range
@@ -1010,3 +1018,69 @@ def generate_problems(
         pick = random.Random(f"deepsynapse-difficulty:{seed}:{index}")
         problems.append(_make_problem(seed, index, pick.randint(low, high)))
     return problems
+
+
+# ------------------------------------------------------------------ the held-out set of record
+
+HELDOUT_SHARE = 8
+"""One question text in ``HELDOUT_SHARE`` belongs to the held-out partition."""
+
+
+def is_heldout(question: str) -> bool:
+    """Whether a question text lies in the held-out partition (a stable hash of the text).
+
+    Training never sees these texts, whatever its seed: the generator's templates repeat
+    (one-step problems collide within a few thousand draws), so disjointness by seed alone
+    would leak; a partition of the text space cannot.
+    """
+    key = " ".join(question.split()).lower().encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % HELDOUT_SHARE == 0
+
+
+def heldout_problems(n: int, difficulty: int | tuple[int, int] = (1, 3)) -> list[Problem]:
+    """The first ``n`` problems of the fixed held-out set, stratified by difficulty.
+
+    Difficulties alternate (1, 2, 3, 1, 2, 3, ...), so every prefix is balanced and a quick
+    evaluation on the first problems measures the same mix as the full one. Problems come
+    from the held-out partition only (see `is_heldout`), without repeats, from a stream of
+    their own: the set is the same for every run and training seed.
+
+    >>> ps = heldout_problems(6)
+    >>> [p.difficulty for p in ps], all(is_heldout(p.question) for p in ps)
+    ([1, 2, 3, 1, 2, 3], True)
+    """
+    low, high = (difficulty, difficulty) if isinstance(difficulty, int) else difficulty
+    if not 1 <= low <= high <= MAX_DIFFICULTY:
+        raise ValueError(f"difficulty must lie within 1..{MAX_DIFFICULTY}, got {difficulty!r}")
+    levels = list(range(low, high + 1))
+    strata: dict[int, list[Problem]] = {d: [] for d in levels}
+    want = {d: -(-n // len(levels)) for d in levels}  # ceil: a prefix is cut below
+    for d in levels:
+        seen: set[str] = set()
+        index = 0
+        while len(strata[d]) < want[d]:
+            p = _make_problem(-d, index, d)  # negative seeds: a stream no training run draws
+            index += 1
+            if is_heldout(p.question) and p.question not in seen:
+                seen.add(p.question)
+                strata[d].append(replace(p, id=f"heldout-{d}-{index - 1}", source="heldout"))
+    interleaved = [strata[d][i] for i in range(max(want.values())) for d in levels]
+    return interleaved[:n]
+
+
+def training_problems(n: int, *, seed: int, difficulty: int | tuple[int, int]) -> list[Problem]:
+    """``n`` generated problems outside the held-out partition (what training may see).
+
+    The stream is ``generate_problems``'s with held-out texts skipped, so it depends only on
+    ``(n, seed, difficulty)`` and a longer list extends a shorter one.
+    """
+    drawn = n + n // (HELDOUT_SHARE - 1) + 16
+    while True:
+        kept = [
+            p
+            for p in generate_problems(drawn, seed=seed, difficulty=difficulty)
+            if not is_heldout(p.question)
+        ]
+        if len(kept) >= n:
+            return kept[:n]
+        drawn *= 2

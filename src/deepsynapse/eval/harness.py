@@ -23,6 +23,7 @@ over 10 equal-width bins and the Brier score) over completions that state a
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from deepsynapse.data.answers import answers_match, normalize_answer
 from deepsynapse.data.problems import Problem
-from deepsynapse.formats import XMLSchema, parse_completion, stop_strings
+from deepsynapse.formats import ParsedCompletion, XMLSchema, parse_completion, stop_strings
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rollout.hf import generate_groups
@@ -46,12 +47,15 @@ __all__ = [
     "distractor_values",
     "evaluate",
     "item_record",
+    "lenient_answer",
     "expected_calibration_error",
     "majority_answer",
     "summarize",
 ]
 
 MODES = ("greedy", "majority", "best_of_n")
+
+_CONFIDENCE_RE = re.compile(r"<confidence>.*?(</confidence>|$)", re.DOTALL)
 
 SelectFn = Callable[[list[str], str], int]
 """``select(completions, question) -> index`` of the completion to keep (best-of-N)."""
@@ -202,6 +206,25 @@ def confidence_select(completions: list[str], question: str, schema: XMLSchema |
 # ------------------------------------------------------------------ evaluation
 
 
+def lenient_answer(parsed: ParsedCompletion, text: str) -> str | None:
+    """The number a lenient grader reads: the answer field, else the completion's last number.
+
+    The stated confidence is left out of the fallback, so "<confidence>0.9" is never read as
+    an answer. Lenient accuracy counts the right number with or without the format; strict
+    accuracy (``correct``) needs a format-valid completion too, so a format gain cannot pass
+    for a reasoning gain.
+
+    >>> lenient_answer(parse_completion("So she has 12 apples."), "So she has 12 apples.")
+    '12'
+    >>> text = "<answer>7</answer> trailing 9"
+    >>> lenient_answer(parse_completion(text), text)
+    '7'
+    """
+    if parsed.answer and normalize_answer(parsed.answer) is not None:
+        return parsed.answer
+    return normalize_answer(_CONFIDENCE_RE.sub(" ", text))
+
+
 def _distractor_fields(problem: Problem, predicted: str | None, correct: bool) -> dict[str, Any]:
     values = distractor_values(problem.columns.get("distractors"))
     if not values:
@@ -244,11 +267,13 @@ def item_record(
         if not 0 <= chosen < len(texts):
             raise ValueError(f"select returned {chosen} for {len(texts)} completions")
     answer = answers[chosen]
-    correct = samples_correct[chosen]
+    correct = samples_correct[chosen] and parsed[chosen].valid
+    lenient = lenient_answer(parsed[chosen], texts[chosen])
     record.update(
         {
             "predicted": answer,
             "correct": correct,
+            "lenient_correct": answers_match(lenient, problem.answer),
             "format_valid": parsed[chosen].valid,
             "length": lengths[chosen],
             "truncated": truncated[chosen],
@@ -360,7 +385,8 @@ def summarize(
 ) -> dict[str, Any]:
     """Summary metrics over per-item records (also after gathering them from processes).
 
-    Always present: n, mode, accuracy, format_validity, mean_length, truncation_rate.
+    Always present: n, mode, accuracy (strict: format-valid and right), lenient_accuracy (the
+    right number, format or not), format_validity, mean_length, truncation_rate.
     None when not applicable: sample_accuracy and pass_at_k (sampled modes), ece, brier
     and confidence_rate (completions with a confidence), distractor_* (problems with
     distractors).
@@ -371,7 +397,7 @@ def summarize(
         mode = modes.pop() if len(modes) == 1 else "greedy"
 
     def mean(key: str) -> float:
-        return sum(float(r[key]) for r in records) / n if n else 0.0
+        return sum(float(r.get(key, 0.0)) for r in records) / n if n else 0.0
 
     sampled = [r for r in records if r.get("samples_correct")]
     with_conf = [r for r in records if r.get("confidence") is not None]
@@ -387,6 +413,7 @@ def summarize(
         "n": n,
         "mode": mode,
         "accuracy": mean("correct"),
+        "lenient_accuracy": mean("lenient_correct"),
         "format_validity": mean("format_valid"),
         "mean_length": mean("length"),
         "truncation_rate": mean("truncated"),

@@ -184,19 +184,40 @@ def format_summary(summary: dict) -> str:
         last = summary["last_steps"].get(key)
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
         lines.append(f"{key:32s} {fmt(first):>10s} {fmt(last):>10s}")
-    before, after = summary.get("eval_before"), summary.get("eval_after")
-    if before or after:
-        lines.append(f"held-out ({(after or before)['n']} problems)      before      after")
-        for key in ("accuracy", "format_validity", "mean_length"):
-            b = "n/a" if not before else f"{before[key]:.3f}"
-            a = "n/a" if not after else f"{after[key]:.3f}"
-            lines.append(f"  {key:28s} {b:>10s} {a:>10s}")
+    lines += format_held_out(summary)
     if summary.get("phases"):
         passed = " -> ".join(
             f"{p['phase']} (step {p['from_step']}, {p['why']})" for p in summary["phases"]
         )
         lines.append(f"curriculum: {passed}")
     return "\n".join(lines)
+
+
+def format_held_out(summary: dict) -> list[str]:
+    """Held-out accuracy at each evaluation, and each paired gain with its 95% interval."""
+    from deepsynapse.eval.stats import format_interval
+
+    stages = [
+        (name, summary.get(f"eval_{tag}"))
+        for name, tag in (("before", "before"), ("after warm-up", "after_sft"), ("after", "after"))
+    ]
+    stages = [(name, r) for name, r in stages if r]
+    if not stages:
+        return []
+    lines = [f"held-out ({stages[-1][1]['n']} problems)" + "".join(f"{n:>16s}" for n, _ in stages)]
+    for key in ("accuracy", "lenient_accuracy", "format_validity", "mean_length"):
+        cells = ["n/a" if r.get(key) is None else f"{r[key]:.3f}" for _, r in stages]
+        lines.append(f"  {key:28s}" + "".join(f"{c:>16s}" for c in cells))
+    labels = {"run": "whole run", "warmup": "SFT warm-up", "grpo": "GRPO"}
+    for name, gain in (summary.get("gains") or {}).items():
+        for kind in ("strict", "lenient"):
+            c = gain[kind]
+            lines.append(
+                f"  {labels.get(name, name) + ' gave (' + kind + ')':28s} "
+                f"{format_interval(c['delta'], c['delta_ci'])}  "
+                f"({c['fixed']} fixed, {c['broken']} broken, McNemar p={c['p_value']:.2g})"
+            )
+    return lines
 
 
 def _load_for_eval(args: argparse.Namespace):

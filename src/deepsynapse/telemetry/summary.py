@@ -1,7 +1,12 @@
 """The end-of-run summary: rewards over the first and last steps, held-out before/after, phases.
 
-Read from the run folder alone (metrics.jsonl, events.jsonl, eval_before.json), so a summary
-can be rebuilt for any run, finished or stopped.
+Read from the run folder alone (metrics.jsonl, events.jsonl, eval_before.json,
+eval_after_sft.json), so a summary can be rebuilt for any run, finished or stopped.
+
+Held-out results are compared *paired*, on the same problems: the whole run (before ->
+after), and split into what the SFT warm-up gave (before -> after warm-up) and what GRPO gave
+(after warm-up -> after), each strict (format-valid and right) and lenient (the right number),
+with a 95% interval on the change and the exact McNemar p-value (``eval.stats``).
 """
 
 from __future__ import annotations
@@ -11,7 +16,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from deepsynapse.eval.stats import paired_comparison, wilson_interval
 from deepsynapse.telemetry.run_logger import read_jsonl
+
+GAINS = (  # (name, from, to): the paired comparisons a summary reports
+    ("run", "before", "after"),
+    ("warmup", "before", "after_sft"),
+    ("grpo", "after_sft", "after"),
+)
 
 
 def run_summary(run_dir: Path, steps: int, after: dict[str, Any] | None) -> dict[str, Any]:
@@ -29,8 +41,9 @@ def run_summary(run_dir: Path, steps: int, after: dict[str, Any] | None) -> dict
     )
     first = {key: _mean([r.get(key) for r in rows[:k]]) for key in keys}
     last = {key: _mean([r.get(key) for r in rows[-k:]]) for key in keys}
-    before_path = run_dir / "eval_before.json"
-    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    evals = {tag: _read_eval(run_dir, tag) for tag in ("before", "after_sft")}
+    evals["after"] = after
+    before = evals["before"]
     return {
         "run_dir": str(run_dir),
         "steps": steps,
@@ -38,7 +51,9 @@ def run_summary(run_dir: Path, steps: int, after: dict[str, Any] | None) -> dict
         "first_steps": first,
         "last_steps": last,
         "eval_before": _headline(before),
+        "eval_after_sft": _headline(evals["after_sft"]),
         "eval_after": _headline(after),
+        "gains": held_out_gains(evals),
         "mean_step_seconds": _mean([r.get("timing/step") for r in rows]),
         "phases": phases_passed(run_dir),
     }
@@ -59,13 +74,44 @@ def phases_passed(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def held_out_gains(evals: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    """Paired changes between the evaluations a run has (see ``GAINS``), strict and lenient.
+
+    A pair is left out when either side is missing or they scored different problems (an
+    evaluation from an older run folder): a paired claim needs the same problems.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, a, b in GAINS:
+        ra, rb = (evals.get(a) or {}).get("records"), (evals.get(b) or {}).get("records")
+        if not ra or not rb:
+            continue
+        try:
+            out[name] = {
+                "from": a,
+                "to": b,
+                "strict": paired_comparison(ra, rb, "correct"),
+                "lenient": paired_comparison(ra, rb, "lenient_correct"),
+            }
+        except ValueError:
+            continue
+    return out
+
+
+def _read_eval(run_dir: Path, tag: str) -> dict[str, Any] | None:
+    path = run_dir / f"eval_{tag}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _headline(result: dict[str, Any] | None) -> dict[str, Any] | None:
-    """An evaluation result without its per-item records."""
+    """An evaluation result without its per-item records, with the accuracy's 95% interval."""
     if result is None:
         return None
-    return {
-        k: result[k] for k in ("n", "accuracy", "format_validity", "mean_length", "truncation_rate")
-    }
+    keys = ("n", "accuracy", "lenient_accuracy", "format_validity", "mean_length")
+    out = {k: result.get(k) for k in (*keys, "truncation_rate")}
+    if result.get("n"):
+        n = int(result["n"])
+        out["accuracy_ci"] = list(wilson_interval(round(result["accuracy"] * n), n))
+    return out
 
 
 def _mean(values: list[Any]) -> float | None:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from deepsynapse.control.build import ControlConfig
+from deepsynapse.rl.budget import parse_duration
 from deepsynapse.strict import ConfigError, from_mapping
 
 __all__ = ["Config", "ConfigError", "default_config_path", "load_config", "save_config"]
@@ -302,6 +303,15 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = _f(20, "GRPO optimizer steps")
+    time_budget: str = _f(
+        "",
+        "wall-clock budget for the whole run, e.g. 10m, 1h or 90s: the evaluation before and the"
+        " first warm-up and GRPO steps are timed and the step counts planned to fit (sft.steps"
+        " and train.steps become upper bounds); empty = off",
+    )
+    budget_sft_share: float = _f(
+        0.4, "with train.time_budget: the largest share of the training time the warm-up may take"
+    )
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     output_dir: str = _f("runs", "parent folder of run folders")
     run_name: str = _f("", "run folder name (default: derived from time)")
@@ -443,6 +453,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.temperature: got {cfg.rollout.temperature}, expected > 0")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints: expected >= 1")
+    try:
+        parse_duration(cfg.train.time_budget)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 0.0 <= cfg.train.budget_sft_share <= 1.0:
+        raise ConfigError(
+            f"train.budget_sft_share: got {cfg.train.budget_sft_share}, expected 0 <= share <= 1"
+        )
     lo_hi = cfg.data.synthetic_difficulty
     if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
         raise ConfigError(

@@ -1,0 +1,135 @@
+"""A wall-clock budget for a run (``train.time_budget``): measure the first steps, plan the rest.
+
+The same recipe costs minutes on one CPU and an hour on another (bf16 matmuls are 60x slower
+without AVX512-BF16), so step counts alone cannot promise a duration. With a budget the run
+measures what it is about to repeat and plans to fit:
+
+1. the evaluation before training is timed; the evaluations still to come (after the warm-up,
+   after GRPO) are reserved at that cost, an upper bound since the untrained model writes the
+   longest completions;
+2. after the first SFT warm-up step, the warm-up is planned to take at most ``sft_share`` of
+   what is left (never more steps than configured);
+3. after the first GRPO step, GRPO gets the rest; each later step checks that one more step
+   (at the slowest seen so far) still fits, so long completions late in a run cannot overrun.
+
+The elapsed time survives a resume (it is part of the checkpoint state), so "train for an
+hour" means an hour of this run, however many times it was stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from typing import Any
+
+__all__ = ["TimeBudget", "parse_duration"]
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
+
+
+def parse_duration(text: str | float | int, key: str = "train.time_budget") -> float:
+    """Seconds in ``text``: ``"90s"``, ``"10m"``, ``"1h30m"``, or a bare number of seconds.
+
+    >>> parse_duration("10m"), parse_duration("1h30m"), parse_duration("45"), parse_duration("")
+    (600.0, 5400.0, 45.0, 0.0)
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"{key}: expected a duration such as 10m, 1h or 90s, got {text!r}")
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        spec = text.strip().lower().replace(" ", "")
+        if not spec:
+            return 0.0
+        try:
+            seconds = float(spec)
+        except ValueError:
+            pieces = _DURATION.findall(spec)
+            if not pieces or "".join(n + u for n, u in pieces) != spec:
+                raise ValueError(
+                    f"{key}: expected a duration such as 10m, 1h, 1h30m or 90s, got {text!r}"
+                ) from None
+            seconds = sum(float(n) * _UNITS[u] for n, u in pieces)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{key}: expected a non-negative duration, got {text!r}")
+    return seconds
+
+
+class TimeBudget:
+    """Plans the SFT warm-up and GRPO step counts so the whole run fits ``seconds``."""
+
+    def __init__(self, seconds: float, sft_share: float = 0.4) -> None:
+        if seconds <= 0:
+            raise ValueError(f"a time budget needs seconds > 0, got {seconds}")
+        if not 0.0 <= sft_share <= 1.0:
+            raise ValueError(f"sft_share must lie within [0, 1], got {sft_share}")
+        self.seconds = seconds
+        self.sft_share = sft_share
+        self.spent_before = 0.0  # by earlier invocations of this run (resume)
+        self.started = time.monotonic()
+        self.eval_seconds = 0.0  # one held-out evaluation (the one before training)
+        self.sft_steps: int | None = None  # planned, once measured
+        self.grpo_steps: int | None = None
+        self.slowest_step = 0.0
+
+    # ------------------------------------------------------------------ time
+
+    def elapsed(self) -> float:
+        return self.spent_before + time.monotonic() - self.started
+
+    def left(self, evals_to_come: int) -> float:
+        """Seconds left for training once the evaluations still to come are paid for."""
+        return self.seconds - self.elapsed() - evals_to_come * self.eval_seconds
+
+    # ------------------------------------------------------------------ plans
+
+    def plan_sft(self, configured: int, step_seconds: float, evals_to_come: int) -> int:
+        """Warm-up steps to run in all (the first, measured one included)."""
+        room = self.sft_share * (self.left(evals_to_come) + step_seconds)
+        self.sft_steps = max(1, min(configured, int(room // max(step_seconds, 1e-6))))
+        return self.sft_steps
+
+    def plan_grpo(self, configured: int, done: int, step_seconds: float, evals_to_come: int) -> int:
+        """GRPO steps to run in all, after ``done`` steps, the last taking ``step_seconds``."""
+        self.slowest_step = max(self.slowest_step, step_seconds)
+        more = int(max(0.0, self.left(evals_to_come)) // max(step_seconds, 1e-6))
+        self.grpo_steps = max(done, min(configured, done + more))
+        return self.grpo_steps
+
+    def another_step_fits(self, evals_to_come: int) -> bool:
+        """Whether one more step at the slowest pace seen still ends within the budget."""
+        return self.left(evals_to_come) >= self.slowest_step
+
+    def observe_step(self, step_seconds: float) -> None:
+        self.slowest_step = max(self.slowest_step, step_seconds)
+
+    def describe(self) -> str:
+        parts = [f"time budget {self.seconds / 60:.1f} min"]
+        if self.eval_seconds:
+            parts.append(f"an evaluation takes {self.eval_seconds:.0f} s")
+        if self.sft_steps is not None:
+            parts.append(f"{self.sft_steps} warm-up steps")
+        if self.grpo_steps is not None:
+            parts.append(f"{self.grpo_steps} GRPO steps")
+        return ", ".join(parts)
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "elapsed": self.elapsed(),
+            "eval_seconds": self.eval_seconds,
+            "sft_steps": self.sft_steps,
+            "grpo_steps": self.grpo_steps,
+            "slowest_step": self.slowest_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spent_before = float(state.get("elapsed", 0.0))
+        self.started = time.monotonic()
+        self.eval_seconds = float(state.get("eval_seconds", 0.0))
+        self.sft_steps = state.get("sft_steps")
+        self.grpo_steps = state.get("grpo_steps")
+        self.slowest_step = float(state.get("slowest_step", 0.0))

@@ -1,0 +1,69 @@
+"""The time budget's plans, unit by unit (the trainer-level test lives in test_train_e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deepsynapse.rl.budget import TimeBudget, parse_duration
+
+
+def test_durations_parse_and_bad_ones_name_the_key():
+    assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
+    assert parse_duration("2m30s") == 150 and parse_duration(12) == 12.0
+    for bad in ("ten minutes", "10x", "-5", "5m10", True):
+        with pytest.raises(ValueError, match="train.time_budget"):
+            parse_duration(bad)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr("deepsynapse.rl.budget.time.monotonic", c)
+    return c
+
+
+def test_plans_fit_the_budget_and_never_exceed_the_configuration(clock):
+    b = TimeBudget(600, sft_share=0.4)
+    clock.now += 60  # the evaluation before training
+    b.eval_seconds = 60
+    clock.now += 5  # the first warm-up step
+    # left: 600 - 65 - 2 * 60 = 415; 40% of (415 + 5) = 168 s -> 33 warm-up steps of 5 s
+    assert b.plan_sft(configured=100, step_seconds=5, evals_to_come=2) == 33
+    assert b.plan_sft(configured=20, step_seconds=5, evals_to_come=2) == 20
+    clock.now += 19 * 5 + 40  # the rest of the warm-up, its evaluation, a GRPO step of 40 s
+    left = 600 - (clock.now - 1000) - 60  # the final evaluation still to come
+    assert b.plan_grpo(configured=50, done=1, step_seconds=40, evals_to_come=1) == 1 + int(
+        left // 40
+    )
+    assert b.plan_grpo(configured=3, done=1, step_seconds=40, evals_to_come=1) == 3
+    b.observe_step(80)  # a slow step: one more only if 80 s still fit
+    clock.now = 1000 + 600 - 60 - 79
+    assert not b.another_step_fits(evals_to_come=1)
+    clock.now -= 2
+    assert b.another_step_fits(evals_to_come=1)
+
+
+def test_elapsed_time_survives_a_resume(clock):
+    b = TimeBudget(3600)
+    clock.now += 1200
+    b.eval_seconds, b.sft_steps = 30.0, 12
+    state = b.state_dict()
+    clock.now += 5000  # the process was stopped for a while: that time is not the run's
+    again = TimeBudget(3600)
+    again.load_state_dict(state)
+    assert again.elapsed() == pytest.approx(1200) and again.sft_steps == 12
+    assert again.left(evals_to_come=1) == pytest.approx(3600 - 1200 - 30)
+
+
+def test_a_budget_smaller_than_one_step_still_runs_one():
+    b = TimeBudget(1)
+    assert b.plan_sft(configured=30, step_seconds=50, evals_to_come=0) == 1
+    assert b.plan_grpo(configured=30, done=1, step_seconds=50, evals_to_come=0) == 1

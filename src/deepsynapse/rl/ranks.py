@@ -13,6 +13,15 @@ from typing import Any
 import torch
 
 
+def gather_all(accelerator, rows: list[Any]) -> list[Any]:
+    """All processes' ``rows`` in rank order (this process's own with one process)."""
+    if accelerator.num_processes == 1:
+        return rows
+    from accelerate.utils import gather_object
+
+    return gather_object(rows)
+
+
 def gather_rows(accelerator, rows: list[Any]) -> tuple[list[Any], slice]:
     """All processes' ``rows`` in rank order, and the slice that holds this process's own."""
     if accelerator.num_processes == 1:
@@ -56,3 +65,57 @@ def reduce_scalar(accelerator, value: float, op: str = "sum") -> float:
     if op == "min":
         return -float(accelerator.reduce(-t, reduction="max")[0])
     return float(accelerator.reduce(t, reduction=op)[0])
+
+
+def fuse_over_ranks(
+    accelerator,
+    engine,
+    scores: dict[str, list[float | None]],
+    correct: list[float],
+    failures: list[Any],
+    texts: list[str],
+    columns: dict[str, Any],
+    knobs,
+    num_generations: int,
+    step: int,
+    kl: list[float] | None,
+) -> Any:
+    """The reward ``engine`` fuses every process's completions together; this process keeps
+    its own rows of the result.
+
+    Fusion statistics, the allocator, discovery, the verifier and the episodic memory
+    then learn from the same data on every process, so they stay identical.
+    """
+    g = num_generations
+    if accelerator.num_processes == 1:
+        return engine.fuse(scores, correct, failures, texts, columns, knobs, g, step, kl=kl)
+    names = list(scores)
+    per_row = [k for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)]
+    local = [
+        (
+            [scores[k][i] for k in names],
+            correct[i],
+            texts[i],
+            None if kl is None else kl[i],
+            {k: columns[k][i] for k in per_row},
+        )
+        for i in range(len(texts))
+    ]
+    rows, mine = gather_rows(accelerator, local)
+    every = dict(columns)
+    every.update({k: [r[4][k] for r in rows] for k in per_row})
+    scored = engine.fuse(
+        {k: [r[0][j] for r in rows] for j, k in enumerate(names)},
+        [r[1] for r in rows],
+        failures,
+        [r[2] for r in rows],
+        every,
+        knobs,
+        g,
+        step,
+        kl=None if kl is None else [r[3] for r in rows],
+    )
+    scored.scores = {k: v[mine] for k, v in scored.scores.items()}
+    scored.calibrated = {k: v[mine] for k, v in scored.calibrated.items()}
+    scored.correct, scored.reward = scored.correct[mine], scored.reward[mine]
+    return scored

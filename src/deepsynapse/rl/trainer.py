@@ -84,7 +84,13 @@ from deepsynapse.rl.grpo import (
     group_has_signal,
     grpo_token_loss,
 )
-from deepsynapse.rl.ranks import gather_rows, mean_metrics, mean_scalar, reduce_scalar
+from deepsynapse.rl.ranks import (
+    fuse_over_ranks,
+    gather_all,
+    mean_metrics,
+    mean_scalar,
+    reduce_scalar,
+)
 from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir: public here too)
     Timer,
     build_accelerator,
@@ -476,10 +482,7 @@ class Trainer:
                 strict=True,
             )
         )
-        if self.world > 1:
-            from accelerate.utils import gather_object
-
-            rows = gather_object(rows)
+        rows = gather_all(self.accelerator, rows)
         ids, a, s = zip(*rows, strict=True) if rows else ((), (), ())
         self.data_curriculum.observe_groups(list(ids), list(a), list(s))
 
@@ -563,8 +566,18 @@ class Trainer:
                 kl = sequence_kl(
                     logp, batch.ref_logp, batch.rollout.completion_mask.to(logp.device)
                 )
-            scored = self.fuse_over_ranks(
-                scores, correct, failures, texts, columns, knobs, step, kl
+            scored = fuse_over_ranks(
+                self.accelerator,
+                self.engine,
+                scores,
+                correct,
+                failures,
+                texts,
+                columns,
+                knobs,
+                g,
+                step,
+                kl,
             )
         for failure in scored.failures:
             self.event(
@@ -575,58 +588,6 @@ class Trainer:
         batch.scores, batch.calibrated = scored.scores, scored.calibrated
         batch.correct, batch.reward = scored.correct, scored.reward
         batch.reward_metrics = scored.metrics
-
-    def fuse_over_ranks(
-        self,
-        scores: dict[str, list[float | None]],
-        correct: list[float],
-        failures: list[Any],
-        texts: list[str],
-        columns: dict[str, Any],
-        knobs: Knobs,
-        step: int,
-        kl: list[float] | None,
-    ) -> Any:
-        """Fuse every process's completions together, then keep this process's rows.
-
-        Fusion statistics, the allocator, discovery, the verifier and the episodic memory
-        then learn from the same data on every process, so they stay identical.
-        """
-        g = self.cfg.rollout.num_generations
-        if self.world == 1:
-            return self.engine.fuse(
-                scores, correct, failures, texts, columns, knobs, g, step, kl=kl
-            )
-        names = list(scores)
-        per_row = [k for k, v in columns.items() if isinstance(v, list) and len(v) == len(texts)]
-        local = [
-            (
-                [scores[k][i] for k in names],
-                correct[i],
-                texts[i],
-                None if kl is None else kl[i],
-                {k: columns[k][i] for k in per_row},
-            )
-            for i in range(len(texts))
-        ]
-        rows, mine = gather_rows(self.accelerator, local)
-        every = dict(columns)
-        every.update({k: [r[4][k] for r in rows] for k in per_row})
-        scored = self.engine.fuse(
-            {k: [r[0][j] for r in rows] for j, k in enumerate(names)},
-            [r[1] for r in rows],
-            failures,
-            [r[2] for r in rows],
-            every,
-            knobs,
-            g,
-            step,
-            kl=None if kl is None else [r[3] for r in rows],
-        )
-        scored.scores = {k: v[mine] for k, v in scored.scores.items()}
-        scored.calibrated = {k: v[mine] for k, v in scored.calibrated.items()}
-        scored.correct, scored.reward = scored.correct[mine], scored.reward[mine]
-        return scored
 
     @torch.no_grad()
     def policy_and_reference_logp(
@@ -1019,10 +980,7 @@ class Trainer:
         if cfg.train.trim_memory:
             release_freed_memory()
         records = result["records"]
-        if self.world > 1:
-            from accelerate.utils import gather_object
-
-            records = gather_object(records)
+        records = gather_all(self.accelerator, records)
         summary = summarize(records, result["seconds"])
         if save and self.accelerator.is_main_process:
             (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=1))
@@ -1286,10 +1244,7 @@ class Trainer:
                 around=self.adaptive.for_prompts,  # the hypernetwork runs per input
             )
         records = result["records"]
-        if self.world > 1:
-            from accelerate.utils import gather_object
-
-            records = gather_object(records)
+        records = gather_all(self.accelerator, records)
         out = probe_metrics(summarize_probes(records))
         if cfg.probes.heldout:
             held = self.evaluate_heldout("probe", limit=cfg.probes.heldout, save=False)

@@ -31,6 +31,7 @@ from deepsynapse.rewards.fusion import rank_in_groups
 from deepsynapse.rl.batch import GroupBatch
 from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
 from deepsynapse.rl.trainer import Trainer
+from deepsynapse.rl.warmup import run_warmup
 from deepsynapse.rollout.hf import RolloutOutput, encode_prompts
 
 # train.trim_memory is memory hygiene, not a part: its mmap'd buffers cost page faults.
@@ -814,7 +815,7 @@ def test_sft_mixing_adds_the_decaying_sft_gradient_to_the_grpo_one(tmp_path_fact
     ]
     h = harness(tmp_path_factory, overrides)
     t = h.trainer
-    t.sft_backward(0, 0.5)  # the SFT term alone, on the same examples the step will use
+    t.sft.mixing_backward(0, 0.5)  # the SFT term alone, on the same examples the step will use
     sft = {n: p.grad.clone() for n, p in t.unwrapped.named_parameters() if p.requires_grad}
     t.optimizer.zero_grad(set_to_none=True)
     first, second = h.step(), h.step()
@@ -830,12 +831,12 @@ def test_sft_mixing_adds_the_decaying_sft_gradient_to_the_grpo_one(tmp_path_fact
 def test_sft_warmup_lowers_the_gold_nll_before_rl_starts(tmp_path_factory, baseline):
     h = harness(tmp_path_factory, [*PLAIN, "sft.steps=2", "sft.lr=1e-2"])
     t = h.trainer
-    prompts, targets = t.sft_examples(0, 2, salt=99)
+    prompts, targets = t.sft.examples(0, 2, salt=99)
     with torch.no_grad():
-        before = float(t.sft_loss(prompts, targets))
-    assert t.sft_warmup() and t.sft_done
+        before = float(t.sft.loss(prompts, targets))
+    assert run_warmup(t) and t.sft_done
     with torch.no_grad():
-        after = float(t.sft_loss(prompts, targets))
+        after = float(t.sft.loss(prompts, targets))
     assert after < before
     s = h.step()  # RL starts from the warmed-up policy
     assert any(nonzero(b) for b in lora_b(t).values())
@@ -860,13 +861,13 @@ def test_sft_mixing_hard_solved_imitates_verified_solutions_from_memory(tmp_path
     h = harness(tmp_path_factory, overrides, texts)
     t = h.trainer
     targets: list[list[str]] = []
-    original = t.sft_loss
+    original = t.sft.loss
 
     def recording(prompts, targets_, phi=False):
         targets.append(list(targets_))
         return original(prompts, targets_, phi)
 
-    t.sft_loss = recording
+    t.sft.loss = recording
     h.step()
     second = h.step()
     solved = xml(second.batch.problems[0].answer) + t.tokenizer.eos_token

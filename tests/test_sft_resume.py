@@ -32,7 +32,7 @@ def test_sigterm_in_warmup_checkpoints_and_resume_matches_unbroken_run(
     straight.train()
 
     broken = _trainer(tmp_path, base, "broken")
-    real_loss = broken.sft_loss
+    real_loss = broken.sft.loss
     calls = {"n": 0}
 
     def loss_then_sigterm(prompts, targets, phi=False):
@@ -41,7 +41,7 @@ def test_sigterm_in_warmup_checkpoints_and_resume_matches_unbroken_run(
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(prompts, targets, phi=phi)
 
-    broken.sft_loss = loss_then_sigterm
+    broken.sft.loss = loss_then_sigterm
     summary = broken.train()
     out = capsys.readouterr().out
     assert "stopped at warm-up step 3/6" in out and "--resume" in out

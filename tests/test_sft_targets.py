@@ -43,7 +43,7 @@ def _gsm8k(limit: int = 300) -> list[Problem]:
 
 
 def _old_target(problem: Problem, schema) -> str:
-    """What the trainer built before `sft_target` (rl/trainer.py, ``sft_examples``)."""
+    """What the trainer built before `sft_target` (rl/warmup.py, ``SFTWarmup.examples``)."""
     return format_completion({"reasoning": problem.solution, "answer": problem.answer}, schema)
 
 

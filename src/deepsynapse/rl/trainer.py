@@ -56,7 +56,6 @@ from deepsynapse.control.build import build_controllers
 from deepsynapse.control.curriculum import PhaseCurriculum, apply_locking, locking_summary
 from deepsynapse.control.data_curriculum import DataCurriculum
 from deepsynapse.control.knobs import Controller, Event, Knobs, check_knob_owners
-from deepsynapse.control.sft_mixing import chord_phi_weights
 from deepsynapse.data.distractors import attach_distractors
 from deepsynapse.data.problems import Problem
 from deepsynapse.eval.harness import evaluate, summarize
@@ -68,7 +67,7 @@ from deepsynapse.eval.probes import (
     run_probes,
     summarize_probes,
 )
-from deepsynapse.formats import get_schema, parse_completion, sft_target, stop_strings
+from deepsynapse.formats import get_schema, parse_completion, stop_strings
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, trainable_parameters
@@ -102,7 +101,9 @@ from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir:
     learning_rate,
     step_seed,
 )
-from deepsynapse.rollout.hf import encode_prompts, generate_groups
+from deepsynapse.rl.stopping import StopRequest
+from deepsynapse.rl.warmup import SFTWarmup, run_warmup
+from deepsynapse.rollout.hf import generate_groups
 from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
@@ -223,6 +224,16 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
         )
         self.policy, self.optimizer = self.accelerator.prepare(policy, optimizer)
+        self.sft = SFTWarmup(
+            cfg,
+            accelerator=self.accelerator,
+            policy=self.policy,
+            adaptive=self.adaptive,
+            tokenizer=self.tokenizer,
+            schema=self.schema,
+            engine=self.engine,
+            train_problems=self.train_problems,
+        )
         self.scorer = (
             PolicyScorer(
                 self.unwrapped.peft_model,
@@ -254,9 +265,8 @@ class Trainer:
         self.skipped_steps = 0
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
-        self._stop_requested: str | None = None
+        self.stop = StopRequest(self.accelerator, self.say)
         self._warned_difficulty = False  # the difficulty fallback is said once
-        self._sft_pool: list[Problem] | None = None
         self.probe_items = (
             build_probe_suite(cfg.probes.seed, cfg.probes.per_skill, cfg.probes.skills or SKILLS)
             if cfg.probes.every
@@ -683,7 +693,7 @@ class Trainer:
                 if mu > 0:  # CHORD: L = (1 - mu) L_GRPO + mu L_SFT, SFT first (no sync)
                     with acc.no_sync(self.policy):
                         stats["sft/aux_loss"] += (
-                            self.sft_backward(step, mu) / cfg.grpo.num_iterations
+                            self.sft.mixing_backward(step, mu) / cfg.grpo.num_iterations
                         )
                     if recorder is not None and first:
                         recorder.reset()
@@ -834,124 +844,6 @@ class Trainer:
         if torch.cuda.is_available():
             m["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return m
-
-    # -------------------------------------------------------------- SFT warm-up
-
-    def sft_pool(self) -> list[Problem]:
-        """Problems with worked solutions for supervised steps (loaded once)."""
-        if self._sft_pool is None:
-            problems, _ = build_problems(self.cfg.sft.data, "train", self.cfg, seed_offset=1)
-            self._sft_pool = [p for p in problems if p.solution]
-        return self._sft_pool
-
-    def sft_examples(self, k: int, batch_size: int, salt: int) -> tuple[list[str], list[str]]:
-        """This process's share of ``batch_size`` gold solutions, rewritten into the schema."""
-        pool = self.sft_pool()
-        rng = random.Random(step_seed(self.cfg.train.seed, k, 0, salt=salt))
-        chosen = [pool[rng.randrange(len(pool))] for _ in range(batch_size * self.world)]
-        chosen = chosen[self.rank :: self.world]
-        eos = self.tokenizer.eos_token or ""
-        prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in chosen]
-        targets = [sft_target(p, self.schema, rng, eos=eos) for p in chosen]
-        return prompts, targets
-
-    def sft_loss(self, prompts: list[str], targets: list[str], phi: bool = False) -> torch.Tensor:
-        """Token-mean NLL of ``targets`` after ``prompts`` (CHORD's p(1-p) weights if ``phi``)."""
-        device = self.accelerator.device
-        pid, pmask = encode_prompts(self.tokenizer, prompts, device)
-        self.tokenizer.padding_side = "right"
-        try:
-            enc = self.tokenizer(
-                targets, return_tensors="pt", padding=True, add_special_tokens=False
-            )
-        finally:
-            self.tokenizer.padding_side = "left"
-        cid, cmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        with self.adaptive.for_rows(pid, pmask):
-            out = self.policy(torch.cat([pid, cid], 1), torch.cat([pmask, cmask], 1), cmask)
-        weights = chord_phi_weights(out.logp) * cmask if phi else cmask.float()
-        return -(out.logp * weights).sum() / cmask.sum().clamp(min=1)
-
-    def sft_backward(self, step: int, mu: float) -> float:
-        """The auxiliary SFT term of a GRPO step (CHORD), from gold or verified hard solutions."""
-        mix = self.cfg.control.sft_mixing
-        prompts, targets = [], []
-        if mix.source == "hard_solved":
-            solved = self.engine.memory.solved_examples(mix.batch_size, mix.max_solve_rate)
-            by_id = {p.id: p for p in self.train_problems}
-            for ex in solved:
-                problem = by_id.get(ex.get("problem_id"))
-                if problem is not None and ex.get("completion"):
-                    prompts.append(build_prompt(self.tokenizer, problem.question, self.schema))
-                    targets.append(ex["completion"] + (self.tokenizer.eos_token or ""))
-        if not prompts:  # gold solutions (also the fallback while memory holds none)
-            prompts, targets = self.sft_examples(step, mix.batch_size, salt=77)
-        loss = mu * self.sft_loss(prompts, targets, phi=mix.token_weighting == "chord_phi")
-        self.accelerator.backward(loss)
-        return float(loss.detach())
-
-    def sft_warmup(self) -> bool:
-        """Supervised steps on gold solutions rewritten into the XML format (cold start).
-
-        Resumes at ``self.sft_step``; checkpoints every ``train.save_every`` warm-up steps and
-        when a stop is requested. Returns whether the warm-up finished.
-        """
-        cfg, acc = self.cfg, self.accelerator
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.sft.steps,
-            initial=self.sft_step,
-            desc="sft warm-up",
-            disable=not (self.progress and acc.is_main_process),
-        )
-        loss_value = None
-        while self.sft_step < cfg.sft.steps and not self.stop_requested():
-            k = self.sft_step
-            prompts, targets = self.sft_examples(k, cfg.sft.batch_size, salt=99)
-            for group in self.optimizer.param_groups:
-                group["lr"] = (
-                    cfg.sft.lr
-                    * min(1.0, (k + 1) / max(1, cfg.sft.steps // 10))
-                    * group.get("lr_mult", 1.0)
-                )
-            start = time.perf_counter()
-            loss = self.sft_loss(prompts, targets)
-            acc.backward(loss)
-            norm = self.clip_and_step()
-            loss_value = (
-                float(acc.reduce(loss.detach(), reduction="mean"))
-                if self.world > 1
-                else float(loss.detach())
-            )
-            self.log.metrics(
-                0,
-                {
-                    "sft/step": k + 1,
-                    "sft/loss": loss_value,
-                    "sft/grad_norm": norm,
-                    "timing/sft_step": time.perf_counter() - start,
-                },
-            )
-            self.sft_step = k + 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}")
-            due = cfg.train.save_every and self.sft_step % cfg.train.save_every == 0
-            if due and self.sft_step < cfg.sft.steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.sft_step < cfg.sft.steps:
-            return False
-        # RL starts with fresh Adam moments: SFT's gradient scale is not RL's.
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        inner.state.clear()
-        if cfg.train.trim_memory:  # the warm-up's activations left ~5 GB of free C heap
-            release_freed_memory()
-        self.sft_done = True
-        self.event(
-            "sft_done", f"SFT warm-up finished after {cfg.sft.steps} steps", last_loss=loss_value
-        )
-        return True
 
     # -------------------------------------------------------------- evaluation
 
@@ -1118,10 +1010,10 @@ class Trainer:
         stop_at = (
             cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
         )
-        with self.graceful_stop():
+        with self.stop.on_signals():
             finished = self.run_stages(resumed_from is not None, stop_at)
         if not finished:
-            why = f" ({self._stop_requested})" if self._stop_requested else ""
+            why = f" ({self.stop.reason})" if self.stop.reason else ""
             where = (
                 f"warm-up step {self.sft_step}/{cfg.sft.steps}"
                 if not self.sft_done
@@ -1157,7 +1049,7 @@ class Trainer:
         if not resumed and not (self.run_dir / "eval_before.json").exists():
             self.evaluate_heldout("before")
         if not self.sft_done:
-            done = self.sft_warmup()
+            done = run_warmup(self)
             self.save_checkpoint()
             if not done:
                 return False
@@ -1187,7 +1079,7 @@ class Trainer:
     def run_steps(self, stop_at: int, bar) -> None:
         """GRPO steps until ``stop_at`` or a stop request; checkpoints on schedule."""
         cfg = self.cfg
-        while self.step < stop_at and not self.stop_requested():
+        while self.step < stop_at and not self.stop.requested():
             metrics = self.train_step(self.step)
             self.step += 1
             if cfg.probes.every and self.step % cfg.probes.every == 0:
@@ -1205,29 +1097,6 @@ class Trainer:
             due = cfg.train.save_every and self.step % cfg.train.save_every == 0
             if due and self.step < cfg.train.steps:
                 self.save_checkpoint()
-
-    @contextlib.contextmanager
-    def graceful_stop(self):
-        """SIGINT/SIGTERM: finish the current step, checkpoint, exit 0 (a second one stops now)."""
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_requested:
-                raise KeyboardInterrupt
-            self._stop_requested = signal.Signals(signum).name
-            self.say(f"{self._stop_requested} received: finishing this step, then checkpointing")
-
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def run_probes(self) -> dict[str, float]:
         """Skill probes and a small held-out slice: task accuracy, not reward (3.16)."""
@@ -1255,13 +1124,6 @@ class Trainer:
             for ev in self.emergence.observe(self.step, out):
                 self.log.event(self.step, ev)
         return out
-
-    def stop_requested(self) -> bool:
-        """Whether any process asked to stop (all must agree, or collectives would hang)."""
-        flag = reduce_scalar(self.accelerator, 1 if self._stop_requested else 0, "max")
-        if flag and not self._stop_requested:
-            self._stop_requested = "stop requested on another process"
-        return bool(flag)
 
     def write_samples(self) -> None:
         """Some completions of the last step with their per-component rewards."""

@@ -29,6 +29,7 @@ from deepsynapse.config import load_config
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.fusion import rank_in_groups
 from deepsynapse.rl.batch import GroupBatch
+from deepsynapse.rl.evaluation import run_probes
 from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
 from deepsynapse.rl.trainer import Trainer
 from deepsynapse.rl.warmup import run_warmup
@@ -1009,7 +1010,7 @@ def test_skill_probes_run_and_leave_the_steps_bit_identical(tmp_path_factory, ba
     ]
     h = harness(tmp_path_factory, overrides)
     first = h.step()
-    probes = h.trainer.run_probes()  # what run_steps does after a step when probes are due
+    probes = run_probes(h.trainer)  # what run_steps does after a step when probes are due
     second = h.step()
     assert any(k.startswith("probes/") for k in probes) and "accuracy/heldout" in probes
     assert_bit_identical(first, baseline[0])

@@ -58,15 +58,6 @@ from deepsynapse.control.data_curriculum import DataCurriculum
 from deepsynapse.control.knobs import Controller, Event, Knobs, check_knob_owners
 from deepsynapse.data.distractors import attach_distractors
 from deepsynapse.data.problems import Problem
-from deepsynapse.eval.harness import evaluate, summarize
-from deepsynapse.eval.probes import (
-    SKILLS,
-    EmergenceDetector,
-    build_probe_suite,
-    probe_metrics,
-    run_probes,
-    summarize_probes,
-)
 from deepsynapse.formats import get_schema, parse_completion, stop_strings
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_tokenizer, resolve_dtype
@@ -77,6 +68,7 @@ from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rewards.fusion import sequence_kl
 from deepsynapse.rl.batch import GroupBatch, concat_batches, select_groups
+from deepsynapse.rl.evaluation import build_probes, evaluate_heldout, run_probes
 from deepsynapse.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -267,16 +259,7 @@ class Trainer:
         self.locked_groups: list[str] | None = None
         self.stop = StopRequest(self.accelerator, self.say)
         self._warned_difficulty = False  # the difficulty fallback is said once
-        self.probe_items = (
-            build_probe_suite(cfg.probes.seed, cfg.probes.per_skill, cfg.probes.skills or SKILLS)
-            if cfg.probes.every
-            else []
-        )
-        self.emergence = (
-            EmergenceDetector(n_items=cfg.probes.per_skill)
-            if cfg.probes.every and cfg.probes.emergence
-            else None
-        )
+        self.probe_items, self.emergence = build_probes(cfg)
         if self.emergence is not None:
             self.controllers.append(self.emergence)
         self.knob_owners = check_knob_owners(self.controllers, KNOB_READS)
@@ -845,39 +828,6 @@ class Trainer:
             m["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return m
 
-    # -------------------------------------------------------------- evaluation
-
-    def evaluate_heldout(
-        self, tag: str, limit: int | None = None, save: bool = True
-    ) -> dict[str, Any] | None:
-        cfg = self.cfg
-        limit = cfg.eval.limit if limit is None else limit
-        if limit <= 0:
-            return None
-        problems, _ = build_problems(cfg.data.eval, "test", cfg)
-        problems = problems[:limit]
-        shard = problems[self.rank :: self.world]
-        result = evaluate(
-            self.unwrapped.peft_model,
-            self.tokenizer,
-            shard,
-            self.schema,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            progress=self.progress and self.accelerator.is_main_process,
-            desc=f"eval ({tag})",
-            around=self.adaptive.for_prompts,  # the hypernetwork runs per input
-            pad_multiple=cfg.model.pad_to_multiple_of,
-        )
-        if cfg.train.trim_memory:
-            release_freed_memory()
-        records = result["records"]
-        records = gather_all(self.accelerator, records)
-        summary = summarize(records, result["seconds"])
-        if save and self.accelerator.is_main_process:
-            (self.run_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=1))
-        return summary
-
     # -------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path | None:
@@ -1026,7 +976,7 @@ class Trainer:
             self.close_rollout_engine()
             return self.summary(None)
         self.close_rollout_engine()
-        after = self.evaluate_heldout("after")
+        after = evaluate_heldout(self, "after")
         summary = self.summary(after)
         if acc.is_main_process:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -1047,7 +997,7 @@ class Trainer:
         """
         cfg, acc = self.cfg, self.accelerator
         if not resumed and not (self.run_dir / "eval_before.json").exists():
-            self.evaluate_heldout("before")
+            evaluate_heldout(self, "before")
         if not self.sft_done:
             done = run_warmup(self)
             self.save_checkpoint()
@@ -1083,7 +1033,7 @@ class Trainer:
             metrics = self.train_step(self.step)
             self.step += 1
             if cfg.probes.every and self.step % cfg.probes.every == 0:
-                metrics.update(self.run_probes())
+                metrics.update(run_probes(self))
             self.log.metrics(self.step, metrics)
             self.write_samples()
             bar.update(1)
@@ -1097,33 +1047,6 @@ class Trainer:
             due = cfg.train.save_every and self.step % cfg.train.save_every == 0
             if due and self.step < cfg.train.steps:
                 self.save_checkpoint()
-
-    def run_probes(self) -> dict[str, float]:
-        """Skill probes and a small held-out slice: task accuracy, not reward (3.16)."""
-        cfg = self.cfg
-        with torch.random.fork_rng():
-            result = run_probes(
-                self.unwrapped.peft_model,
-                self.tokenizer,
-                self.probe_items[self.rank :: self.world],
-                self.schema,
-                batch_size=cfg.probes.batch_size,
-                max_new_tokens=cfg.probes.max_new_tokens,
-                pad_multiple=cfg.model.pad_to_multiple_of,
-                around=self.adaptive.for_prompts,  # the hypernetwork runs per input
-            )
-        records = result["records"]
-        records = gather_all(self.accelerator, records)
-        out = probe_metrics(summarize_probes(records))
-        if cfg.probes.heldout:
-            held = self.evaluate_heldout("probe", limit=cfg.probes.heldout, save=False)
-            if held is not None:
-                out["accuracy/heldout"] = held["accuracy"]
-                out["format/heldout_valid_rate"] = held["format_validity"]
-        if self.emergence is not None:
-            for ev in self.emergence.observe(self.step, out):
-                self.log.event(self.step, ev)
-        return out
 
     def write_samples(self) -> None:
         """Some completions of the last step with their per-component rewards."""

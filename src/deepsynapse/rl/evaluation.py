@@ -1,0 +1,98 @@
+"""What a run measures of task accuracy, not reward: held-out evaluation and skill probes.
+
+``evaluate_heldout`` scores the held-out problems before and after training
+(``eval_<tag>.json``); with ``probes.every`` the skill probes and a small held-out slice run
+every N steps (``probes/...``, ``accuracy/heldout``) and the emergence detector reads them.
+Each process evaluates its share; the records are gathered before they are summarised.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from deepsynapse.config import Config
+from deepsynapse.eval import probes
+from deepsynapse.eval.harness import evaluate, summarize
+from deepsynapse.rl.ranks import gather_all
+from deepsynapse.rl.setup import build_problems
+from deepsynapse.telemetry.run_logger import release_freed_memory
+
+
+def build_probes(cfg: Config) -> tuple[list[Any], probes.EmergenceDetector | None]:
+    """The skill probe items and the emergence detector (a controller) that ``cfg`` asks for."""
+    items = (
+        probes.build_probe_suite(
+            cfg.probes.seed, cfg.probes.per_skill, cfg.probes.skills or probes.SKILLS
+        )
+        if cfg.probes.every
+        else []
+    )
+    emergence = (
+        probes.EmergenceDetector(n_items=cfg.probes.per_skill)
+        if cfg.probes.every and cfg.probes.emergence
+        else None
+    )
+    return items, emergence
+
+
+def evaluate_heldout(
+    trainer, tag: str, limit: int | None = None, save: bool = True
+) -> dict[str, Any] | None:
+    """Accuracy of the trainer's policy on the first ``limit`` held-out problems
+    (``eval.limit`` by default), saved as ``eval_<tag>.json`` if ``save``; None if limit is 0."""
+    cfg = trainer.cfg
+    limit = cfg.eval.limit if limit is None else limit
+    if limit <= 0:
+        return None
+    problems, _ = build_problems(cfg.data.eval, "test", cfg)
+    problems = problems[:limit]
+    shard = problems[trainer.rank :: trainer.world]
+    result = evaluate(
+        trainer.unwrapped.peft_model,
+        trainer.tokenizer,
+        shard,
+        trainer.schema,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        progress=trainer.progress and trainer.accelerator.is_main_process,
+        desc=f"eval ({tag})",
+        around=trainer.adaptive.for_prompts,  # the hypernetwork runs per input
+        pad_multiple=cfg.model.pad_to_multiple_of,
+    )
+    if cfg.train.trim_memory:
+        release_freed_memory()
+    records = gather_all(trainer.accelerator, result["records"])
+    summary = summarize(records, result["seconds"])
+    if save and trainer.accelerator.is_main_process:
+        (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def run_probes(trainer) -> dict[str, float]:
+    """Skill probes and a small held-out slice: task accuracy, not reward (3.16)."""
+    cfg = trainer.cfg
+    with torch.random.fork_rng():
+        result = probes.run_probes(
+            trainer.unwrapped.peft_model,
+            trainer.tokenizer,
+            trainer.probe_items[trainer.rank :: trainer.world],
+            trainer.schema,
+            batch_size=cfg.probes.batch_size,
+            max_new_tokens=cfg.probes.max_new_tokens,
+            pad_multiple=cfg.model.pad_to_multiple_of,
+            around=trainer.adaptive.for_prompts,  # the hypernetwork runs per input
+        )
+    records = gather_all(trainer.accelerator, result["records"])
+    out = probes.probe_metrics(probes.summarize_probes(records))
+    if cfg.probes.heldout:
+        held = evaluate_heldout(trainer, "probe", limit=cfg.probes.heldout, save=False)
+        if held is not None:
+            out["accuracy/heldout"] = held["accuracy"]
+            out["format/heldout_valid_rate"] = held["format_validity"]
+    if trainer.emergence is not None:
+        for ev in trainer.emergence.observe(trainer.step, out):
+            trainer.log.event(trainer.step, ev)
+    return out

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deepsynapse-setup
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.deepsynapse-setup
 
-.PHONY: setup setup-vllm demo test test-vllm test-all lint bench-rollout bench-trl bench-ablation bench-decode
+.PHONY: setup setup-vllm demo test test-vllm test-all lint bench-rollout bench-trl bench-ablation bench-learning bench-decode
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,10 @@ bench-trl: $(VENV)/.bench-setup
 
 bench-ablation: $(STAMP)
 	$(PY) benchmarks/ablation.py
+
+# One hourly slice of the learning evidence (plain vs full, 3 seeds x 1 h); rerun to go on.
+bench-learning: $(STAMP)
+	$(PY) benchmarks/learning.py
 
 bench-decode: $(STAMP) $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python benchmarks/decode_speed.py --ours-python $(PY)

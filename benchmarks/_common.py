@@ -43,7 +43,7 @@ def run_child(
 ) -> dict[str, Any]:
     """Run ``script _child SPEC`` in a fresh interpreter and return the JSON it reports."""
     cmd = [sys.executable, str(script), "_child", json.dumps(spec)]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env = child_env()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - start
@@ -59,6 +59,23 @@ def run_child(
     result = json.loads(found[-1][len(RESULT_PREFIX) :])
     result["child_wall_s"] = wall
     return result
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a benchmark's child process: unbuffered, no tokenizer threads."""
+    return dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def cpu_class(avx512_bf16: bool, amx_bf16: bool, avx2: bool) -> str:
+    """What a CPU's matmuls can do, which sets how far an hour of training gets.
+
+    >>> cpu_class(True, False, True), cpu_class(False, False, True), cpu_class(False, False, False)
+    ('bf16 (avx512_bf16)', 'avx2 only (no bf16 matmuls: fp32)', 'no avx2')
+    """
+    bf16 = [name for name, on in (("avx512_bf16", avx512_bf16), ("amx", amx_bf16)) if on]
+    if bf16:
+        return f"bf16 ({'+'.join(bf16)})"
+    return "avx2 only (no bf16 matmuls: fp32)" if avx2 else "no avx2"
 
 
 def machine_info() -> dict[str, Any]:
@@ -79,10 +96,12 @@ def machine_info() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "avx512_bf16": "avx512_bf16" in flags.split(),
         "amx_bf16": "amx_bf16" in flags.split(),
+        "avx2": "avx2" in flags.split(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+    info["cpu_class"] = cpu_class(info["avx512_bf16"], info["amx_bf16"], info["avx2"])
     for name in ("transformers", "peft", "accelerate", "trl"):
         try:
             module = __import__(name)

@@ -264,9 +264,18 @@ def run_overrides(
 ) -> list[str]:
     """The full override list of one configuration (later overrides win)."""
     parts = parts_for(st.steps, st.max_new_tokens)
+    return common_overrides(st, model, dataset, seed, threads) + part_overrides(config, parts)
+
+
+def part_overrides(config: str, parts: list[Part]) -> list[str]:
+    """What a configuration sets: its parts' switches, its reward weights and its schema.
+
+    Shared with ``learning.py``, which puts these on top of a recipe instead of the
+    study's common settings.
+    """
     active = active_parts(config, parts)
     weights = dict(BASE_REWARDS)
-    out = common_overrides(st, model, dataset, seed, threads)
+    out: list[str] = []
     for p in active:
         weights.update(p.rewards)
         out.extend(p.overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import ablation  # noqa: E402
+import learning  # noqa: E402
 import vs_trl  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -188,3 +190,236 @@ def test_a_cut_study_reuses_runs_finished_with_the_same_settings(tmp_path):
     assert ablation.stored_result({**spec, "overrides": ["lora.r=16"]}) is None  # other run
     (tmp_path / "run" / ablation.RESULT_FILE).write_text("{not json")
     assert ablation.stored_result(spec) is None
+
+
+# ------------------------------------------------------------------ learning.py
+
+
+def _learning_runs(tmp_path, configs=("plain", "full"), seeds=(0, 1)):
+    """Runs of the quick study on the demo recipe, with their run folders under tmp_path."""
+    st = learning.replace(learning.QUICK, configs=tuple(configs), seeds=tuple(seeds))
+    recipe = learning.recipe_path(learning.FALLBACK_RECIPE)
+    recipe_cfg = load_config(recipe, list(st.extra))
+    runs = learning.plan_runs(st, list(configs), tmp_path, recipe_cfg)
+    return st, recipe, runs
+
+
+def _records(prefix, correct, lenient=None):
+    lenient = correct if lenient is None else lenient
+    return {
+        "n": len(correct),
+        "records": [
+            {"id": f"{prefix}{i}", "correct": c, "lenient_correct": lc, "format_valid": c}
+            for i, (c, lc) in enumerate(zip(correct, lenient, strict=True))
+        ],
+    }
+
+
+def _fabricate_finished(run, recipe, start, final, gsm_start, gsm_final):
+    """A finished run folder as the trainer and this script leave it (no model involved)."""
+    from deepsynapse.checkpoint import save_tree
+    from deepsynapse.config import save_config
+
+    d = run.run_dir
+    (d / "learning").mkdir(parents=True)
+    save_config(load_config(recipe, run.overrides), d / "config.yaml")
+    (d / "eval_before.json").write_text(json.dumps(_records("h", [False] * len(start))))
+    (d / "eval_after_sft.json").write_text(json.dumps(_records("h", start)))
+    (d / "eval_after.json").write_text(json.dumps(_records("h", final)))
+    (d / "learning" / "gsm8k_start.json").write_text(json.dumps(_records("g", gsm_start)))
+    (d / "learning" / "gsm8k_final.json").write_text(json.dumps(_records("g", gsm_final)))
+    rows = [{"step": 0, "sft/step": k, "timing/sft_step": 2.0} for k in (1, 2)]
+    rows += [{"step": k, "timing/step": 5.0} for k in (1, 2)]
+    rows[-1]["accuracy/heldout"] = 0.5
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "summary.json").write_text(json.dumps({"steps": 2}))
+    for step in (0, 1, 2):
+        ckpt = d / "checkpoints" / f"step-{step}"
+        ckpt.mkdir(parents=True)
+        save_tree({"sft_done": True, "step": step}, ckpt, "trainer_state")
+        (ckpt / "COMPLETE").write_text("{}")
+
+
+def test_learning_plain_is_plain_and_full_is_full_on_top_of_a_recipe_that_turns_parts_on(tmp_path):
+    st, recipe, runs = _learning_runs(tmp_path, ("plain", "full", "full-reward_weighting"), (0,))
+    demo = load_config(recipe)
+    assert demo.control.curriculum.enabled and demo.rewards.allocator == "neural"  # the trap
+    cfgs = {r.config: load_config(recipe, r.overrides) for r in runs}
+    plain, full = cfgs["plain"], cfgs["full"]
+    assert not any(getattr(plain.control, s).enabled for s in vars(plain.control))
+    assert plain.rewards.allocator == "static" and plain.rewards.calibration == "none"
+    assert not (plain.discovery.enabled or plain.hypernet.enabled or plain.memory.enabled)
+    assert not plain.lora.module_scales and set(plain.rewards.weights) == set(ablation.BASE_REWARDS)
+    assert all(getattr(full.control, s).enabled for s in vars(full.control))
+    assert full.hypernet.enabled and full.memory.enabled and full.rewards.schema == "deepsynapse"
+    minus = cfgs["full-reward_weighting"]
+    assert minus.rewards.allocator == "static" and not minus.discovery.enabled
+    assert minus.hypernet.enabled  # only its family goes
+    for cfg in cfgs.values():  # what every run shares: equal wall-clock on the set of record
+        assert cfg.train.time_budget == st.budget and cfg.data.eval == "synthetic"
+        assert cfg.train.keep_checkpoints >= 1000 and cfg.probes.every == st.probe_every
+        assert cfg.model.name == "tiny-random"
+    assert [(r.seed, r.config) for r in _learning_runs(tmp_path, ("plain", "full"))[2]] == [
+        (0, "plain"),
+        (0, "full"),
+        (1, "plain"),
+        (1, "full"),
+    ]  # seed by seed: a time cut leaves every configuration with equal seeds
+
+
+def test_learning_run_folders_are_finished_resumable_new_or_in_conflict(tmp_path):
+    from deepsynapse.checkpoint import save_tree
+    from deepsynapse.config import save_config
+
+    st, recipe, runs = _learning_runs(tmp_path, ("plain", "full"), (0,))
+    plain, full = runs
+    expected = load_config(recipe, plain.overrides).to_dict()
+    assert learning.inspect_run(plain.run_dir, expected)[0] == "todo"
+    plain.run_dir.mkdir(parents=True)
+    save_config(load_config(recipe, plain.overrides), plain.run_dir / "config.yaml")
+    assert learning.inspect_run(plain.run_dir, expected) == (
+        "todo",
+        "no complete checkpoint (started over)",
+    )
+    ckpt = plain.run_dir / "checkpoints" / "step-0"
+    ckpt.mkdir(parents=True)
+    save_tree({"sft_done": False}, ckpt, "trainer_state")
+    assert learning.inspect_run(plain.run_dir, expected)[0] == "todo"  # not COMPLETE
+    (ckpt / "COMPLETE").write_text("{}")
+    assert learning.inspect_run(plain.run_dir, expected) == ("resumable", "from step-0")
+    assert learning.start_checkpoint(plain.run_dir)[0] is None  # mid-warm-up: not GRPO's start
+    (plain.run_dir / "summary.json").write_text("{}")
+    assert learning.inspect_run(plain.run_dir, expected)[0] == "finished"
+    other = load_config(recipe, full.overrides).to_dict()  # another configuration's settings
+    state, detail = learning.inspect_run(plain.run_dir, other)
+    assert state == "conflict" and "control.accumulation.enabled: False vs True" in detail
+    # Where a run lives is not what it is.
+    moved = load_config(recipe, [*plain.overrides, "train.output_dir=/elsewhere"]).to_dict()
+    assert learning.inspect_run(plain.run_dir, moved)[0] == "finished"
+
+
+def test_learning_keeps_the_start_point_and_asks_only_for_missing_evaluations(tmp_path):
+    st, recipe, runs = _learning_runs(tmp_path, ("plain",), (0,))
+    (run,) = runs
+    _fabricate_finished(run, recipe, [True], [True], [False] * 4, [True] * 4)
+    assert learning.prune_checkpoints(run.run_dir) == ["step-1"]
+    kept = sorted(p.name for p in (run.run_dir / "checkpoints").iterdir())
+    assert kept == ["step-0", "step-2"]
+    assert learning.start_checkpoint(run.run_dir) == ("step-0", "")
+    cfg = load_config(run.run_dir / "config.yaml")
+    assert learning.eval_jobs(st, run.run_dir, cfg) == ([], [])  # all cached at 4 problems
+    jobs, _ = learning.eval_jobs(learning.replace(st, gsm8k_limit=8), run.run_dir, cfg)
+    assert [(j.name, j.checkpoint, j.limit) for j in jobs] == [
+        ("gsm8k_final.json", None, 8),
+        ("gsm8k_start.json", "step-0", 8),
+    ]  # another limit: evaluated again
+    (run.run_dir / "eval_after_sft.json").unlink()  # an older trainer: step-0 on the held-out set
+    jobs, _ = learning.eval_jobs(st, run.run_dir, cfg)
+    assert [(j.name, j.data, j.limit) for j in jobs] == [
+        ("heldout_start.json", "synthetic", cfg.eval.limit)
+    ]
+    cmd = learning.eval_command(run.run_dir, "step-0", "gsm8k", 8, cfg, tmp_path / "o.json")
+    assert cmd[-14:] == [
+        "--checkpoint",
+        "step-0",
+        "--data",
+        "gsm8k",
+        "--split",
+        "test",
+        "--limit",
+        "8",
+        "--max-new-tokens",
+        str(cfg.eval.max_new_tokens),
+        "--batch-size",
+        str(cfg.eval.batch_size),
+        "--output",
+        str(tmp_path / "o.json"),
+    ]
+    shutil.rmtree(run.run_dir / "checkpoints" / "step-0")
+    jobs, notes = learning.eval_jobs(learning.replace(st, gsm8k_limit=8), run.run_dir, cfg)
+    assert [j.name for j in jobs] == ["gsm8k_final.json"]
+    assert any("step-0 was not kept" in n for n in notes)
+
+
+def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
+    st, recipe, runs = _learning_runs(tmp_path, ("plain", "full"), (0, 1))
+    T, F = True, False
+    outcomes = {  # (held-out start, end, GSM8K start, end) on 4 problems each
+        ("plain", 0): ([F, F, T, F], [F, T, T, F], [F] * 4, [F, F, F, T]),
+        ("full", 0): ([F, F, T, F], [T, T, T, F], [F] * 4, [T, F, F, T]),
+        ("plain", 1): ([F, F, F, F], [F, F, F, F], [F] * 4, [F] * 4),
+        ("full", 1): ([F, F, F, F], [T, T, F, F], [F] * 4, [F] * 4),
+    }
+    for run in runs:
+        _fabricate_finished(run, recipe, *outcomes[(run.config, run.seed)])
+    results = [learning.read_run(r, st) for r in runs]
+    first = results[0].numbers
+    assert (first["config"], first["sft_steps"], first["grpo_steps"]) == ("plain", 2, 2)
+    assert first["heldout"]["start"]["accuracy"] == 0.25
+    assert first["heldout"]["final"]["accuracy"] == 0.5
+    assert first["heldout"]["gain"]["strict"]["delta"] == 0.25
+    assert first["heldout"]["gain"]["strict"]["fixed"] == 1
+    assert first["gsm8k"]["gain"]["lenient"]["delta"] == 0.25
+    curve = first["curve"]
+    assert curve["clock"] == "steps" and curve["grpo_start_s"] == 4.0 and curve["end_s"] == 14.0
+    # start (first 3 problems of eval_after_sft), the probe at step 2, the end
+    assert curve["points"] == [[4.0, 1 / 3], [14.0, 0.5], [14.0, 2 / 3]]
+    machine = {"cpu": "test", "cpu_class": "avx2 only"}
+    report = learning.build_report(st, recipe, ["plain", "full"], results, [], "", machine)
+    fvp = report["full_vs_plain"]["full - plain"]
+    assert fvp["per_seed"][0]["heldout"]["strict"]["delta"] == 0.25
+    assert fvp["per_seed"][1]["heldout"]["strict"]["delta"] == 0.5
+    assert fvp["mean"]["heldout_strict"]["mean"] == pytest.approx(0.375)
+    assert fvp["mean"]["gsm8k_strict"]["mean"] == pytest.approx(0.125)
+    seeds = report["across_seeds"]["full"]
+    assert seeds["heldout_final"]["per_seed"] == [0.75, 0.5]
+    assert seeds["heldout_gain_strict"]["mean"] == pytest.approx(0.5)
+    text = learning.markdown(report)
+    for heading in ("Per run, held-out", "GSM8K test transfer", "Across seeds", "Full vs plain"):
+        assert heading in text
+    assert "| full - plain | mean of 2" in text and "avx2 only" in text
+    assert "+37.5 ± 17.7 pts" in text
+    json.dumps(report)  # the results file holds it
+    assert learning.plot(report, tmp_path / "curves.png").stat().st_size > 0
+    # An ablation row: full minus a family, against full.
+    _, _, minus = _learning_runs(tmp_path / "m", ("full-adaptive_policy",), (0,))
+    _fabricate_finished(minus[0], recipe, [F] * 4, [F, T, T, F], [F] * 4, [F] * 4)
+    more = [*results, learning.read_run(minus[0], st)]
+    configs = ["plain", "full", "full-adaptive_policy"]
+    report = learning.build_report(st, recipe, configs, more, ["x: train"], "", machine)
+    abl = report["ablation"]["full-adaptive_policy - full"]
+    assert abl["per_seed"][0]["heldout"]["strict"]["delta"] == -0.25
+    assert "Ablation" in learning.markdown(report) and "**Partial:**" in learning.markdown(report)
+
+
+def test_learning_override_values_read_back_as_written():
+    from deepsynapse.config import parse_override
+
+    for key, value in [
+        ("rewards.allocator", "static"),
+        ("rewards.calibration", "none"),
+        ("x.y", "true"),
+        ("x.y", ""),
+        ("lora.alpha", 32.0),
+        ("control.curriculum.default_ranks", []),
+        ("rewards.allocator_options", {}),
+        ("x.y", False),
+    ]:
+        assert parse_override(learning.override_text(key, value))[1] == value
+
+
+@pytest.mark.slow
+def test_learning_quick_trains_evaluates_and_writes_results(tmp_path):
+    stem = tmp_path / "results" / "learning-quick"
+    proc = _run_script(
+        "learning.py", "--quick", "--out-dir", str(tmp_path / "runs"), "--results", str(stem)
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| full - plain | 0" in proc.stdout
+    data = json.loads(stem.with_suffix(".json").read_text())
+    assert [(r["config"], r["seed"]) for r in data["runs"]] == [("plain", 0), ("full", 0)]
+    assert not data["left"] and all(not r["errors"] for r in data["invocation"])
+    for r in data["runs"]:
+        assert r["heldout"]["final"]["n"] == 6 and r["gsm8k"]["final"]["n"] == 4
+        assert r["grpo_steps"] >= 1 and r["curve"]["points"]
+    assert stem.with_suffix(".png").is_file() and stem.with_suffix(".md").is_file()

@@ -1,0 +1,1124 @@
+"""Learning of record: plain GRPO vs full DeepSynapse at equal wall-clock, paired, over seeds.
+
+    python benchmarks/learning.py                          # plain + full, seeds 0 1 2, 60 min each
+    python benchmarks/learning.py --max-minutes 60         # one hourly slice (the default)
+    python benchmarks/learning.py --ablate family          # + full minus each family of parts
+    python benchmarks/learning.py --budget 30m --seeds 0   # shorter
+    python benchmarks/learning.py --quick                  # smoke check: tiny model, ~2 min
+    make bench-learning
+
+What it measures. Each run trains from the recipe (``--config``, default
+``configs/hour-cpu.yaml``; ``configs/demo-cpu.yaml`` while that file does not exist) for the
+same wall-clock budget (``train.time_budget``, ``--budget``): the trainer times its first
+evaluation and steps and plans the SFT warm-up and GRPO step counts so that the whole run,
+evaluations included, ends within the budget. ``train.steps`` is set far above what fits
+(``--steps``, 10 000), so the budget, not a step count, ends GRPO. *Equal wall-clock* means
+this: a configuration whose steps cost more (accumulation, SFT mixing, the hypernetwork, a
+verifier) gets fewer of them, and the comparison counts that against it. Runs go one at a
+time with every core, so no run slows another.
+
+Configurations (``ablation.py`` defines them, once): ``plain`` is GRPO with the correctness
+and two format rewards at static weights, no DeepSynapse part; ``full`` switches every part
+on; ``--ablate family`` (or ``part``) adds ``full-<x>``, full without ``x``. On top of the
+recipe, every part's switch is first set to plain's value, then the configuration's parts
+are switched on, so a recipe that turns parts on does not leak them into ``plain``. Schedules
+of the parts that scale with a run's length are scaled to the recipe's ``train.steps``.
+
+Evaluation of record, paired. Each run folder holds the trainer's own evaluations on the
+fixed held-out synthetic set (``data.eval=synthetic``, split test: stratified by difficulty,
+disjoint from training; ``--eval-limit`` = its first N problems): ``eval_before.json`` (the
+base model), ``eval_after_sft.json`` (after the SFT warm-up, where GRPO starts) and
+``eval_after.json`` (the end). For transfer, this script scores the first ``--gsm8k-limit``
+problems of GSM8K test (default 200; 0 = all 1,319) with ``deepsynapse eval`` at the run's
+start point (the checkpoint ``step-0``, saved when the warm-up ends) and at its final
+checkpoint. Every claim is paired on the same problems (``deepsynapse.eval.stats``): a run's
+GRPO gain (start -> end), full vs plain per seed (both score the same held-out problems), and
+full minus a family vs full, each strict (format-valid and right) and lenient (the right
+number), with Newcombe's 95% interval and the exact McNemar p-value. Learning curves:
+``accuracy/heldout`` (the first ``--probe-heldout`` held-out problems, default 48, every
+``--probe-every`` GRPO steps, default 10) against the seconds of training. These probes, and
+the skill probes that ride along (2 items a skill), are paid from the run's budget like any
+evaluation, the same for every configuration.
+
+Slices add up. A run folder with ``summary.json`` is finished and reused (its
+``config.yaml`` must match what this command would run, else it is reported, not touched,
+unless ``--fresh``); one with a checkpoint but no summary is resumed
+(``deepsynapse train --resume``; the budget's elapsed time is part of the checkpoint, so an
+hour stays an hour across stops); evaluations are cached in ``<run>/learning/``. After
+``--max-minutes`` (default 60) nothing new starts: runs are ordered seed by seed, so a cut
+leaves every configuration with the same number of seeds, and the script prints what is
+left. A stop (Ctrl-C, SIGTERM) is passed to the running child, which checkpoints and exits.
+
+Runtime: 3 seeds x 2 configurations x 1 h = 6 h of training, plus ~2 GSM8K evaluations
+per run (minutes each on 2 cores at 200 problems), so about seven hourly slices; each
+``--ablate family`` seed adds 5 runs. Results: ``benchmarks/results/learning[-quick]``
+``.json``, ``.md`` (per run, across seeds, full vs plain, ablation, transfer, the machine)
+and ``.png`` (the curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from _common import RESULTS_DIR, child_env, machine_info, markdown_table, mean_std, save_json
+from ablation import ABLATE, Study, active_parts, common_overrides, config_names, parts_for
+from ablation import part_overrides as ablation_part_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "configs/hour-cpu.yaml"
+FALLBACK_RECIPE = "configs/demo-cpu.yaml"
+DEEPSYNAPSE = [sys.executable, "-m", "deepsynapse.cli"]
+GSM8K_TEST_SIZE = 1319
+KEEP_ALL = 100_000  # train.keep_checkpoints: step-0 must survive rotation (pruned here after)
+IGNORED_KEYS = {"train.run_name", "train.output_dir"}  # where a run lives, not what it is
+EVAL_DIR = "learning"  # inside a run folder: this script's evaluations and logs
+
+
+@dataclass(frozen=True)
+class Learning:
+    """Settings of the study (what makes its runs; evaluation sizes)."""
+
+    recipe: str = RECIPE
+    budget: str = "60m"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    configs: tuple[str, ...] = ("plain", "full")
+    steps: int = 10_000  # a cap far above what the budget fits
+    eval_limit: int | None = None  # None: the recipe's eval.limit
+    probe_every: int = 10
+    probe_heldout: int = 48
+    probe_per_skill: int = 2  # the skill probes ride along with each curve point: kept small
+    gsm8k_limit: int = 200
+    save_every: int = 20
+    extra: tuple[str, ...] = ()  # overrides before all others (quick mode's small model)
+
+
+QUICK = Learning(
+    budget="20s",
+    seeds=(0,),
+    steps=10_000,
+    eval_limit=6,
+    probe_every=2,
+    probe_heldout=3,
+    probe_per_skill=1,
+    gsm8k_limit=4,
+    save_every=0,
+    extra=(
+        "model.name=tiny-random",
+        "sft.steps=2",
+        "sft.batch_size=2",
+        "rollout.num_generations=2",
+        "rollout.max_new_tokens=12",
+        "grpo.prompts_per_step=2",
+        "grpo.micro_batch_size=4",
+        "eval.max_new_tokens=8",
+        "eval.batch_size=8",
+        "probes.max_new_tokens=8",
+        "rewards.verifier_backbone=hashing",
+        "train.report=false",
+        "train.log_samples_every=0",
+    ),
+)
+QUICK_STEPS_WITHOUT_BUDGET = 3
+
+
+# ------------------------------------------------------------------ configurations
+
+
+def resolve_recipe(path: str) -> tuple[str, str]:
+    """The recipe to train from, and a note when the hour recipe is not there yet."""
+    if (REPO / path).is_file() or Path(path).is_file():
+        return path, ""
+    if path == RECIPE and (REPO / FALLBACK_RECIPE).is_file():
+        return FALLBACK_RECIPE, f"{RECIPE} does not exist yet: runs use {FALLBACK_RECIPE}"
+    raise SystemExit(f"learning: recipe {path} not found")
+
+
+def recipe_path(recipe: str) -> Path:
+    return Path(recipe) if Path(recipe).is_file() else REPO / recipe
+
+
+def budget_is_wired() -> bool:
+    """Whether the trainer acts on ``train.time_budget`` (the key validated before it did).
+
+    Transitional, read from the source of ``deepsynapse.rl``: once the budget is wired this
+    always holds and can go.
+    """
+    import deepsynapse.rl as rl
+
+    folder = Path(rl.__file__).parent
+    text = "".join(f.read_text() for f in folder.glob("*.py") if f.name != "budget.py")
+    return "time_budget" in text or "TimeBudget(" in text
+
+
+def override_text(key: str, value: Any) -> str:
+    """``key=value`` that the config's YAML override parser reads back as ``value``."""
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return f"{key}={value if same else json.dumps(value)}"
+    return f"{key}={json.dumps(value)}"
+
+
+def _lookup(tree: dict[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
+    """Each key a part sets that the recipe holds at another value than plain's.
+
+    Plain's values are ablation's plain (the defaults, LoRA r16). Why: a recipe may switch
+    parts on (the demo recipe does); without this, ``plain`` on top of it would not be plain.
+    """
+    from deepsynapse.config import load_config
+
+    plain = load_config(None, common_overrides(Study(), "tiny-random", "synthetic", 0, 1))
+    ours, theirs = plain.to_dict(), recipe_cfg.to_dict()
+    keys = dict.fromkeys(o.split("=", 1)[0] for p in parts for o in p.overrides)
+    return [
+        override_text(k, _lookup(ours, k)) for k in keys if _lookup(ours, k) != _lookup(theirs, k)
+    ]
+
+
+def run_overrides(
+    st: Learning, config: str, seed: int, out_dir: Path, recipe_cfg: Any
+) -> list[str]:
+    """Everything a run sets on top of the recipe (later overrides win)."""
+    parts = parts_for(recipe_cfg.train.steps, recipe_cfg.rollout.max_new_tokens)
+    eval_limit = recipe_cfg.eval.limit if st.eval_limit is None else st.eval_limit
+    return [
+        *st.extra,
+        *plain_reset(parts, recipe_cfg),
+        *ablation_part_overrides(config, parts),
+        "data.eval=synthetic",  # the fixed held-out set of record
+        f"eval.limit={eval_limit}",
+        f"train.time_budget={st.budget}",
+        f"train.steps={st.steps}",
+        f"train.seed={seed}",
+        f"train.save_every={st.save_every}",
+        f"train.keep_checkpoints={KEEP_ALL}",
+        f"probes.every={st.probe_every}",
+        f"probes.heldout={st.probe_heldout}",
+        f"probes.per_skill={st.probe_per_skill}",
+        f"train.run_name={run_name(config, seed)}",
+        f"train.output_dir={out_dir}",
+    ]
+
+
+def run_name(config: str, seed: int) -> str:
+    return f"{config}-seed{seed}"
+
+
+def study_configs(st: Learning, ablate: str | None) -> list[str]:
+    """The configurations in order: those asked for, then full minus each family or part."""
+    parts = parts_for(3, 64)
+    names = list(st.configs)
+    if ablate:
+        names += [c for c in config_names(parts, ablate)[2:] if c not in names]
+    for c in names:
+        active_parts(c, parts)  # a typo fails here, before any run
+    return names
+
+
+# ------------------------------------------------------------------ run folders
+
+
+@dataclass
+class Run:
+    config: str
+    seed: int
+    run_dir: Path
+    overrides: list[str]
+    state: str = ""  # finished | resumable | todo | conflict
+    detail: str = ""
+    actions: list[str] = field(default_factory=list)  # what this invocation did
+    errors: list[str] = field(default_factory=list)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two configs (where the runs live aside)."""
+    fa, fb = _flatten(a), _flatten(b)
+    keys = sorted((set(fa) | set(fb)) - IGNORED_KEYS)
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in keys if fa.get(k) != fb.get(k)]
+
+
+def inspect_run(run_dir: Path, expected: dict[str, Any]) -> tuple[str, str]:
+    """What a run folder holds: ``finished``, ``resumable``, ``todo`` or ``conflict``.
+
+    ``expected`` is the config this command would run (``Config.to_dict()``); a folder made
+    with another one is a conflict, never silently reused, resumed or overwritten.
+    """
+    from deepsynapse.checkpoint import latest_checkpoint
+    from deepsynapse.config import load_config
+
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return "todo", ""
+    try:
+        theirs = load_config(saved).to_dict()
+    except Exception as exc:  # an older config schema: not this run
+        return "conflict", f"{saved} does not load ({exc})"
+    diff = config_diff(theirs, expected)
+    if diff:
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        return "conflict", "made with other settings: " + "; ".join(diff[:3]) + more
+    if (run_dir / "summary.json").is_file():
+        return "finished", ""
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is not None:
+        return "resumable", f"from {ckpt.name}"
+    return "todo", "no complete checkpoint (started over)"
+
+
+def prune_checkpoints(run_dir: Path) -> list[str]:
+    """Keep the start point (``step-0``) and the final checkpoint; drop the ones between."""
+    from deepsynapse.checkpoint import complete_checkpoints
+
+    found = complete_checkpoints(run_dir / "checkpoints")
+    removed = [p for p in found[:-1] if p.name != "step-0"]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in removed]
+
+
+def start_checkpoint(run_dir: Path) -> tuple[str | None, str]:
+    """``step-0`` if it is the warm-up's end (GRPO's start point), else None and why."""
+    from deepsynapse.checkpoint import load_tree
+
+    folder = run_dir / "checkpoints" / "step-0"
+    if not (folder / "COMPLETE").is_file():
+        return None, "step-0 was not kept (checkpoint rotation)"
+    try:
+        done = bool(load_tree(folder, "trainer_state").get("sft_done"))
+    except Exception as exc:
+        return None, f"step-0 unreadable ({exc})"
+    return ("step-0", "") if done else (None, "step-0 predates the warm-up's end")
+
+
+# ------------------------------------------------------------------ child processes
+
+_CHILD: subprocess.Popen | None = None
+_STOP: list[str] = []  # the signal that asked this script to stop, if any
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    name = signal.Signals(signum).name
+    _STOP.append(name)
+    child = _CHILD
+    if child is not None and child.poll() is None:
+        print(f"\n{name}: passing it to the running child (it checkpoints, then exits)", flush=True)
+        child.send_signal(signum)
+    else:
+        print(f"\n{name}: stopping after this", flush=True)
+
+
+def run_logged(cmd: list[str], log: Path, echo: str = "    ") -> int:
+    """Run a command with its output appended to ``log``; echo the trainer's own lines.
+
+    The child runs in a session of its own: a Ctrl-C reaches it once, through this
+    process (the trainer finishes its step and checkpoints), never twice.
+    """
+    global _CHILD
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as out:
+        out.write(f"\n[{time.strftime('%Y-%m-%d %H:%M:%S')}] $ {shlex.join(cmd)}\n")
+        out.flush()
+        _CHILD = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
+            start_new_session=True,
+        )
+        try:
+            assert _CHILD.stdout is not None
+            for line in _CHILD.stdout:
+                out.write(line)
+                if line.startswith("[deepsynapse]") or "error" in line.lower():
+                    print(echo + line.rstrip(), flush=True)
+            return _CHILD.wait()
+        finally:
+            if _CHILD.poll() is None:
+                _CHILD.kill()
+            _CHILD = None
+
+
+def train_command(recipe: str, overrides: list[str], run_dir: Path, resume: bool) -> list[str]:
+    cmd = [*DEEPSYNAPSE, "train", "--quiet", "--config", recipe]
+    if resume:
+        cmd += ["--resume", str(run_dir)]
+    return cmd + list(overrides)
+
+
+def eval_command(run_dir: Path, checkpoint: str | None, data: str, limit: int, cfg: Any, out: Path):
+    """``deepsynapse eval`` of a run's checkpoint, as the run evaluates (its schema, budget)."""
+    cmd = [*DEEPSYNAPSE, "eval", "--quiet", "--adapter", str(run_dir)]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    return cmd + [
+        "--data",
+        data,
+        "--split",
+        "test",
+        "--limit",
+        str(limit),
+        "--max-new-tokens",
+        str(cfg.eval.max_new_tokens),
+        "--batch-size",
+        str(cfg.eval.batch_size),
+        "--output",
+        str(out),
+    ]
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """One evaluation this script adds to a finished run, cached as ``<run>/learning/<name>``."""
+
+    name: str
+    checkpoint: str | None  # None: the newest (the final one)
+    data: str
+    limit: int
+
+
+def eval_jobs(st: Learning, run_dir: Path, cfg: Any) -> tuple[list[EvalJob], list[str]]:
+    """What a finished run still needs evaluated, and notes on what cannot be."""
+    jobs, notes = [], []
+    start, why = start_checkpoint(run_dir)
+    n_gsm8k = st.gsm8k_limit or GSM8K_TEST_SIZE
+    wanted = [EvalJob("gsm8k_final.json", None, "gsm8k", n_gsm8k)]
+    if start:
+        wanted.append(EvalJob("gsm8k_start.json", start, "gsm8k", n_gsm8k))
+    else:
+        notes.append(f"GSM8K at the start point: {why}")
+    has_start = (run_dir / "eval_after_sft.json").is_file() or cfg.sft.steps == 0
+    if not has_start:  # the trainer did not write eval_after_sft.json (older trainer)
+        if start:
+            wanted.append(EvalJob("heldout_start.json", start, cfg.data.eval, cfg.eval.limit))
+        else:
+            notes.append(f"held-out at the start point: {why}")
+    for job in wanted:
+        cached = read_json(run_dir / EVAL_DIR / job.name)
+        if cached is None or len(cached.get("records") or []) != job.limit:
+            jobs.append(job)
+    return jobs, notes
+
+
+def run_eval(run_dir: Path, job: EvalJob, cfg: Any) -> str | None:
+    """Run one evaluation into the cache; the error's text, or None."""
+    out = run_dir / EVAL_DIR / job.name
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = eval_command(run_dir, job.checkpoint, job.data, job.limit, cfg, tmp)
+    rc = run_logged(cmd, run_dir / EVAL_DIR / "eval.log")
+    if rc != 0 or not tmp.is_file():
+        return f"{job.name}: deepsynapse eval exited with {rc} (see {run_dir / EVAL_DIR}/eval.log)"
+    tmp.replace(out)
+    return None
+
+
+# ------------------------------------------------------------------ reading a run
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    from deepsynapse.telemetry.run_logger import read_jsonl as read
+
+    return read(path) if path.is_file() else []
+
+
+def accuracy(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Strict and lenient accuracy of an evaluation, each with its 95% Wilson interval."""
+    from deepsynapse.eval.stats import wilson_interval
+
+    records = (result or {}).get("records")
+    if not records:
+        return None
+    n = len(records)
+    out: dict[str, Any] = {"n": n}
+    for name, key in (("accuracy", "correct"), ("lenient_accuracy", "lenient_correct")):
+        k = sum(bool(r.get(key)) for r in records)
+        out[name], out[name + "_ci"] = k / n, list(wilson_interval(k, n))
+    out["format_validity"] = sum(bool(r.get("format_valid")) for r in records) / n
+    return out
+
+
+def paired(before: Any, after: Any) -> dict[str, Any] | None:
+    """Paired change strict and lenient, or None when either side is missing or unpaired."""
+    from deepsynapse.eval.stats import paired_comparison
+
+    ra, rb = (before or {}).get("records"), (after or {}).get("records")
+    if not ra or not rb:
+        return None
+    try:
+        return {
+            "strict": paired_comparison(ra, rb, "correct"),
+            "lenient": paired_comparison(ra, rb, "lenient_correct"),
+        }
+    except ValueError as exc:
+        return {"unpaired": str(exc)}
+
+
+def learning_curve(rows: list[dict[str, Any]], start: Any, final: Any, n: int) -> dict[str, Any]:
+    """``accuracy/heldout`` against seconds of training, with GRPO's start and end points.
+
+    The x axis is ``time/elapsed`` where the trainer logs it (the run's wall-clock, budget
+    included), else the step times summed (``timing/sft_step`` + ``timing/step``: training,
+    without the evaluations and probes). The start and end points are the evaluations of
+    record on the same first ``n`` held-out problems the probes score.
+    """
+    t, points, grpo_start = 0.0, [], 0.0
+    clock = "time/elapsed" if any("time/elapsed" in r for r in rows) else "steps"
+    for r in rows:
+        if clock == "time/elapsed" and isinstance(r.get("time/elapsed"), (int, float)):
+            t = float(r["time/elapsed"])
+        elif clock == "steps":
+            t += float(r.get("timing/sft_step") or 0.0) + float(r.get("timing/step") or 0.0)
+        if "timing/sft_step" in r:
+            grpo_start = t
+        if isinstance(r.get("accuracy/heldout"), (int, float)):
+            points.append([t, float(r["accuracy/heldout"])])
+    for at, result in ((grpo_start, start), (t, final)):
+        records = ((result or {}).get("records") or [])[:n]
+        if n and len(records) == n:
+            acc = sum(bool(r.get("correct")) for r in records) / n
+            points.append([at, acc])
+    points.sort(key=lambda p: p[0])
+    return {"clock": clock, "points": points, "grpo_start_s": grpo_start, "end_s": t}
+
+
+@dataclass
+class RunResult:
+    """A finished run as read from its folder: numbers (kept) and records (for pairing)."""
+
+    config: str
+    seed: int
+    numbers: dict[str, Any]
+    records: dict[str, Any]  # {"heldout": final eval, "gsm8k": final eval}: pairing across runs
+
+
+def read_run(run: Run, st: Learning) -> RunResult:
+    """Start and end of GRPO on both sets, the paired gains, the curve, the steps and time."""
+    from deepsynapse.config import load_config
+
+    d = run.run_dir
+    cfg = load_config(d / "config.yaml")
+    before = read_json(d / "eval_before.json")
+    final = read_json(d / "eval_after.json")
+    start, source = read_json(d / "eval_after_sft.json"), "eval_after_sft.json"
+    if start is None and cfg.sft.steps == 0:
+        start, source = before, "eval_before.json (no warm-up)"
+    if start is None:
+        start = read_json(d / EVAL_DIR / "heldout_start.json")
+        source = f"{EVAL_DIR}/heldout_start.json (deepsynapse eval of step-0)" if start else "none"
+    g_start = read_json(d / EVAL_DIR / "gsm8k_start.json")
+    g_final = read_json(d / EVAL_DIR / "gsm8k_final.json")
+    rows = read_jsonl(d / "metrics.jsonl")
+    grpo = [r for r in rows if "timing/step" in r]
+    sft = [r for r in rows if "timing/sft_step" in r]
+    summary = read_json(d / "summary.json") or {}
+    numbers = {
+        "config": run.config,
+        "seed": run.seed,
+        "run_dir": str(d),
+        "budget": cfg.train.time_budget,
+        "sft_steps": len(sft),
+        "grpo_steps": len(grpo),
+        "sft_s": sum(float(r["timing/sft_step"]) for r in sft),
+        "grpo_s": sum(float(r["timing/step"]) for r in grpo),
+        "summary_steps": summary.get("steps"),
+        "heldout": {
+            "problems": cfg.eval.limit,
+            "before": accuracy(before),
+            "start": accuracy(start),
+            "start_source": source,
+            "final": accuracy(final),
+            "gain": paired(start, final),
+            "whole_run": paired(before, final),
+        },
+        "gsm8k": {
+            "start": accuracy(g_start),
+            "final": accuracy(g_final),
+            "gain": paired(g_start, g_final),
+        },
+        "curve": learning_curve(rows, start, final, cfg.probes.heldout),
+    }
+    return RunResult(run.config, run.seed, numbers, {"heldout": final, "gsm8k": g_final})
+
+
+# ------------------------------------------------------------------ across runs
+
+
+def _delta(gain: dict[str, Any] | None, kind: str) -> float | None:
+    c = (gain or {}).get(kind)
+    return c["delta"] if c else None
+
+
+def _get(d: dict[str, Any] | None, *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(p)
+    return d
+
+
+def across_seeds(results: list[RunResult], configs: list[str]) -> dict[str, Any]:
+    """Per configuration: mean ± std over seeds, and the per-seed values, of each number."""
+    measures = {
+        "heldout_start": ("heldout", "start", "accuracy"),
+        "heldout_final": ("heldout", "final", "accuracy"),
+        "heldout_final_lenient": ("heldout", "final", "lenient_accuracy"),
+        "heldout_gain_strict": ("heldout", "gain", "strict", "delta"),
+        "heldout_gain_lenient": ("heldout", "gain", "lenient", "delta"),
+        "gsm8k_start": ("gsm8k", "start", "accuracy"),
+        "gsm8k_final": ("gsm8k", "final", "accuracy"),
+        "gsm8k_gain_strict": ("gsm8k", "gain", "strict", "delta"),
+        "gsm8k_gain_lenient": ("gsm8k", "gain", "lenient", "delta"),
+        "grpo_steps": ("grpo_steps",),
+        "grpo_s": ("grpo_s",),
+    }
+    out: dict[str, Any] = {}
+    for config in configs:
+        mine = sorted((r for r in results if r.config == config), key=lambda r: r.seed)
+        row: dict[str, Any] = {"seeds": [r.seed for r in mine]}
+        for name, path in measures.items():
+            values = [_get(r.numbers, *path) for r in mine]
+            mean, std = mean_std(values)
+            row[name] = {"mean": mean, "std": std, "per_seed": values}
+        out[config] = row
+    return out
+
+
+def compare(results: list[RunResult], base: str, other: str) -> dict[str, Any]:
+    """``other`` vs ``base`` per seed, paired on the same problems (final evaluations).
+
+    ``delta`` is other minus base; the mean is over the seeds where both sides are paired.
+    """
+    by = {(r.config, r.seed): r for r in results}
+    seeds = sorted({s for c, s in by if c == base} & {s for c, s in by if c == other})
+    out: dict[str, Any] = {"base": base, "other": other, "per_seed": {}, "mean": {}}
+    for seed in seeds:
+        a, b = by[(base, seed)].records, by[(other, seed)].records
+        out["per_seed"][seed] = {s: paired(a[s], b[s]) for s in ("heldout", "gsm8k")}
+    for s in ("heldout", "gsm8k"):
+        for kind in ("strict", "lenient"):
+            values = [_delta(v[s], kind) for v in out["per_seed"].values()]
+            values = [v for v in values if v is not None]
+            mean, std = mean_std(values)
+            out["mean"][f"{s}_{kind}"] = {"mean": mean, "std": std, "seeds": len(values)}
+    return out
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _acc(a: dict[str, Any] | None, key: str = "accuracy") -> str:
+    from deepsynapse.eval.stats import format_interval
+
+    if not a:
+        return "n/a"
+    return format_interval(a[key], a[key + "_ci"], points=False)
+
+
+def _gain(g: dict[str, Any] | None, kind: str) -> str:
+    from deepsynapse.eval.stats import format_interval
+
+    if not g:
+        return "n/a"
+    if "unpaired" in g:
+        return "unpaired"
+    c = g[kind]
+    return f"{format_interval(c['delta'], c['delta_ci'])} p={c['p_value']:.2g}"
+
+
+def _mean_pts(cell: dict[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    return f"{100 * cell['mean']:+.1f} ± {100 * cell['std']:.1f} pts"
+
+
+def _mean_acc(cell: dict[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "n/a"
+    seeds = ", ".join("n/a" if v is None else f"{v:.3f}" for v in cell["per_seed"])
+    return f"{cell['mean']:.3f} ± {cell['std']:.3f} ({seeds})"
+
+
+def _section(title: str, headers: str, rows: list[list[str]]) -> str:
+    return f"### {title}\n\n" + markdown_table(headers.split("|"), rows)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    st, runs = report["settings"], report["runs"]
+    gsm8k_n = st["gsm8k_limit"] or GSM8K_TEST_SIZE
+    out = [
+        f"## Learning of record: {', '.join(report['configs'])} at {st['budget']} each",
+        f"Recipe `{report['recipe']}`; held-out synthetic set of record (the first "
+        f"{report['heldout_problems']} problems); GSM8K test (the first {gsm8k_n} problems). "
+        "Accuracy is strict (format-valid and right) with its 95% Wilson interval; gains are "
+        "paired on the same problems: change in points [Newcombe 95% interval], McNemar p.",
+    ]
+    if report.get("note"):
+        out.append(f"*{report['note']}*")
+    rows = [
+        [
+            r["config"],
+            str(r["seed"]),
+            f"{r['sft_steps']} + {r['grpo_steps']}",
+            f"{r['sft_s'] + r['grpo_s']:.0f}",
+            _acc(r["heldout"]["start"]),
+            _acc(r["heldout"]["final"]),
+            _gain(r["heldout"]["gain"], "strict"),
+            _gain(r["heldout"]["gain"], "lenient"),
+        ]
+        for r in runs
+    ]
+    out.append(
+        _section(
+            "Per run, held-out synthetic (start of GRPO -> end)",
+            "config|seed|SFT + GRPO steps|train s|start|end|GRPO gain (strict)|(lenient)",
+            rows,
+        )
+    )
+    rows = [
+        [r["config"], str(r["seed"]), _acc(g["start"]), _acc(g["final"])]
+        + [_gain(g["gain"], kind) for kind in ("strict", "lenient")]
+        for r in runs
+        for g in [r["gsm8k"]]
+    ]
+    out.append(
+        _section(
+            f"Per run, GSM8K test transfer (first {gsm8k_n} problems)",
+            "config|seed|start|end|gain (strict)|(lenient)",
+            rows,
+        )
+    )
+    rows = [
+        [config, str(len(row["seeds"]))]
+        + [_mean_acc(row[k]) for k in ("heldout_start", "heldout_final")]
+        + [_mean_pts(row[k]) for k in ("heldout_gain_strict", "heldout_gain_lenient")]
+        + [_mean_acc(row["gsm8k_final"]), _mean_pts(row["gsm8k_gain_strict"])]
+        for config, row in report["across_seeds"].items()
+    ]
+    out.append(
+        _section(
+            "Across seeds (mean ± std; per-seed values in brackets)",
+            "config|seeds|held-out start|held-out end|GRPO gain strict|(lenient)|GSM8K end"
+            "|GSM8K gain strict",
+            rows,
+        )
+    )
+    for title, key in (
+        ("Full vs plain, paired per seed (full minus plain, final evaluations)", "full_vs_plain"),
+        ("Ablation: full minus each part or family vs full (minus - full)", "ablation"),
+    ):
+        rows = []
+        for name, comp in (report.get(key) or {}).items():
+            for seed, v in comp["per_seed"].items():
+                rows.append(
+                    [name, str(seed)]
+                    + [_gain(v[s], k) for s in ("heldout", "gsm8k") for k in ("strict", "lenient")]
+                )
+            m = comp["mean"]
+            rows.append(
+                [name, f"mean of {m['heldout_strict']['seeds']}"]
+                + [
+                    _mean_pts(m[f"{s}_{k}"])
+                    for s in ("heldout", "gsm8k")
+                    for k in ("strict", "lenient")
+                ]
+            )
+        if rows:
+            headers = "comparison|seed|held-out strict|held-out lenient|GSM8K strict|GSM8K lenient"
+            out.append(_section(title, headers, rows))
+    m = report["machine"]
+    keys = ("cpu", "cpu_class", "cores", "torch", "torch_threads", "transformers")
+    out.append(_section("Machine", "|".join(keys), [[str(m.get(k)) for k in keys]]))
+    if report["left"]:
+        out.append(
+            f"**Partial:** {len(report['left'])} item(s) left; run the same command again "
+            "to continue:\n\n" + "\n".join(f"- {x}" for x in report["left"])
+        )
+    return "\n\n".join(out)
+
+
+def plot(report: dict[str, Any], path: Path) -> Path:
+    """Learning curves (held-out accuracy against seconds) and the end accuracies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = report["configs"]
+    colors = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(configs)}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    clock = "steps"
+    for r in report["runs"]:
+        pts = r["curve"]["points"]
+        clock = r["curve"]["clock"]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(
+                [x / 60 for x in xs],
+                ys,
+                marker=".",
+                linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
+                color=colors[r["config"]],
+                alpha=0.8,
+                label=f"{r['config']} seed {r['seed']}",
+            )
+    ax.set_xlabel(
+        "minutes of the run (time/elapsed)"
+        if clock == "time/elapsed"
+        else "minutes of training (SFT + GRPO step times)"
+    )
+    ax.set_ylabel(f"held-out accuracy (first {report['settings']['probe_heldout']}, strict)")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    if report["runs"]:
+        ax.legend(fontsize=7, ncol=2)
+    labels = ["held-out start", "held-out end", "GSM8K start", "GSM8K end"]
+    keys = ["heldout_start", "heldout_final", "gsm8k_start", "gsm8k_final"]
+    width = 0.8 / max(1, len(configs))
+    for i, config in enumerate(configs):
+        row = report["across_seeds"].get(config)
+        if not row:
+            continue
+        xs = [j + (i - (len(configs) - 1) / 2) * width for j in range(len(keys))]
+        means = [row[k]["mean"] or 0.0 for k in keys]
+        bx.bar(xs, means, width=width * 0.9, color=colors[config], label=config)
+        for x, k in zip(xs, keys, strict=True):
+            vals = [v for v in row[k]["per_seed"] if v is not None]
+            bx.scatter([x] * len(vals), vals, color="black", s=8, zorder=3)
+    bx.set_xticks(range(len(keys)), labels, fontsize=8)
+    bx.set_ylim(0, 1)
+    bx.set_ylabel("strict accuracy (bar: mean, dots: seeds)")
+    bx.grid(axis="y", alpha=0.3)
+    if configs:
+        bx.legend(fontsize=8)
+    fig.suptitle(
+        f"{report['recipe']}: {report['settings']['budget']} per run, equal wall-clock",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_report(
+    st: Learning,
+    recipe: str,
+    configs: list[str],
+    results: list[RunResult],
+    left: list[str],
+    note: str,
+    machine: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the tables and the plot show, from the finished runs' folders."""
+    results = sorted(results, key=lambda r: (r.seed, configs.index(r.config)))
+    names = {r.config for r in results}
+    full_vs_plain = {}
+    if {"plain", "full"} <= names:
+        full_vs_plain["full - plain"] = compare(results, "plain", "full")
+    ablation = {
+        f"{c} - full": compare(results, "full", c)
+        for c in configs
+        if c.startswith("full-") and "full" in names and c in names
+    }
+    heldout_n = {r.numbers["heldout"]["problems"] for r in results}
+    return {
+        "benchmark": "learning",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {**asdict(st), "seeds": list(st.seeds), "configs": list(st.configs)},
+        "recipe": str(recipe),
+        "configs": configs,
+        "heldout_problems": ", ".join(str(n) for n in sorted(heldout_n)) or "n/a",
+        "note": note,
+        "machine": machine,
+        "runs": [r.numbers for r in results],
+        "across_seeds": across_seeds(results, [c for c in configs if c in names]),
+        "full_vs_plain": full_vs_plain,
+        "ablation": ablation,
+        "left": left,
+    }
+
+
+# ------------------------------------------------------------------ the study
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
+    d = Learning()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", dest="recipe", help=f"base recipe (default {RECIPE})")
+    ap.add_argument("--budget", help=f"wall-clock of each run, train.time_budget ({d.budget})")
+    ap.add_argument("--seeds", type=int, nargs="+", help="(default 0 1 2)")
+    ap.add_argument("--configs", nargs="+", help="plain, full, full-<x> (default plain full)")
+    ap.add_argument("--ablate", choices=ABLATE, help="add full minus each family (or part)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        help=f"train.steps, a cap (default {d.steps}: the budget ends GRPO; needed while the "
+        "trainer does not act on train.time_budget)",
+    )
+    ap.add_argument("--eval-limit", type=int, help="held-out problems (default: the recipe's)")
+    ap.add_argument(
+        "--probe-every", type=int, help=f"a curve point every N steps ({d.probe_every})"
+    )
+    ap.add_argument("--probe-heldout", type=int, help=f"problems a point ({d.probe_heldout})")
+    ap.add_argument(
+        "--gsm8k-limit", type=int, help=f"the first N of GSM8K test ({d.gsm8k_limit}; 0 = all)"
+    )
+    ap.add_argument("--save-every", type=int, help=f"checkpoint every N steps ({d.save_every})")
+    ap.add_argument(
+        "--max-minutes", type=float, default=60.0, help="start nothing after this (0 = no limit)"
+    )
+    ap.add_argument("--out-dir", type=Path, help="run folders (default runs/learning[-quick])")
+    ap.add_argument("--results", type=Path, help="results stem (default benchmarks/results/...)")
+    ap.add_argument(
+        "--fresh", action="store_true", help="redo runs whose folders hold other settings"
+    )
+    ap.add_argument("--list", action="store_true", help="print each run's command and exit")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke check: tiny-random, 20 s runs, 1 seed"
+    )
+    args = ap.parse_args(argv)
+    given = {
+        "recipe": args.recipe,
+        "budget": args.budget,
+        "seeds": tuple(args.seeds) if args.seeds else None,
+        "configs": tuple(args.configs) if args.configs else None,
+        "steps": args.steps,
+        "eval_limit": args.eval_limit,
+        "probe_every": args.probe_every,
+        "probe_heldout": args.probe_heldout,
+        "gsm8k_limit": args.gsm8k_limit,
+        "save_every": args.save_every,
+    }
+    st = replace(QUICK if args.quick else d, **{k: v for k, v in given.items() if v is not None})
+    if args.steps is None and not budget_is_wired():
+        if not args.quick:
+            raise SystemExit(
+                "learning: this trainer does not act on train.time_budget yet: a run of "
+                f"train.steps={st.steps} would not stop. Give --steps N meanwhile."
+            )
+        st = replace(st, steps=QUICK_STEPS_WITHOUT_BUDGET)
+        print(
+            "learning: the trainer does not act on train.time_budget yet; quick runs stop "
+            f"after {QUICK_STEPS_WITHOUT_BUDGET} GRPO steps instead",
+            flush=True,
+        )
+    if args.out_dir is None:
+        args.out_dir = Path("runs/learning-quick" if args.quick else "runs/learning")
+    return args, st
+
+
+def is_quick_run(run_dir: Path) -> bool:
+    """A folder --quick may clear: absent, or a run of the tiny model (never a real run)."""
+    from deepsynapse.config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        return True
+    try:
+        return load_config(run_dir / "config.yaml").model.name == "tiny-random"
+    except Exception:
+        return False
+
+
+def plan_runs(st: Learning, configs: list[str], out_dir: Path, recipe_cfg: Any) -> list[Run]:
+    """Seed by seed, every configuration: a time cut leaves them all with equal seeds."""
+    return [
+        Run(c, s, out_dir / run_name(c, s), run_overrides(st, c, s, out_dir, recipe_cfg))
+        for s in st.seeds
+        for c in configs
+    ]
+
+
+def left_text(run: Run, st: Learning, jobs: Iterable[EvalJob] = ()) -> str:
+    what = {
+        "todo": f"train ({st.budget})",
+        "resumable": f"resume {run.detail}".strip(),
+        "finished": "evaluate " + ", ".join(j.name.removesuffix(".json") for j in jobs),
+        "conflict": f"conflict: {run.detail} (--fresh redoes it)",
+    }.get(run.state, run.state)
+    return f"{run_name(run.config, run.seed)}: {what}"
+
+
+def advance(
+    run: Run, st: Learning, recipe: str, expected: dict[str, Any], deadline: float | None
+) -> None:
+    """Train (or resume) the run if it is not finished, then run its missing evaluations."""
+    from deepsynapse.config import load_config
+
+    def out_of_time() -> bool:
+        return bool(_STOP) or (deadline is not None and time.time() > deadline)
+
+    run.state, run.detail = inspect_run(run.run_dir, expected)
+    if run.state == "conflict":
+        return
+    if run.state in ("todo", "resumable"):
+        if out_of_time():
+            return
+        resume = run.state == "resumable"
+        if not resume:
+            shutil.rmtree(run.run_dir, ignore_errors=True)  # holds no checkpoint
+        run.actions.append("resumed" if resume else "trained")
+        stamp = time.strftime("%H:%M:%S")
+        print(f"[{stamp}] {run_name(run.config, run.seed)}: {run.actions[-1]}", flush=True)
+        began = time.perf_counter()
+        cmd = train_command(recipe, run.overrides, run.run_dir, resume)
+        rc = run_logged(cmd, run.run_dir / EVAL_DIR / "train.log")
+        took = time.perf_counter() - began
+        run.state, run.detail = inspect_run(run.run_dir, expected)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {run_name(run.config, run.seed)}: "
+            f"exit {rc} after {took / 60:.1f} min, {run.state} {run.detail}".rstrip(),
+            flush=True,
+        )
+        if run.state != "finished":
+            if rc != 0:
+                run.errors.append(f"train exited with {rc} (see {run.run_dir}/{EVAL_DIR})")
+            return
+    removed = prune_checkpoints(run.run_dir)
+    if removed:
+        run.actions.append(f"pruned {len(removed)} checkpoint(s)")
+    cfg = load_config(run.run_dir / "config.yaml")
+    jobs, _ = eval_jobs(st, run.run_dir, cfg)
+    for job in jobs:
+        if out_of_time():
+            return
+        print(
+            f"[{time.strftime('%H:%M:%S')}] {run_name(run.config, run.seed)}: eval {job.name} "
+            f"({job.data}, {job.limit} problems, {job.checkpoint or 'final checkpoint'})",
+            flush=True,
+        )
+        error = run_eval(run.run_dir, job, cfg)
+        run.actions.append(f"evaluated {job.name}")
+        if error:
+            run.errors.append(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deepsynapse.config import load_config
+    from deepsynapse.rl.budget import parse_duration
+
+    args, st = parse_args(argv)
+    recipe, note = resolve_recipe(st.recipe)
+    st = replace(st, recipe=recipe)
+    if note:
+        print(f"learning: {note}", flush=True)
+    configs = study_configs(st, args.ablate)
+    out_dir = args.out_dir.resolve()
+    recipe_cfg = load_config(recipe_path(recipe), list(st.extra))
+    runs = plan_runs(st, configs, out_dir, recipe_cfg)
+    expected = {}
+    for run in runs:  # every configuration must load before anything runs
+        expected[run.run_dir] = load_config(recipe_path(recipe), run.overrides).to_dict()
+    if args.list:
+        for run in runs:
+            print(shlex.join(train_command(recipe, run.overrides, run.run_dir, False)))
+        return 0
+    for run in runs:
+        if args.quick and is_quick_run(run.run_dir):  # a smoke check starts from nothing
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+        elif args.fresh and inspect_run(run.run_dir, expected[run.run_dir])[0] == "conflict":
+            shutil.rmtree(run.run_dir, ignore_errors=True)
+    started = time.time()
+    deadline = started + 60 * args.max_minutes if args.max_minutes else None
+    print(
+        f"learning: {len(configs)} configurations x {len(st.seeds)} seeds = {len(runs)} runs of "
+        f"{st.budget} ({recipe}); runs in {out_dir}"
+        + (f"; nothing starts after {args.max_minutes:g} min" if deadline else ""),
+        flush=True,
+    )
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for run in runs:
+            advance(run, st, recipe, expected[run.run_dir], deadline)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    results, left = [], []
+    for run in runs:
+        run.state, run.detail = inspect_run(run.run_dir, expected[run.run_dir])
+        if run.state == "finished":
+            results.append(read_run(run, st))
+            jobs, _ = eval_jobs(st, run.run_dir, load_config(run.run_dir / "config.yaml"))
+            if jobs:
+                left.append(left_text(run, st, jobs))
+        else:
+            left.append(left_text(run, st))
+    report = build_report(st, recipe, configs, results, left, note, machine_info())
+    report["seconds"] = time.time() - started
+    report["invocation"] = [
+        {
+            "run": run_name(r.config, r.seed),
+            "state": r.state,
+            "actions": r.actions,
+            "errors": r.errors,
+        }
+        for r in runs
+    ]
+    text = markdown(report)
+    print("\n" + text, flush=True)
+    stem = args.results or RESULTS_DIR / ("learning-quick" if args.quick else "learning")
+    save_json(stem.with_suffix(".json"), report)
+    stem.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+    png = plot(report, stem.with_suffix(".png"))
+    print(f"\nsaved {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {png}")
+    if left:
+        to_train = sum(r.state in ("todo", "resumable") for r in runs)
+        hours = to_train * parse_duration(st.budget) / 3600
+        print(
+            f"left: {len(left)} item(s), {to_train} run(s) to train or finish (at most "
+            f"{hours:.1f} h at {st.budget} each, plus evaluations); run the same command again"
+        )
+        for item in left:
+            print(f"  {item}")
+    failed = [r for r in runs if r.errors or r.state == "conflict"]
+    for r in failed:
+        for e in r.errors or [r.detail]:
+            print(f"{run_name(r.config, r.seed)}: {e}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

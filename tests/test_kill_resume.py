@@ -372,16 +372,16 @@ def test_trainer_save_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert good is not None and good.name == "step-1"
     before = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
 
-    import deepsynapse.rl.trainer as trainer_module
+    import deepsynapse.rl.state as state_module
 
-    real_save_tree = trainer_module.save_tree
+    real_save_tree = state_module.save_tree
 
     def save_tree_without_space(tree, folder, name):
         if name == "optimizer":  # the adapter is already written: a half-full folder
             _enospc()
         return real_save_tree(tree, folder, name)
 
-    monkeypatch.setattr(trainer_module, "save_tree", save_tree_without_space)
+    monkeypatch.setattr(state_module, "save_tree", save_tree_without_space)
     with pytest.raises(CheckpointError) as info:
         trainer.train(resume=True)  # step 2 runs, then its save fails
     assert "step-2" in str(info.value) and "No space left on device" in str(info.value)
@@ -391,7 +391,7 @@ def test_trainer_save_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeyp
     assert after == before
 
     # The adapter writer failing (PEFT's save_pretrained) is refused the same way.
-    monkeypatch.setattr(trainer_module, "save_tree", real_save_tree)
+    monkeypatch.setattr(state_module, "save_tree", real_save_tree)
     peft_cls = type(trainer.unwrapped.peft_model)
     monkeypatch.setattr(peft_cls, "save_pretrained", _enospc)
     trainer.step = 3

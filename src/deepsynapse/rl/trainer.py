@@ -30,7 +30,6 @@ Run it on CPU: ``deepsynapse train`` (configs/demo-cpu.yaml), or for a quick loo
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import math
@@ -43,13 +42,7 @@ from typing import Any
 
 import torch
 
-from deepsynapse.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_tree,
-    save_tree,
-    write_checkpoint,
-)
+from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import Config, ConfigError, save_config
 from deepsynapse.control.accumulation import MicrobatchGradients
 from deepsynapse.control.build import build_controllers
@@ -63,7 +56,6 @@ from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
-from deepsynapse.models.trained import restore_policy_state
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rewards.fusion import sequence_kl
@@ -93,6 +85,7 @@ from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir:
     learning_rate,
     step_seed,
 )
+from deepsynapse.rl.state import load_checkpoint, save_checkpoint
 from deepsynapse.rl.stopping import StopRequest
 from deepsynapse.rl.warmup import SFTWarmup, run_warmup
 from deepsynapse.rollout.hf import generate_groups
@@ -831,91 +824,10 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        path = None
-        if acc.is_main_process:
-
-            def write(folder: Path) -> None:
-                self.unwrapped.peft_model.save_pretrained(folder / "adapter")
-                save_tree(self.optimizer.state_dict(), folder, "optimizer")
-                save_tree(self.trainer_state(), folder, "trainer_state")
-
-            path = write_checkpoint(
-                self.run_dir / "checkpoints", self.step, write, self.cfg.train.keep_checkpoints
-            )
-            self.event("checkpoint", f"saved {path.name}", path=str(path))
-            if self.bad_steps == 0:
-                self.last_good_checkpoint = path
-        acc.wait_for_everyone()
-        # A save leaves thousands of reference cycles (safetensors' ctypes views of each
-        # tensor) that only a full collection frees, and with a large heap of long-lived
-        # objects those are rare: without this, each SmolLM2 save kept ~0.4 MB (0.1 with it).
-        gc.collect()
-        return path
-
-    def trainer_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "cursor": self.cursor,
-            "sft_done": self.sft_done,
-            "sft_step": self.sft_step,
-            "bad_steps": self.bad_steps,
-            "skipped_steps": self.skipped_steps,
-            "knobs": self.knobs.state_dict(),
-            "locked_groups": self.locked_groups,
-            "controllers": {c.name: c.state_dict() for c in self.controllers},
-            "rewards": self.engine.state_dict(),
-            "adaptive": self.adaptive.state_dict(),
-            "identity": self.identity(),
-            "rng": {"torch": torch.get_rng_state()},
-            "world_size": self.world,
-            "config": self.cfg.to_dict(),
-        }
-
-    def identity(self) -> dict[str, Any]:
-        """What a checkpoint must share with the run that loads it."""
-        c = self.cfg
-        return {
-            "model": c.model.name,
-            "schema": c.rewards.schema,
-            "lora_r": c.lora.r,
-            "lora_targets": list(c.lora.target_modules),
-            "rewards": sorted(c.rewards.weights),
-            **self.adaptive.identity(),
-        }
+        return save_checkpoint(self)
 
     def load_checkpoint(self, folder: Path) -> None:
-        """Restore everything a step depends on; refuse a checkpoint made for another setup."""
-        state = load_tree(folder, "trainer_state")
-        theirs, ours = state.get("identity", {}), self.identity()
-        diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
-        if diff:
-            detail = "; ".join(
-                f"{k}: checkpoint has {a!r}, config has {b!r}" for k, (a, b) in diff.items()
-            )
-            raise CheckpointError(f"{folder} was made for another setup ({detail})")
-        restore_policy_state(
-            self.unwrapped.peft_model, self.adaptive, folder, self.optimizer, state=state
-        )
-        self.optimizer.load_state_dict(load_tree(folder, "optimizer"))
-        self.weights_version += 1
-        self.step = int(state["step"])
-        self.cursor = int(state.get("cursor", 0))
-        self.sft_done = bool(state["sft_done"])
-        self.sft_step = int(state.get("sft_step", self.cfg.sft.steps if self.sft_done else 0))
-        self.bad_steps = int(state.get("bad_steps", 0))
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.knobs = Knobs.from_state(state["knobs"])
-        self.engine.load_state_dict(state["rewards"])
-        for c in self.controllers:
-            if c.name in state["controllers"]:
-                c.load_state_dict(state["controllers"][c.name])
-        groups = state.get("locked_groups")
-        if groups is not None:
-            apply_locking(self.unwrapped, groups, lockable=self.adapter_names)
-            self.locked_groups = list(groups)
-        torch.set_rng_state(state["rng"]["torch"])
+        load_checkpoint(self, folder)
 
     # -------------------------------------------------------------- the run
 

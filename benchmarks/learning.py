@@ -679,7 +679,8 @@ def _mean_acc(cell: dict[str, Any]) -> str:
 
 
 def _section(title: str, headers: str, rows: list[list[str]]) -> str:
-    return f"### {title}\n\n" + markdown_table(headers.split("|"), rows)
+    """A titled table; empty (left out) without rows."""
+    return f"### {title}\n\n" + markdown_table(headers.split("|"), rows) if rows else ""
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -694,6 +695,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("note"):
         out.append(f"*{report['note']}*")
+    if not runs:
+        out.append("No run has finished yet.")
     rows = [
         [
             r["config"],
@@ -773,7 +776,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"**Partial:** {len(report['left'])} item(s) left; run the same command again "
             "to continue:\n\n" + "\n".join(f"- {x}" for x in report["left"])
         )
-    return "\n\n".join(out)
+    return "\n\n".join(x for x in out if x)
 
 
 def plot(report: dict[str, Any], path: Path) -> Path:
@@ -829,7 +832,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     bx.set_ylim(0, 1)
     bx.set_ylabel("strict accuracy (bar: mean, dots: seeds)")
     bx.grid(axis="y", alpha=0.3)
-    if configs:
+    if report["across_seeds"]:
         bx.legend(fontsize=8)
     fig.suptitle(
         f"{report['recipe']}: {report['settings']['budget']} per run, equal wall-clock",
@@ -992,6 +995,8 @@ def advance(
     run.state, run.detail = inspect_run(run.run_dir, expected)
     if run.state == "conflict":
         return
+    if run.state == "finished":
+        print(f"{run_name(run.config, run.seed)}: reused (finished earlier)", flush=True)
     if run.state in ("todo", "resumable"):
         if out_of_time():
             return
@@ -1105,10 +1110,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsaved {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {png}")
     if left:
         to_train = sum(r.state in ("todo", "resumable") for r in runs)
-        hours = to_train * parse_duration(st.budget) / 3600
+        seconds = to_train * parse_duration(st.budget)
+        took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
         print(
             f"left: {len(left)} item(s), {to_train} run(s) to train or finish (at most "
-            f"{hours:.1f} h at {st.budget} each, plus evaluations); run the same command again"
+            f"{took} at {st.budget} each, plus evaluations); run the same command again"
         )
         for item in left:
             print(f"  {item}")

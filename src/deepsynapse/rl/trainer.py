@@ -30,7 +30,6 @@ Run it on CPU: ``deepsynapse train`` (configs/demo-cpu.yaml), or for a quick loo
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -43,7 +42,7 @@ from typing import Any
 import torch
 
 from deepsynapse.checkpoint import latest_checkpoint
-from deepsynapse.config import Config, ConfigError, save_config
+from deepsynapse.config import Config, ConfigError
 from deepsynapse.control.accumulation import MicrobatchGradients
 from deepsynapse.control.build import build_controllers
 from deepsynapse.control.curriculum import PhaseCurriculum, apply_locking, locking_summary
@@ -60,7 +59,7 @@ from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rewards.fusion import sequence_kl
 from deepsynapse.rl.batch import GroupBatch, concat_batches, select_groups
-from deepsynapse.rl.evaluation import build_probes, evaluate_heldout, run_probes
+from deepsynapse.rl.evaluation import build_probes
 from deepsynapse.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
     LOSS_AGGREGATIONS,
@@ -74,6 +73,7 @@ from deepsynapse.rl.ranks import (
     mean_scalar,
     reduce_scalar,
 )
+from deepsynapse.rl.run import run_training
 from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir: public here too)
     Timer,
     build_accelerator,
@@ -87,18 +87,15 @@ from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir:
 )
 from deepsynapse.rl.state import load_checkpoint, save_checkpoint
 from deepsynapse.rl.stopping import StopRequest
-from deepsynapse.rl.warmup import SFTWarmup, run_warmup
+from deepsynapse.rl.warmup import SFTWarmup
 from deepsynapse.rollout.hf import generate_groups
-from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
     current_rss_mb,
     fix_malloc_thresholds,
     peak_rss_mb,
     release_freed_memory,
-    truncate_jsonl_after,
 )
-from deepsynapse.telemetry.summary import run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -833,68 +830,7 @@ class Trainer:
 
     def train(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Run to ``train.steps``; ``stop_after`` ends this invocation early (checkpointed)."""
-        cfg, acc = self.cfg, self.accelerator
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        init_trackers(acc, cfg, self.run_dir)
-        resumed_from = latest_checkpoint(self.run_dir / "checkpoints") if resume else None
-        if resume and resumed_from is None:
-            self.say(
-                f"no complete checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0"
-            )
-            if acc.is_main_process:  # rows of the lost attempt would be counted twice
-                for name in ("metrics.jsonl", "events.jsonl", "samples.jsonl"):
-                    truncate_jsonl_after(self.run_dir / name, -1)
-        if resumed_from is not None:
-            self.load_checkpoint(resumed_from)
-            if acc.is_main_process:
-                for name in ("metrics.jsonl", "events.jsonl", "samples.jsonl"):
-                    truncate_jsonl_after(self.run_dir / name, self.step, self.sft_step)
-            self.event("resume", f"resumed from {resumed_from.name}", step=self.step)
-            self.say(f"resumed from {resumed_from} at step {self.step}")
-        else:
-            self.event(
-                "start",
-                self.plan.describe(),
-                dtype=str(self.dtype_choice.dtype),
-                dtype_reason=self.dtype_choice.reason,
-                world_size=self.world,
-                skipped_rows=self.skipped_rows,
-            )
-        self.say(
-            f"{self.plan.describe()}; dtype {self.dtype_choice.dtype} ({self.dtype_choice.reason})"
-        )
-        if self.rollout_note:
-            self.say(self.rollout_note)
-            self.event("rollout_backend", self.rollout_note)
-
-        stop_at = (
-            cfg.train.steps if stop_after is None else min(cfg.train.steps, self.step + stop_after)
-        )
-        with self.stop.on_signals():
-            finished = self.run_stages(resumed_from is not None, stop_at)
-        if not finished:
-            why = f" ({self.stop.reason})" if self.stop.reason else ""
-            where = (
-                f"warm-up step {self.sft_step}/{cfg.sft.steps}"
-                if not self.sft_done
-                else f"step {self.step}"
-            )
-            self.say(
-                f"stopped at {where}{why}; resume with: deepsynapse train --resume {self.run_dir}"
-            )
-            self.write_report()
-            self.close_rollout_engine()
-            return self.summary(None)
-        self.close_rollout_engine()
-        after = evaluate_heldout(self, "after")
-        summary = self.summary(after)
-        if acc.is_main_process:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        self.write_report()
-        acc.end_training()
-        return summary
+        return run_training(self, resume, stop_after)
 
     def close_rollout_engine(self) -> None:
         """Free vLLM's engine (its weights and KV cache) once the run's rollouts are done."""
@@ -902,103 +838,9 @@ class Trainer:
             self.vllm.close()
             self.vllm, self.vllm_version = None, -1
 
-    def run_stages(self, resumed: bool, stop_at: int) -> bool:
-        """Evaluation before, SFT warm-up, GRPO steps; each checkpoints before a stop.
-
-        Returns whether the run reached ``train.steps`` (False: stopped, checkpointed).
-        """
-        cfg, acc = self.cfg, self.accelerator
-        if not resumed and not (self.run_dir / "eval_before.json").exists():
-            evaluate_heldout(self, "before")
-        if not self.sft_done:
-            done = run_warmup(self)
-            self.save_checkpoint()
-            if not done:
-                return False
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=cfg.train.steps,
-            initial=self.step,
-            desc="grpo",
-            disable=not (self.progress and acc.is_main_process),
-        )
-        self.run_steps(stop_at, bar)
-        bar.close()
-        self.save_checkpoint()
-        return self.step >= cfg.train.steps
-
-    def write_report(self) -> None:
-        """report.html with its plots; a failure here never fails the run."""
-        if not (self.cfg.train.report and self.accelerator.is_main_process):
-            return
-        try:
-            path = write_report(self.run_dir)
-            self.say(f"report: {path}")
-        except Exception as exc:  # the report is a view; training results are already safe
-            self.event("report_error", f"could not write the report: {exc}")
-
-    def run_steps(self, stop_at: int, bar) -> None:
-        """GRPO steps until ``stop_at`` or a stop request; checkpoints on schedule."""
-        cfg = self.cfg
-        while self.step < stop_at and not self.stop.requested():
-            metrics = self.train_step(self.step)
-            self.step += 1
-            if cfg.probes.every and self.step % cfg.probes.every == 0:
-                metrics.update(run_probes(self))
-            self.log.metrics(self.step, metrics)
-            self.write_samples()
-            bar.update(1)
-            bar.set_postfix(
-                phase=self.knobs.phase or "-",
-                reward=f"{metrics['reward/fused/mean']:.2f}",
-                acc=f"{metrics['accuracy/train']:.2f}",
-                fmt=f"{metrics['format/valid_rate']:.2f}",
-                s=f"{metrics['timing/step']:.1f}",
-            )
-            due = cfg.train.save_every and self.step % cfg.train.save_every == 0
-            if due and self.step < cfg.train.steps:
-                self.save_checkpoint()
-
-    def write_samples(self) -> None:
-        """Some completions of the last step with their per-component rewards."""
-        cfg = self.cfg
-        batch = getattr(self, "_last_batch", None)
-        if (
-            batch is None
-            or not cfg.train.log_samples_every
-            or self.step % cfg.train.log_samples_every
-        ):
-            return
-        g = cfg.rollout.num_generations
-        rows = []
-        for i in range(min(cfg.train.samples_per_log, len(batch.rollout.texts))):
-            problem = batch.problems[i // g]
-            rows.append(
-                {
-                    "problem_id": problem.id,
-                    "question": problem.question,
-                    "gold": problem.answer,
-                    "completion": batch.rollout.texts[i],
-                    "rewards": {k: v[i] for k, v in batch.scores.items()},
-                    "fused_reward": float(batch.reward[i]),
-                    "advantage": float(batch.advantages[i])
-                    if batch.advantages is not None
-                    else None,
-                    "correct": bool(batch.correct[i]),
-                    "format_errors": batch.parsed[i].errors,
-                    "truncated": bool(batch.rollout.truncated[i]),
-                }
-            )
-        self.log.samples(self.step, rows)
-
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:
             print(f"[deepsynapse] {text}", flush=True)
-
-    def summary(self, after: dict[str, Any] | None) -> dict[str, Any]:
-        """Each reward's mean over the first and last steps, and held-out before/after."""
-        return run_summary(self.run_dir, self.step, after)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -150,6 +150,30 @@ class RunLogger:
             self._append("samples.jsonl", {"step": step, **row})
 
 
+def sample_rows(batch, num_generations: int, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` completions of a step's ``GroupBatch`` with their per-component
+    rewards, as ``samples.jsonl`` rows."""
+    g = num_generations
+    rows = []
+    for i in range(min(count, len(batch.rollout.texts))):
+        problem = batch.problems[i // g]
+        rows.append(
+            {
+                "problem_id": problem.id,
+                "question": problem.question,
+                "gold": problem.answer,
+                "completion": batch.rollout.texts[i],
+                "rewards": {k: v[i] for k, v in batch.scores.items()},
+                "fused_reward": float(batch.reward[i]),
+                "advantage": float(batch.advantages[i]) if batch.advantages is not None else None,
+                "correct": bool(batch.correct[i]),
+                "format_errors": batch.parsed[i].errors,
+                "truncated": bool(batch.rollout.truncated[i]),
+            }
+        )
+    return rows
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a torn last line (a kill mid-write) is ignored."""
     rows = []

@@ -1,0 +1,153 @@
+"""A run from start to finish: held-out evaluation before, SFT warm-up, GRPO steps, held-out
+evaluation after; resuming from the last complete checkpoint, stopping cleanly on a signal,
+and the run folder's summary, samples and report.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from deepsynapse.checkpoint import latest_checkpoint
+from deepsynapse.config import save_config
+from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
+from deepsynapse.rl.setup import init_trackers
+from deepsynapse.rl.warmup import run_warmup
+from deepsynapse.telemetry.report import write_report
+from deepsynapse.telemetry.run_logger import sample_rows, truncate_jsonl_after
+from deepsynapse.telemetry.summary import run_summary
+
+LIVE_FILES = ("metrics.jsonl", "events.jsonl", "samples.jsonl")
+
+
+def run_training(trainer, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+    """Run to ``train.steps``; ``stop_after`` ends this invocation early (checkpointed)."""
+    cfg, acc, run_dir = trainer.cfg, trainer.accelerator, trainer.run_dir
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    init_trackers(acc, cfg, run_dir)
+    resumed_from = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and resumed_from is None:
+        trainer.say(f"no complete checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        if acc.is_main_process:  # rows of the lost attempt would be counted twice
+            for name in LIVE_FILES:
+                truncate_jsonl_after(run_dir / name, -1)
+    if resumed_from is not None:
+        trainer.load_checkpoint(resumed_from)
+        if acc.is_main_process:
+            for name in LIVE_FILES:
+                truncate_jsonl_after(run_dir / name, trainer.step, trainer.sft_step)
+        trainer.event("resume", f"resumed from {resumed_from.name}", step=trainer.step)
+        trainer.say(f"resumed from {resumed_from} at step {trainer.step}")
+    else:
+        trainer.event(
+            "start",
+            trainer.plan.describe(),
+            dtype=str(trainer.dtype_choice.dtype),
+            dtype_reason=trainer.dtype_choice.reason,
+            world_size=trainer.world,
+            skipped_rows=trainer.skipped_rows,
+        )
+    dtype = trainer.dtype_choice
+    trainer.say(f"{trainer.plan.describe()}; dtype {dtype.dtype} ({dtype.reason})")
+    if trainer.rollout_note:
+        trainer.say(trainer.rollout_note)
+        trainer.event("rollout_backend", trainer.rollout_note)
+
+    stop_at = (
+        cfg.train.steps if stop_after is None else min(cfg.train.steps, trainer.step + stop_after)
+    )
+    with trainer.stop.on_signals():
+        finished = run_stages(trainer, resumed_from is not None, stop_at)
+    if not finished:
+        why = f" ({trainer.stop.reason})" if trainer.stop.reason else ""
+        where = (
+            f"warm-up step {trainer.sft_step}/{cfg.sft.steps}"
+            if not trainer.sft_done
+            else f"step {trainer.step}"
+        )
+        trainer.say(f"stopped at {where}{why}; resume with: deepsynapse train --resume {run_dir}")
+        write_run_report(trainer)
+        trainer.close_rollout_engine()
+        return run_summary(run_dir, trainer.step, None)
+    trainer.close_rollout_engine()
+    after = evaluate_heldout(trainer, "after")
+    summary = run_summary(run_dir, trainer.step, after)
+    if acc.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_run_report(trainer)
+    acc.end_training()
+    return summary
+
+
+def run_stages(trainer, resumed: bool, stop_at: int) -> bool:
+    """Evaluation before, SFT warm-up, GRPO steps; each checkpoints before a stop.
+
+    Returns whether the run reached ``train.steps`` (False: stopped, checkpointed).
+    """
+    cfg, acc = trainer.cfg, trainer.accelerator
+    if not resumed and not (trainer.run_dir / "eval_before.json").exists():
+        evaluate_heldout(trainer, "before")
+    if not trainer.sft_done:
+        done = run_warmup(trainer)
+        trainer.save_checkpoint()
+        if not done:
+            return False
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=trainer.step,
+        desc="grpo",
+        disable=not (trainer.progress and acc.is_main_process),
+    )
+    run_steps(trainer, stop_at, bar)
+    bar.close()
+    trainer.save_checkpoint()
+    return trainer.step >= cfg.train.steps
+
+
+def run_steps(trainer, stop_at: int, bar) -> None:
+    """GRPO steps until ``stop_at`` or a stop request; checkpoints on schedule."""
+    cfg = trainer.cfg
+    while trainer.step < stop_at and not trainer.stop.requested():
+        metrics = trainer.train_step(trainer.step)
+        trainer.step += 1
+        if cfg.probes.every and trainer.step % cfg.probes.every == 0:
+            metrics.update(run_probes(trainer))
+        trainer.log.metrics(trainer.step, metrics)
+        write_samples(trainer)
+        bar.update(1)
+        bar.set_postfix(
+            phase=trainer.knobs.phase or "-",
+            reward=f"{metrics['reward/fused/mean']:.2f}",
+            acc=f"{metrics['accuracy/train']:.2f}",
+            fmt=f"{metrics['format/valid_rate']:.2f}",
+            s=f"{metrics['timing/step']:.1f}",
+        )
+        due = cfg.train.save_every and trainer.step % cfg.train.save_every == 0
+        if due and trainer.step < cfg.train.steps:
+            trainer.save_checkpoint()
+
+
+def write_samples(trainer) -> None:
+    """Some completions of the last step with their per-component rewards, on schedule."""
+    cfg = trainer.cfg
+    batch = getattr(trainer, "_last_batch", None)
+    every = cfg.train.log_samples_every
+    if batch is None or not every or trainer.step % every:
+        return
+    rows = sample_rows(batch, cfg.rollout.num_generations, cfg.train.samples_per_log)
+    trainer.log.samples(trainer.step, rows)
+
+
+def write_run_report(trainer) -> None:
+    """report.html with its plots; a failure here never fails the run."""
+    if not (trainer.cfg.train.report and trainer.accelerator.is_main_process):
+        return
+    try:
+        path = write_report(trainer.run_dir)
+        trainer.say(f"report: {path}")
+    except Exception as exc:  # the report is a view; training results are already safe
+        trainer.event("report_error", f"could not write the report: {exc}")

@@ -587,16 +587,16 @@ def generate_calls(monkeypatch) -> list[dict[str, Any]]:
 @pytest.fixture
 def loss_betas(monkeypatch) -> list[float]:
     """The KL coefficient every GRPO loss term was computed with."""
-    import deepsynapse.rl.trainer as trainer_module
+    import deepsynapse.rl.update as update_module
 
     betas: list[float] = []
-    original = trainer_module.grpo_token_loss
+    original = update_module.grpo_token_loss
 
     def recording(*args, **kwargs):
         betas.append(kwargs["beta"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "grpo_token_loss", recording)
+    monkeypatch.setattr(update_module, "grpo_token_loss", recording)
     return betas
 
 

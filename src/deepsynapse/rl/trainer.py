@@ -29,13 +29,11 @@ Run it on CPU: ``deepsynapse train`` (configs/demo-cpu.yaml), or for a quick loo
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import random
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +41,6 @@ import torch
 
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import Config, ConfigError
-from deepsynapse.control.accumulation import MicrobatchGradients
 from deepsynapse.control.build import build_controllers
 from deepsynapse.control.curriculum import PhaseCurriculum, apply_locking, locking_summary
 from deepsynapse.control.data_curriculum import DataCurriculum
@@ -62,38 +59,32 @@ from deepsynapse.rl.batch import GroupBatch, concat_batches, select_groups
 from deepsynapse.rl.evaluation import build_probes
 from deepsynapse.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
-    LOSS_AGGREGATIONS,
     group_has_signal,
-    grpo_token_loss,
 )
 from deepsynapse.rl.ranks import (
     fuse_over_ranks,
     gather_all,
     mean_metrics,
-    mean_scalar,
     reduce_scalar,
 )
 from deepsynapse.rl.run import run_training
-from deepsynapse.rl.setup import (  # noqa: F401  (build_problems, find_run_dir: public here too)
+from deepsynapse.rl.setup import (  # noqa: F401  (find_run_dir: public here too)
     Timer,
     build_accelerator,
     build_policy,
     build_problems,
     default_run_dir,
     find_run_dir,
-    init_trackers,
-    learning_rate,
     step_seed,
 )
 from deepsynapse.rl.state import load_checkpoint, save_checkpoint
 from deepsynapse.rl.stopping import StopRequest
+from deepsynapse.rl.update import grpo_update, policy_and_reference_logp, step_metrics
 from deepsynapse.rl.warmup import SFTWarmup
 from deepsynapse.rollout.hf import generate_groups
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
-    current_rss_mb,
     fix_malloc_thresholds,
-    peak_rss_mb,
     release_freed_memory,
 )
 
@@ -245,6 +236,7 @@ class Trainer:
         self.sft_step = 0  # warm-up steps done (checkpointed: a stop inside it resumes there)
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.dropped_groups = 0  # groups dynamic sampling dropped in the last step
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
         self.stop = StopRequest(self.accelerator, self.say)
@@ -351,7 +343,7 @@ class Trainer:
                 batch = batch.to(self.accelerator.device)  # what the loss reads lives with it
             update = self.update(batch, knobs, step, timer)
         with timer("observe"):
-            metrics = self.step_metrics(batch, drawn, update, knobs)
+            metrics = step_metrics(self, batch, drawn, update, knobs)
             shared = mean_metrics(self.accelerator, metrics)  # every rank decides alike
             for controller in self.controllers:
                 for ev in controller.observe(step, shared):
@@ -545,7 +537,7 @@ class Trainer:
         with timer("fuse"):
             kl = None
             if not self.engine.fusion.kl_in_loss:
-                logp, batch.ref_logp = self.policy_and_reference_logp(batch, knobs)
+                logp, batch.ref_logp = policy_and_reference_logp(self, batch, knobs)
                 kl = sequence_kl(
                     logp, batch.ref_logp, batch.rollout.completion_mask.to(logp.device)
                 )
@@ -572,178 +564,9 @@ class Trainer:
         batch.correct, batch.reward = scored.correct, scored.reward
         batch.reward_metrics = scored.metrics
 
-    @torch.no_grad()
-    def policy_and_reference_logp(
-        self, batch: GroupBatch, knobs: Knobs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs of the sampled completions under policy and reference. [N, T]"""
-        r = batch.rollout
-        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
-        device = self.accelerator.device
-        logp = torch.zeros(r.completion_mask.shape, device=device)
-        ref = torch.zeros(r.completion_mask.shape, device=device)
-        size = self.cfg.grpo.micro_batch_size
-        for start in range(0, ids.shape[0], size):
-            rows = slice(start, start + size)
-            with self.adaptive.for_rows(r.prompt_ids[rows], r.prompt_mask[rows]):
-                logp[rows] = self.unwrapped(
-                    ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature
-                ).logp
-            with self.unwrapped.reference():
-                ref[rows] = self.unwrapped(
-                    ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature
-                ).logp
-        return logp, ref
-
     def update(self, batch: GroupBatch, knobs: Knobs, step: int, timer: Timer) -> dict[str, float]:
-        """GRPO update: ``num_iterations`` passes over micro-batches, one optimizer step each.
-
-        Every tensor here lives on the policy's device (``batch.to`` put it there).
-        """
-        cfg, acc = self.cfg, self.accelerator
-        r = batch.rollout
-        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
-        cmask = r.completion_mask
-        loss_mask = cmask.float()
-        if cfg.grpo.mask_truncated:
-            loss_mask = loss_mask * (~r.truncated).float().unsqueeze(1)
-        totals = torch.tensor(
-            [loss_mask.sum().item(), float(loss_mask.shape[0])], device=loss_mask.device
-        )
-        if self.world > 1:
-            totals = acc.reduce(totals, reduction="sum")
-        weights = (
-            LOSS_AGGREGATIONS[cfg.grpo.loss_aggregation](
-                loss_mask, knobs.max_new_tokens, float(totals[0]), int(totals[1])
-            )
-            * self.world
-        )  # DDP averages gradients over processes
-        order = torch.argsort(
-            cmask.sum(1) + r.prompt_mask.sum(1)
-        ).tolist()  # similar lengths together
-        micro = self.micro_batches(order, knobs)
-        live_rows = [rows for rows, live in micro if live]
-        p_len = r.prompt_ids.shape[1]
-
-        def rows_of(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, slice]:
-            """Trim padding columns that no row of this micro-batch uses."""
-            t = max(int(cmask[rows].sum(1).max()), 1)
-            first = int((r.prompt_mask[rows].sum(0) > 0).nonzero().min()) if rows else 0
-            cols = slice(first, p_len + t)
-            return ids[rows, cols], attn[rows, cols], cmask[rows, :t], slice(0, t)
-
-        prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
-        with torch.no_grad(), timer("reference"):
-            ref_logp, old_logp = batch.ref_logp, None
-            if ref_logp is None and knobs.beta > 0:
-                ref_logp = torch.zeros_like(loss_mask)
-                with self.unwrapped.reference():
-                    for rows in live_rows:
-                        i, a, c, tcols = rows_of(rows)
-                        ref_logp[rows, tcols] = self.unwrapped(i, a, c, knobs.temperature).logp
-            if cfg.grpo.num_iterations > 1:
-                old_logp = torch.zeros_like(loss_mask)
-                for rows in live_rows:
-                    i, a, c, tcols = rows_of(rows)
-                    with self.adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
-                        old_logp[rows, tcols] = self.unwrapped(i, a, c, knobs.temperature).logp
-
-        mu = knobs.sft_weight
-        stats: dict[str, float] = defaultdict(float)
-        with timer("update"):
-            entropy_sum = kl_sum = clip_sum = sampler_gap = 0.0
-            recorder = None
-            if self.measures_gradient_noise:
-                recorder = MicrobatchGradients(
-                    [p for p in self.policy.parameters() if p.requires_grad]
-                )
-            for iteration in range(cfg.grpo.num_iterations):
-                first = iteration == 0
-                for group in self.optimizer.param_groups:
-                    group["lr"] = learning_rate(cfg, step) * group.get("lr_mult", 1.0)
-                if mu > 0:  # CHORD: L = (1 - mu) L_GRPO + mu L_SFT, SFT first (no sync)
-                    with acc.no_sync(self.policy):
-                        stats["sft/aux_loss"] += (
-                            self.sft.mixing_backward(step, mu) / cfg.grpo.num_iterations
-                        )
-                    if recorder is not None and first:
-                        recorder.reset()
-                for k, (rows, live) in enumerate(micro):
-                    sync = k == len(micro) - 1
-                    ctx = contextlib.nullcontext() if sync else acc.no_sync(self.policy)
-                    with ctx, self.adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
-                        i, a, c, tcols = rows_of(rows)
-                        out = self.policy(i, a, c, knobs.temperature, first)
-                        old = out.logp.detach() if old_logp is None else old_logp[rows, tcols]
-                        ref = None if ref_logp is None else ref_logp[rows, tcols]
-                        terms = grpo_token_loss(
-                            out.logp,
-                            old,
-                            ref,
-                            batch.advantages[rows],
-                            c.float(),
-                            epsilon_low=cfg.grpo.epsilon_low,
-                            epsilon_high=cfg.grpo.epsilon_high,
-                            beta=knobs.beta if self.engine.fusion.kl_in_loss else 0.0,
-                            importance_sampling=cfg.grpo.importance_sampling,
-                        )
-                        w = weights[rows, tcols] * ((1.0 - mu) if live else 0.0)
-                        loss = (terms["loss"] * w).sum()
-                        acc.backward(loss)
-                    if recorder is not None and first and live and not (sync and self.world > 1):
-                        recorder.capture()
-                    stats["loss/total"] += float(loss.detach()) / self.world
-                    if not live:
-                        continue
-                    lm = loss_mask[rows, tcols]
-                    if first:
-                        kl_sum += float((terms["kl"].detach() * lm).sum())
-                        if batch.sampler_logp is not None:
-                            gap = (out.logp.detach() - batch.sampler_logp[rows, tcols]).abs()
-                            sampler_gap += float((gap * lm).sum())
-                        if out.entropy is not None:
-                            entropy_sum += float((out.entropy * lm).sum())
-                    clip_sum += float((terms["clipped"].detach() * lm).sum())
-                if recorder is not None and first:
-                    stats["grad/microbatch_cosine"] = mean_scalar(
-                        self.accelerator, recorder.cosine()
-                    )
-                    rows_per_piece = len(live_rows[0]) if live_rows else 1
-                    stats["grad/noise_scale"] = mean_scalar(
-                        self.accelerator, recorder.noise_scale(rows_per_piece)
-                    )
-                grad_norm = self.clip_and_step()
-                stats["grad_norm"] = grad_norm
-        n_tok = max(float(loss_mask.sum()), 1.0)
-        stats["loss/total"] /= cfg.grpo.num_iterations
-        stats["kl/mean"] = kl_sum / n_tok
-        stats["entropy/mean"] = entropy_sum / n_tok
-        stats["clip/fraction"] = clip_sum / (n_tok * cfg.grpo.num_iterations)
-        if batch.sampler_logp is not None:  # how far the sampler's log-probs are from ours
-            stats["rollout/sampler_logp_abs_diff"] = sampler_gap / n_tok
-        stats["lr"] = self.optimizer.param_groups[0]["lr"]
-        return dict(stats)
-
-    @property
-    def measures_gradient_noise(self) -> bool:
-        return self.cfg.control.accumulation.enabled
-
-    def micro_batches(self, order: list[int], knobs: Knobs) -> list[tuple[list[int], bool]]:
-        """Split rows into micro-batches of similar length: (rows, live) pairs.
-
-        Every process must run the same number of backward passes (DDP synchronises on the
-        last one): a process with fewer rows repeats a row with zero weight (live=False).
-        """
-        count = max(knobs.micro_batches, 2 if self.measures_gradient_noise else 1)
-        size = max(1, -(-len(order) // count))
-        size = min(size, self.cfg.grpo.micro_batch_size)
-        chunks = [(order[i : i + size], True) for i in range(0, len(order), size)]
-        if self.world > 1:
-            count = int(reduce_scalar(self.accelerator, len(chunks), "max"))
-            chunks += [([order[0]], False)] * (count - len(chunks))
-        return chunks
+        """The GRPO update of the step (``rl/update.py``)."""
+        return grpo_update(self, batch, knobs, step, timer)
 
     def clip_and_step(self) -> float:
         """Clip, check for non-finite gradients (skip the step if so), step, zero."""
@@ -778,45 +601,6 @@ class Trainer:
                 f"optim.lr, or check the rewards); last good checkpoint: {last or 'none'}"
             )
         return norm
-
-    def step_metrics(
-        self,
-        batch: GroupBatch,
-        drawn: dict[str, float],
-        update: dict[str, float],
-        knobs: Knobs,
-    ) -> dict[str, float]:
-        """This process's metrics of the step: ``drawn`` covers every rollout, the rest the
-        kept groups the loss saw."""
-        r = batch.rollout
-        m: dict[str, float] = {}
-        for name, values in batch.scores.items():
-            v = torch.tensor([x for x in values if x is not None])
-            m[f"rewards/{name}/mean"] = float(v.mean()) if v.numel() else float("nan")
-            m[f"rewards/{name}/std"] = float(v.std()) if v.numel() > 1 else 0.0
-            m[f"rewards/{name}/none_rate"] = 1.0 - v.numel() / max(len(values), 1)
-        m["reward/fused/mean"] = float(batch.reward.mean())
-        m["reward/fused/std"] = float(batch.reward.std()) if batch.reward.numel() > 1 else 0.0
-        m["advantage/abs_mean"] = float(batch.advantages.abs().mean())
-        m.update(drawn)  # accuracy/train, format/valid_rate, groups/with_signal: all drawn
-        m["accuracy/train_kept"] = float(batch.correct.float().mean())
-        m["completion/length_mean"] = float(r.lengths.float().mean())
-        m["completion/length_max"] = float(r.lengths.max())
-        m["completion/truncated_rate"] = float(r.truncated.float().mean())
-        m["groups/dropped"] = float(getattr(self, "dropped_groups", 0))
-        m["data/skipped_rows"] = float(self.skipped_rows)
-        trainable = [p for p in self.unwrapped.parameters() if p.requires_grad]
-        m["trainable/params"] = float(sum(p.numel() for p in trainable))
-        m["trainable/tensors"] = float(len(trainable))
-        m.update(batch.reward_metrics)
-        m.update(update)
-        m.update(knobs.as_metrics())
-        m.update(self.adaptive.metrics())
-        m["memory/peak_rss_mb"] = peak_rss_mb()
-        m["memory/rss_mb"] = current_rss_mb()
-        if torch.cuda.is_available():
-            m["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        return m
 
     # -------------------------------------------------------------- checkpoints
 

@@ -69,7 +69,7 @@ def main(out_dir: str, mode: str = "plain") -> None:
                     if k.startswith(("weights/", "knobs/", "curriculum/", "trainable/"))
                 },
                 "params": fingerprint(trainer),
-                "cursor": trainer.cursor,
+                "cursor": trainer.sampler.cursor,
             }
         )
         return metrics

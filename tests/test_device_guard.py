@@ -17,6 +17,7 @@ import torch
 from conftest import EXTRA_REWARDS
 
 from deepsynapse.config import load_config
+from deepsynapse.rl.collect import collect_groups
 from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS, grpo_token_loss, kl_k3
 from deepsynapse.rl.trainer import Timer, Trainer
 
@@ -43,7 +44,7 @@ def real_batch(tmp_path_factory):
         cfg, run_dir=tmp_path_factory.mktemp("dev"), progress=False, reward_fns=EXTRA_REWARDS
     )
     knobs = trainer.knobs.copy()
-    batch, _ = trainer.collect_groups(0, knobs, Timer())
+    batch, _ = collect_groups(trainer, 0, knobs, Timer())
     batch.advantages = ADVANTAGE_ESTIMATORS[cfg.grpo.advantage](
         batch.reward, cfg.rollout.num_generations
     )

@@ -624,7 +624,7 @@ COMPONENTS = reward_components()
 
 
 def reward_columns(texts: list[str], schema: Any, gold: str, parsed: bool) -> dict[str, Any]:
-    """The columns the trainer passes (see Trainer.score), for one batch of completions."""
+    """The columns the trainer passes (see rl.collect.score_batch), for one batch of completions."""
     question = "Natalia sold 48 clips, then 24. How many?"
     extra = {"distractors": ["24", "48", "7200"]}
     problems = [

@@ -571,16 +571,16 @@ def test_memory_rewards_penalise_a_repeated_mistake_and_pay_a_new_answer(tmp_pat
 @pytest.fixture
 def generate_calls(monkeypatch) -> list[dict[str, Any]]:
     """The arguments every real rollout passed to the decode loop."""
-    import deepsynapse.rl.trainer as trainer_module
+    import deepsynapse.rl.collect as collect_module
 
     calls: list[dict[str, Any]] = []
-    original = trainer_module.generate_groups
+    original = collect_module.generate_groups
 
     def recording(*args, **kwargs):
         calls.append(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "generate_groups", recording)
+    monkeypatch.setattr(collect_module, "generate_groups", recording)
     return calls
 
 
@@ -792,7 +792,7 @@ def test_data_curriculum_samples_unexplored_buckets_and_rests_failed_problems(tm
     overrides = [*SCRIPTED, "data.synthetic_size=6", "control.data_curriculum.enabled=true"]
     h = harness(tmp_path_factory, overrides, texts)
     t = h.trainer
-    plain_order = [t.train_problems[i].id for i in t._permutation(0)[:4]]
+    plain_order = [t.train_problems[i].id for i in t.sampler.permutation(0)[:4]]
     first, second = h.step(), h.step()
     assert sorted(p.difficulty for p in first.batch.problems) == [1, 3]
     failed = next(p.id for p in first.batch.problems if p.difficulty == 3)

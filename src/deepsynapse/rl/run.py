@@ -10,6 +10,7 @@ from typing import Any
 
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import save_config
+from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.setup import init_trackers
 from deepsynapse.rl.warmup import run_warmup
@@ -69,9 +70,9 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
         )
         trainer.say(f"stopped at {where}{why}; resume with: deepsynapse train --resume {run_dir}")
         write_run_report(trainer)
-        trainer.close_rollout_engine()
+        close_rollout_engine(trainer)
         return run_summary(run_dir, trainer.step, None)
-    trainer.close_rollout_engine()
+    close_rollout_engine(trainer)
     after = evaluate_heldout(trainer, "after")
     summary = run_summary(run_dir, trainer.step, after)
     if acc.is_main_process:

@@ -51,7 +51,7 @@ def trainer_state(trainer) -> dict[str, Any]:
     """The ``trainer_state`` tree of a checkpoint."""
     return {
         "step": trainer.step,
-        "cursor": trainer.cursor,
+        "cursor": trainer.sampler.cursor,
         "sft_done": trainer.sft_done,
         "sft_step": trainer.sft_step,
         "bad_steps": trainer.bad_steps,
@@ -96,7 +96,7 @@ def load_checkpoint(trainer, folder: Path) -> None:
     trainer.optimizer.load_state_dict(load_tree(folder, "optimizer"))
     trainer.weights_version += 1
     trainer.step = int(state["step"])
-    trainer.cursor = int(state.get("cursor", 0))
+    trainer.sampler.cursor = int(state.get("cursor", 0))
     trainer.sft_done = bool(state["sft_done"])
     trainer.sft_step = int(state.get("sft_step", trainer.cfg.sft.steps if trainer.sft_done else 0))
     trainer.bad_steps = int(state.get("bad_steps", 0))

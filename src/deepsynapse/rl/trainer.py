@@ -47,25 +47,20 @@ from deepsynapse.control.data_curriculum import DataCurriculum
 from deepsynapse.control.knobs import Controller, Event, Knobs, check_knob_owners
 from deepsynapse.data.distractors import attach_distractors
 from deepsynapse.data.problems import Problem
-from deepsynapse.formats import get_schema, parse_completion, stop_strings
+from deepsynapse.formats import get_schema, stop_strings
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.loading import load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
-from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
-from deepsynapse.rewards.fusion import sequence_kl
-from deepsynapse.rl.batch import GroupBatch, concat_batches, select_groups
+from deepsynapse.rl.batch import GroupBatch
+from deepsynapse.rl.collect import ProblemSampler, collect_groups, generate_batch
 from deepsynapse.rl.evaluation import build_probes
 from deepsynapse.rl.grpo import (
     ADVANTAGE_ESTIMATORS,
-    group_has_signal,
 )
 from deepsynapse.rl.ranks import (
-    fuse_over_ranks,
-    gather_all,
     mean_metrics,
-    reduce_scalar,
 )
 from deepsynapse.rl.run import run_training
 from deepsynapse.rl.setup import (  # noqa: F401  (find_run_dir: public here too)
@@ -79,9 +74,8 @@ from deepsynapse.rl.setup import (  # noqa: F401  (find_run_dir: public here too
 )
 from deepsynapse.rl.state import load_checkpoint, save_checkpoint
 from deepsynapse.rl.stopping import StopRequest
-from deepsynapse.rl.update import grpo_update, policy_and_reference_logp, step_metrics
+from deepsynapse.rl.update import grpo_update, step_metrics
 from deepsynapse.rl.warmup import SFTWarmup
-from deepsynapse.rollout.hf import generate_groups
 from deepsynapse.telemetry.run_logger import (
     RunLogger,
     fix_malloc_thresholds,
@@ -183,6 +177,15 @@ class Trainer:
             (c for c in self.controllers if isinstance(c, DataCurriculum)), None
         )
         self.refuse_rank_growth_across_processes()
+        self.sampler = ProblemSampler(
+            self.train_problems,
+            prompts_per_step=cfg.grpo.prompts_per_step,
+            seed=cfg.train.seed,
+            rank=self.rank,
+            world=self.world,
+            data_curriculum=self.data_curriculum,
+            event=self.event,
+        )
         self.tokenizer = load_tokenizer(cfg.model.name)
         torch.manual_seed(cfg.train.seed)  # LoRA A, hypernet and memory are initialised from this
         policy = build_policy(cfg, self.tokenizer, self.dtype_choice.dtype)
@@ -231,7 +234,6 @@ class Trainer:
         self.weights_version = 0  # bumped by every optimizer step, growth and load
         self.vllm_version = -1 if self.vllm is None else 0  # the engine has the built weights
         self.step = 0
-        self.cursor = 0  # prompts drawn so far from the seeded epoch permutations
         self.sft_done = cfg.sft.steps == 0
         self.sft_step = 0  # warm-up steps done (checkpointed: a stop inside it resumes there)
         self.bad_steps = 0
@@ -240,7 +242,6 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
         self.stop = StopRequest(self.accelerator, self.say)
-        self._warned_difficulty = False  # the difficulty fallback is said once
         self.probe_items, self.emergence = build_probes(cfg)
         if self.emergence is not None:
             self.controllers.append(self.emergence)
@@ -280,45 +281,6 @@ class Trainer:
         random.seed(s)
         torch.manual_seed(s)
 
-    def next_problems(self, step: int, round_: int, knobs: Knobs) -> list[Problem]:
-        """This process's share of the next ``prompts_per_step`` prompts.
-
-        Without a data curriculum, prompts come in order from a seeded permutation per
-        epoch (a cursor that checkpoints), skipping problems outside ``knobs.difficulty``
-        when a phase sets it; with it, from UCB over difficulty buckets.
-        """
-        p = self.cfg.grpo.prompts_per_step
-        if self.data_curriculum is not None:
-            chosen = self.data_curriculum.sample(step, p, rng_seed=self.cfg.train.seed * 7 + round_)
-            return chosen[self.rank :: self.world]
-        n = len(self.train_problems)
-        lo, hi = knobs.difficulty or (-math.inf, math.inf)
-        if not any(lo <= q.difficulty <= hi for q in self.train_problems):
-            if not self._warned_difficulty:
-                self._warned_difficulty = True
-                self.event(
-                    "difficulty_fallback",
-                    f"no training problem has difficulty in [{lo}, {hi}]; sampling all",
-                    difficulty=[lo, hi],
-                )
-            lo, hi = -math.inf, math.inf
-        idx: list[int] = []
-        while len(idx) < p:
-            epoch, pos = divmod(self.cursor, n)
-            i = self._permutation(epoch)[pos]
-            self.cursor += 1
-            if lo <= self.train_problems[i].difficulty <= hi:
-                idx.append(i)
-        return [self.train_problems[i] for i in idx[self.rank :: self.world]]
-
-    def _permutation(self, epoch: int) -> list[int]:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
-            order = list(range(len(self.train_problems)))
-            random.Random(self.cfg.train.seed * 7919 + epoch).shuffle(order)
-            self._perm_cache = (epoch, order)
-        return self._perm_cache[1]
-
     # -------------------------------------------------------------- one step, top to bottom
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -335,7 +297,7 @@ class Trainer:
         self.apply_structure(knobs, step)  # component locking, LoRA rank growth
         self.seed(step)
         with self.adaptive.step_context(step_seed(cfg.train.seed, step, 0, salt=23)):
-            batch, drawn = self.collect_groups(step, knobs, timer)
+            batch, drawn = collect_groups(self, step, knobs, timer)
             with timer("advantage"):
                 batch.advantages = ADVANTAGE_ESTIMATORS[cfg.grpo.advantage](
                     batch.reward, cfg.rollout.num_generations
@@ -387,182 +349,9 @@ class Trainer:
                     "lora_growth", f"LoRA rank {info['old_rank']} -> {info['new_rank']}", **info
                 )
 
-    def collect_groups(
-        self, step: int, knobs: Knobs, timer: Timer
-    ) -> tuple[GroupBatch, dict[str, float]]:
-        """Roll out, score and select ``accumulation_steps`` rounds of prompts.
-
-        With dynamic sampling, groups whose correctness does not vary are dropped and more
-        rounds are drawn to refill the step (up to ``grpo.max_resample_rounds`` extra).
-        Returns the kept batch and what the policy did on *every* drawn completion (before
-        selection), so accuracy is not pushed toward 0.5 by the selection.
-        """
-        cfg = self.cfg
-        g = cfg.rollout.num_generations
-        rounds_wanted = max(1, knobs.accumulation_steps)
-        want = self.plan.prompts_per_process * rounds_wanted
-        kept: list[GroupBatch] = []
-        n_kept = 0
-        rounds = rounds_wanted + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
-        self.dropped_groups = 0
-        last: GroupBatch | None = None
-        correct_drawn, valid_drawn, signal_drawn = [], [], []
-        for round_ in range(rounds):
-            with timer("sample"):
-                problems = self.next_problems(step, round_, knobs)
-            with timer("generate"):
-                batch = self.rollout(problems, knobs)
-            self.score(batch, knobs, step, timer)
-            self.observe_data_curriculum(batch)
-            last = batch
-            with timer("select"):
-                has_signal = group_has_signal(batch.correct, g)
-                correct_drawn.append(batch.correct)
-                valid_drawn += [p.valid for p in batch.parsed]
-                signal_drawn.append(has_signal)
-                keep = has_signal if cfg.grpo.dynamic_sampling else torch.ones_like(has_signal)
-                self.dropped_groups += int((~keep).sum())
-                if keep.any():
-                    keep = keep & (keep.cumsum(0) <= want - n_kept)
-                    kept.append(batch if bool(keep.all()) else select_groups(batch, keep, g))
-                    n_kept += int(keep.sum())
-            if reduce_scalar(self.accelerator, n_kept, "min") >= want:
-                break  # decided together: every process draws as many rounds (same cursor)
-        drawn = {
-            "accuracy/train": float(torch.cat(correct_drawn).mean()),
-            "format/valid_rate": sum(valid_drawn) / max(len(valid_drawn), 1),
-            "groups/with_signal": float(torch.cat(signal_drawn).float().mean()),
-            "groups/drawn": float(sum(len(s) for s in signal_drawn)),
-        }
-        if not kept:  # nothing carries signal: train on the last batch with zero advantages
-            assert last is not None
-            last.reward = torch.zeros_like(last.reward)
-            return last, drawn
-        with timer("select"):
-            return concat_batches(kept), drawn
-
-    def observe_data_curriculum(self, batch: GroupBatch) -> None:
-        """Per-group |advantage| and solve rate, before any group is dropped (DUMP)."""
-        if self.data_curriculum is None:
-            return
-        g = self.cfg.rollout.num_generations
-        adv = (
-            ADVANTAGE_ESTIMATORS[self.cfg.grpo.advantage](batch.reward, g).view(-1, g).abs().mean(1)
-        )
-        rows = list(
-            zip(
-                [p.id for p in batch.problems],
-                adv.tolist(),
-                batch.correct.view(-1, g).mean(1).tolist(),
-                strict=True,
-            )
-        )
-        rows = gather_all(self.accelerator, rows)
-        ids, a, s = zip(*rows, strict=True) if rows else ((), (), ())
-        self.data_curriculum.observe_groups(list(ids), list(a), list(s))
-
     def rollout(self, problems: list[Problem], knobs: Knobs) -> GroupBatch:
-        prompts = [build_prompt(self.tokenizer, p.question, self.schema) for p in problems]
-        if self.vllm is not None:
-            return self.rollout_vllm(problems, prompts, knobs)
-        model = self.unwrapped.peft_model
-        model.eval()
-        out = generate_groups(
-            model,
-            self.tokenizer,
-            prompts,
-            num_generations=self.cfg.rollout.num_generations,
-            max_new_tokens=knobs.max_new_tokens,
-            temperature=knobs.temperature,
-            top_p=self.cfg.rollout.top_p,
-            stop_strings=self.stops,
-            prefix_sharing=self.cfg.rollout.prefix_sharing,
-            around=self.adaptive.for_prompts,
-            decoder=self.cfg.rollout.decoder,
-            merge_lora=self.cfg.rollout.merge_lora,
-            pad_multiple=self.cfg.model.pad_to_multiple_of,
-        )
-        model.train()
-        n = len(out.texts)
-        return GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
-
-    def rollout_vllm(self, problems: list[Problem], prompts: list[str], knobs: Knobs) -> GroupBatch:
-        """The same rollout from vLLM's engine, fed the policy's weights when they changed."""
-        assert self.vllm is not None
-        if self.vllm_version != self.weights_version:
-            self.vllm.sync_weights(self.unwrapped.peft_model)
-            self.vllm_version = self.weights_version
-        seed = int(torch.randint(2**31 - 1, ()))  # from the step-seeded RNG: resume replays it
-        out, sampler_logp = self.vllm.generate(
-            prompts,
-            num_generations=self.cfg.rollout.num_generations,
-            max_new_tokens=knobs.max_new_tokens,
-            temperature=knobs.temperature,
-            top_p=self.cfg.rollout.top_p,
-            stop_strings=self.stops,
-            seed=seed,
-            pad_multiple=self.cfg.model.pad_to_multiple_of,
-            return_logprobs=True,
-        )
-        n = len(out.texts)
-        batch = GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
-        batch.sampler_logp = sampler_logp
-        return batch
-
-    def score(self, batch: GroupBatch, knobs: Knobs, step: int, timer: Timer) -> None:
-        """parse -> reward -> fuse: every completion parsed once, scored, then fused."""
-        g = self.cfg.rollout.num_generations
-        texts = batch.rollout.texts
-        with timer("parse"):
-            batch.parsed = [parse_completion(t, self.schema) for t in texts]
-        expanded = [p for p in batch.problems for _ in range(g)]
-        prompts = [p for p in batch.prompts for _ in range(g)]
-        columns: dict[str, Any] = {
-            "answer": [p.answer for p in expanded],
-            "question": [p.question for p in expanded],
-            "problem": expanded,
-            "parsed": batch.parsed,
-            "schema": self.schema,
-            "truncated": batch.rollout.truncated.tolist(),
-            "completion_lengths": batch.rollout.lengths.tolist(),
-        }
-        if knobs.length_budget is not None:
-            columns["length_budget"] = knobs.length_budget
-        if self.scorer is not None:
-            columns["scorer"] = self.scorer
-        if any("distractors" in p.columns for p in batch.problems):
-            columns["distractors"] = [p.columns.get("distractors") for p in expanded]
-        with timer("reward"):
-            scores, failures, correct = self.engine.evaluate(prompts, texts, columns, knobs)
-        with timer("fuse"):
-            kl = None
-            if not self.engine.fusion.kl_in_loss:
-                logp, batch.ref_logp = policy_and_reference_logp(self, batch, knobs)
-                kl = sequence_kl(
-                    logp, batch.ref_logp, batch.rollout.completion_mask.to(logp.device)
-                )
-            scored = fuse_over_ranks(
-                self.accelerator,
-                self.engine,
-                scores,
-                correct,
-                failures,
-                texts,
-                columns,
-                knobs,
-                g,
-                step,
-                kl,
-            )
-        for failure in scored.failures:
-            self.event(
-                "reward_error",
-                f"reward {failure.name} failed; scored None this step",
-                error=failure.error,
-            )
-        batch.scores, batch.calibrated = scored.scores, scored.calibrated
-        batch.correct, batch.reward = scored.correct, scored.reward
-        batch.reward_metrics = scored.metrics
+        """The generate phase of a rollout round (``rl/collect.py``)."""
+        return generate_batch(self, problems, knobs)
 
     def update(self, batch: GroupBatch, knobs: Knobs, step: int, timer: Timer) -> dict[str, float]:
         """The GRPO update of the step (``rl/update.py``)."""
@@ -615,12 +404,6 @@ class Trainer:
     def train(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Run to ``train.steps``; ``stop_after`` ends this invocation early (checkpointed)."""
         return run_training(self, resume, stop_after)
-
-    def close_rollout_engine(self) -> None:
-        """Free vLLM's engine (its weights and KV cache) once the run's rollouts are done."""
-        if self.vllm is not None:
-            self.vllm.close()
-            self.vllm, self.vllm_version = None, -1
 
     def say(self, text: str) -> None:
         if self.accelerator.is_main_process:

@@ -23,13 +23,16 @@ Departures from the GRPO paper, each a config switch:
 - an optional SFT warm-up on gold solutions in the XML format precedes RL: the embedded
   model never writes the format on its own, so without it every group has zero variance.
 
+The phases: ``rl/collect.py`` (sample .. select), ``rl/update.py`` (reference .. update,
+the step's metrics); around them ``rl/run.py`` (the run), ``rl/warmup.py``, ``rl/evaluation.py``,
+``rl/state.py`` (checkpoints), ``rl/stopping.py`` (signals), ``rl/ranks.py`` (cross-process).
+
 Run it on CPU: ``deepsynapse train`` (configs/demo-cpu.yaml), or for a quick look
 ``deepsynapse train model.name=tiny-random train.steps=2``.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -56,12 +59,8 @@ from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rl.batch import GroupBatch
 from deepsynapse.rl.collect import ProblemSampler, collect_groups, generate_batch
 from deepsynapse.rl.evaluation import build_probes
-from deepsynapse.rl.grpo import (
-    ADVANTAGE_ESTIMATORS,
-)
-from deepsynapse.rl.ranks import (
-    mean_metrics,
-)
+from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
+from deepsynapse.rl.ranks import mean_metrics
 from deepsynapse.rl.run import run_training
 from deepsynapse.rl.setup import (  # noqa: F401  (find_run_dir: public here too)
     Timer,
@@ -76,14 +75,7 @@ from deepsynapse.rl.state import load_checkpoint, save_checkpoint
 from deepsynapse.rl.stopping import StopRequest
 from deepsynapse.rl.update import grpo_update, step_metrics
 from deepsynapse.rl.warmup import SFTWarmup
-from deepsynapse.telemetry.run_logger import (
-    RunLogger,
-    fix_malloc_thresholds,
-    release_freed_memory,
-)
-
-logger = logging.getLogger(__name__)
-
+from deepsynapse.telemetry.run_logger import RunLogger, fix_malloc_thresholds, release_freed_memory
 
 # The knobs the loop reads (a knob a controller writes must be one of them: check_knob_owners).
 KNOB_READS = frozenset(
@@ -109,9 +101,6 @@ KNOB_READS = frozenset(
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message names the last good checkpoint."""
-
-
-# ------------------------------------------------------------------ builders
 
 
 # ------------------------------------------------------------------ the trainer
@@ -276,6 +265,10 @@ class Trainer:
     def event(self, kind: str, message: str, **evidence: Any) -> None:
         self.log.event(self.step, Event(kind, message, evidence))
 
+    def say(self, text: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"[deepsynapse] {text}", flush=True)
+
     def seed(self, step: int, salt: int = 0) -> None:
         s = step_seed(self.cfg.train.seed, step, self.rank, salt)
         random.seed(s)
@@ -394,9 +387,11 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
 
     def save_checkpoint(self) -> Path | None:
+        """``checkpoints/step-N`` for the current step (``rl/state.py``)."""
         return save_checkpoint(self)
 
     def load_checkpoint(self, folder: Path) -> None:
+        """Restore a checkpoint of this setup (``rl/state.py``)."""
         load_checkpoint(self, folder)
 
     # -------------------------------------------------------------- the run
@@ -404,10 +399,6 @@ class Trainer:
     def train(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
         """Run to ``train.steps``; ``stop_after`` ends this invocation early (checkpointed)."""
         return run_training(self, resume, stop_after)
-
-    def say(self, text: str) -> None:
-        if self.accelerator.is_main_process:
-            print(f"[deepsynapse] {text}", flush=True)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

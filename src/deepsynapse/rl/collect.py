@@ -30,7 +30,7 @@ from deepsynapse.rollout.hf import generate_groups
 
 
 class ProblemSampler:
-    """This process's share of the next ``prompts_per_step`` prompts.
+    """Draws this process's share of each rollout round's ``prompts_per_step`` prompts.
 
     Without a data curriculum, prompts come in order from a seeded permutation per epoch
     (``cursor``, which checkpoints), skipping problems outside ``knobs.difficulty`` when a
@@ -58,7 +58,8 @@ class ProblemSampler:
         self._warned_difficulty = False  # the difficulty fallback is said once
         self._perm_cache: tuple[int, list[int]] | None = None
 
-    def next(self, step: int, round_: int, knobs: Knobs) -> list[Problem]:
+    def draw(self, step: int, round_: int, knobs: Knobs) -> list[Problem]:
+        """This process's share of the next ``prompts_per_step`` prompts."""
         p = self.prompts_per_step
         if self.data_curriculum is not None:
             chosen = self.data_curriculum.sample(step, p, rng_seed=self.seed * 7 + round_)
@@ -114,7 +115,7 @@ def collect_groups(
     correct_drawn, valid_drawn, signal_drawn = [], [], []
     for round_ in range(rounds):
         with timer("sample"):
-            problems = trainer.sampler.next(step, round_, knobs)
+            problems = trainer.sampler.draw(step, round_, knobs)
         with timer("generate"):
             batch = trainer.rollout(problems, knobs)
         score_batch(trainer, batch, knobs, step, timer)

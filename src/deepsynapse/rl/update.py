@@ -1,4 +1,5 @@
-"""The GRPO update of a step: the loss over micro-batches, its gradient and the optimizer step.
+"""The GRPO update of a step: the loss over micro-batches and its gradient, then one optimizer
+step per inner iteration (``Trainer.clip_and_step``, shared with the SFT warm-up).
 
 The objective and its departures from the GRPO paper are in ``rl/trainer.py``'s docstring; the
 per-token terms are ``rl/grpo.py``'s pure functions. Here: the loss aggregation weights over

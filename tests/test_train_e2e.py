@@ -148,3 +148,39 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
         r["step"] for r in read_jsonl(tmp_path / "split/metrics.jsonl") if "reward/fused/mean" in r
     ]
     assert steps == [1, 2, 3, 4]  # every step logged exactly once
+
+
+def test_after_warmup_evaluation_splits_the_gain(tmp_path, tiny_overrides):
+    """Before, after the warm-up and after GRPO are scored on the same problems; the summary
+    pairs them (whole run, warm-up, GRPO), strict and lenient, each with its interval."""
+    _, summary = run(tmp_path, tiny_overrides)
+    run_dir = tmp_path / "run"
+    ids = [
+        [r["id"] for r in json.loads((run_dir / f"eval_{tag}.json").read_text())["records"]]
+        for tag in ("before", "after_sft", "after")
+    ]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) == 2
+    assert set(summary["gains"]) == {"run", "warmup", "grpo"}
+    for gain in summary["gains"].values():
+        for kind in ("strict", "lenient"):
+            c = gain[kind]
+            assert c["n"] == 2 and c["delta_ci"][0] <= c["delta"] <= c["delta_ci"][1]
+    assert summary["eval_after_sft"]["n"] == 2 and len(summary["eval_before"]["accuracy_ci"]) == 2
+
+
+def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny_overrides):
+    """A budget far below the configured work: one warm-up step and one GRPO step are
+    planned (each is measured first), the run ends as finished, with its evaluation after."""
+    overrides = tiny_overrides + ["sft.steps=5", "train.steps=6", "train.time_budget=1s"]
+    trainer, summary = run(tmp_path, overrides)
+    run_dir = tmp_path / "run"
+    assert (trainer.sft_step, trainer.step) == (1, 1)
+    assert (run_dir / "summary.json").is_file() and summary["eval_after"]["n"] == 2
+    plans = [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "budget_plan"]
+    assert [sorted(set(e["evidence"]) & {"sft_steps", "grpo_steps"}) for e in plans] == [
+        ["sft_steps"],
+        ["grpo_steps"],
+    ]
+    # a generous budget changes nothing: the configured steps run
+    trainer, _ = run(tmp_path, tiny_overrides + ["train.time_budget=1h"], name="roomy")
+    assert (trainer.sft_step, trainer.step) == (2, 2)

@@ -14,6 +14,7 @@ integer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from deepsynapse.data.problems import Problem
 
 __all__ = [
     "HELDOUT_SHARE",
+    "HELDOUT_SIZE",
     "MAX_DIFFICULTY",
     "generate_problems",
     "heldout_problems",
@@ -1025,6 +1027,10 @@ def generate_problems(
 HELDOUT_SHARE = 8
 """One question text in ``HELDOUT_SHARE`` belongs to the held-out partition."""
 
+HELDOUT_SIZE = 1536
+"""Problems in the synthetic test split: 512 per difficulty over 1-3 steps; evaluations take a
+prefix (``eval.limit``), 384 of which give a 95% interval of at most +-5 points."""
+
 
 def is_heldout(question: str) -> bool:
     """Whether a question text lies in the held-out partition (a stable hash of the text).
@@ -1052,6 +1058,11 @@ def heldout_problems(n: int, difficulty: int | tuple[int, int] = (1, 3)) -> list
     low, high = (difficulty, difficulty) if isinstance(difficulty, int) else difficulty
     if not 1 <= low <= high <= MAX_DIFFICULTY:
         raise ValueError(f"difficulty must lie within 1..{MAX_DIFFICULTY}, got {difficulty!r}")
+    return list(_heldout(n, low, high))
+
+
+@functools.lru_cache(maxsize=8)
+def _heldout(n: int, low: int, high: int) -> tuple[Problem, ...]:
     levels = list(range(low, high + 1))
     strata: dict[int, list[Problem]] = {d: [] for d in levels}
     want = {d: -(-n // len(levels)) for d in levels}  # ceil: a prefix is cut below
@@ -1065,7 +1076,7 @@ def heldout_problems(n: int, difficulty: int | tuple[int, int] = (1, 3)) -> list
                 seen.add(p.question)
                 strata[d].append(replace(p, id=f"heldout-{d}-{index - 1}", source="heldout"))
     interleaved = [strata[d][i] for i in range(max(want.values())) for d in levels]
-    return interleaved[:n]
+    return tuple(interleaved[:n])
 
 
 def training_problems(n: int, *, seed: int, difficulty: int | tuple[int, int]) -> list[Problem]:

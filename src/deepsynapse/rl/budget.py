@@ -23,7 +23,13 @@ import re
 import time
 from typing import Any
 
-__all__ = ["TimeBudget", "parse_duration"]
+__all__ = [
+    "TimeBudget",
+    "evals_to_come",
+    "planned_grpo_steps",
+    "parse_duration",
+    "planned_sft_steps",
+]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
@@ -133,3 +139,24 @@ class TimeBudget:
         self.sft_steps = state.get("sft_steps")
         self.grpo_steps = state.get("grpo_steps")
         self.slowest_step = float(state.get("slowest_step", 0.0))
+
+
+def planned_sft_steps(trainer) -> int:
+    """Warm-up steps this run makes: ``sft.steps``, or fewer once a budget has planned them."""
+    budget, configured = trainer.budget, trainer.cfg.sft.steps
+    return configured if budget is None or budget.sft_steps is None else budget.sft_steps
+
+
+def planned_grpo_steps(trainer) -> int:
+    """GRPO steps this run makes: ``train.steps``, or fewer once a budget has planned them."""
+    budget, configured = trainer.budget, trainer.cfg.train.steps
+    return configured if budget is None or budget.grpo_steps is None else budget.grpo_steps
+
+
+def evals_to_come(trainer) -> int:
+    """Held-out evaluations still to run (after the warm-up, after GRPO): the budget keeps
+    their time aside."""
+    if trainer.cfg.eval.limit <= 0:
+        return 0
+    warmup_eval = trainer.cfg.sft.steps > 0 and trainer.step == 0
+    return 1 + int(warmup_eval and not (trainer.run_dir / "eval_after_sft.json").exists())

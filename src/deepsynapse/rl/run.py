@@ -6,10 +6,12 @@ and the run folder's summary, samples and report.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import save_config
+from deepsynapse.rl.budget import evals_to_come, planned_grpo_steps
 from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.setup import init_trackers
@@ -88,17 +90,23 @@ def run_stages(trainer, resumed: bool, stop_at: int) -> bool:
     Returns whether the run reached ``train.steps`` (False: stopped, checkpointed).
     """
     cfg, acc = trainer.cfg, trainer.accelerator
-    if not resumed and not (trainer.run_dir / "eval_before.json").exists():
+    run_dir, budget = trainer.run_dir, trainer.budget
+    if not resumed and not (run_dir / "eval_before.json").exists():
+        start = time.perf_counter()
         evaluate_heldout(trainer, "before")
+        if budget is not None:  # the evaluations still to come are reserved at this cost
+            budget.eval_seconds = time.perf_counter() - start
     if not trainer.sft_done:
         done = run_warmup(trainer)
         trainer.save_checkpoint()
         if not done:
             return False
+    if cfg.sft.steps and trainer.step == 0 and not (run_dir / "eval_after_sft.json").exists():
+        evaluate_heldout(trainer, "after_sft")  # the start of GRPO: what the warm-up gave
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=cfg.train.steps,
+        total=planned_grpo_steps(trainer),
         initial=trainer.step,
         desc="grpo",
         disable=not (trainer.progress and acc.is_main_process),
@@ -106,13 +114,14 @@ def run_stages(trainer, resumed: bool, stop_at: int) -> bool:
     run_steps(trainer, stop_at, bar)
     bar.close()
     trainer.save_checkpoint()
-    return trainer.step >= cfg.train.steps
+    return trainer.step >= planned_grpo_steps(trainer)
 
 
 def run_steps(trainer, stop_at: int, bar) -> None:
-    """GRPO steps until ``stop_at`` or a stop request; checkpoints on schedule."""
+    """GRPO steps until ``stop_at``, the time budget or a stop request; checkpoints on schedule."""
     cfg = trainer.cfg
-    while trainer.step < stop_at and not trainer.stop.requested():
+    while trainer.step < min(stop_at, planned_grpo_steps(trainer)) and not trainer.stop.requested():
+        start = time.perf_counter()
         metrics = trainer.train_step(trainer.step)
         trainer.step += 1
         if cfg.probes.every and trainer.step % cfg.probes.every == 0:
@@ -127,9 +136,35 @@ def run_steps(trainer, stop_at: int, bar) -> None:
             fmt=f"{metrics['format/valid_rate']:.2f}",
             s=f"{metrics['timing/step']:.1f}",
         )
+        if trainer.budget is not None:
+            plan_within_budget(trainer, time.perf_counter() - start, bar)
         due = cfg.train.save_every and trainer.step % cfg.train.save_every == 0
-        if due and trainer.step < cfg.train.steps:
+        if due and trainer.step < planned_grpo_steps(trainer):
             trainer.save_checkpoint()
+
+
+def plan_within_budget(trainer, step_seconds: float, bar) -> None:
+    """After the first GRPO step, plan the rest to fit; after each later one, end GRPO early
+    if one more step (at the slowest pace seen) would overrun the budget."""
+    budget, configured = trainer.budget, trainer.cfg.train.steps
+    if budget.grpo_steps is None:
+        planned = budget.plan_grpo(configured, trainer.step, step_seconds, evals_to_come(trainer))
+        bar.total = planned
+        trainer.say(
+            f"time budget: a GRPO step takes {step_seconds:.1f} s; {planned} of {configured} "
+            f"GRPO steps planned ({budget.elapsed() / 60:.1f} of {budget.seconds / 60:.1f} min "
+            "used so far)"
+        )
+        trainer.event("budget_plan", budget.describe(), grpo_steps=planned)
+        return
+    budget.observe_step(step_seconds)
+    if trainer.step < budget.grpo_steps and not budget.another_step_fits(evals_to_come(trainer)):
+        trainer.say(
+            f"time budget: ending GRPO after {trainer.step} of {budget.grpo_steps} planned steps "
+            f"(the slowest step took {budget.slowest_step:.1f} s)"
+        )
+        trainer.event("budget_stop", budget.describe(), step=trainer.step)
+        budget.grpo_steps = trainer.step
 
 
 def write_samples(trainer) -> None:

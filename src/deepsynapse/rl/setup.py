@@ -19,7 +19,7 @@ from deepsynapse.checkpoint import CheckpointError
 from deepsynapse.config import Config
 from deepsynapse.data.gsm8k import load_gsm8k
 from deepsynapse.data.problems import Problem
-from deepsynapse.data.synthetic import generate_problems
+from deepsynapse.data.synthetic import HELDOUT_SIZE, heldout_problems, training_problems
 from deepsynapse.models.loading import load_model
 from deepsynapse.models.policy import PolicyModule, apply_lora
 
@@ -67,11 +67,19 @@ def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
 def build_problems(
     name: str, split: str, cfg: Config, *, seed_offset: int = 0
 ) -> tuple[list[Problem], int]:
-    """Problems for ``name``: 'synthetic' or any GSM8K source that ``load_gsm8k`` resolves."""
+    """Problems for ``name``: 'synthetic' or any GSM8K source that ``load_gsm8k`` resolves.
+
+    Synthetic training problems come from one partition of question texts and the synthetic
+    test split is the fixed held-out set from the other (``data.synthetic``), so no training
+    seed can draw an evaluation problem.
+    """
     if name == "synthetic":
         lo, hi = cfg.data.synthetic_difficulty
-        seed = cfg.train.seed + (0 if split == "train" else 10_000) + seed_offset
-        return generate_problems(cfg.data.synthetic_size, seed=seed, difficulty=(lo, hi)), 0
+        if split == "train":
+            seed = cfg.train.seed + seed_offset
+            return training_problems(cfg.data.synthetic_size, seed=seed, difficulty=(lo, hi)), 0
+        # the held-out set of record: fixed, stratified, never drawn by training
+        return heldout_problems(HELDOUT_SIZE, (lo, hi)), 0
     return load_gsm8k(name, split, skip_malformed=cfg.data.skip_malformed)
 
 
@@ -90,12 +98,15 @@ def build_policy(cfg: Config, tokenizer, dtype: torch.dtype) -> PolicyModule:
     )
 
 
-def learning_rate(cfg: Config, step: int) -> float:
-    """Peak lr with linear warm-up then constant, linear or cosine decay (a pure function)."""
+def learning_rate(cfg: Config, step: int, steps: int | None = None) -> float:
+    """Peak lr with linear warm-up then constant, linear or cosine decay (a pure function).
+
+    ``steps``: the run's GRPO steps when a time budget planned fewer than ``train.steps``.
+    """
     o = cfg.optim
     if o.warmup_steps and step < o.warmup_steps:
         return o.lr * (step + 1) / o.warmup_steps
-    total = max(cfg.train.steps - o.warmup_steps, 1)
+    total = max((cfg.train.steps if steps is None else steps) - o.warmup_steps, 1)
     progress = min(max(step - o.warmup_steps, 0) / total, 1.0)
     if o.schedule == "linear":
         return o.lr * (1.0 - progress)

@@ -54,6 +54,7 @@ def trainer_state(trainer) -> dict[str, Any]:
         "cursor": trainer.sampler.cursor,
         "sft_done": trainer.sft_done,
         "sft_step": trainer.sft_step,
+        "budget": None if trainer.budget is None else trainer.budget.state_dict(),
         "bad_steps": trainer.bad_steps,
         "skipped_steps": trainer.skipped_steps,
         "knobs": trainer.knobs.state_dict(),
@@ -99,6 +100,8 @@ def load_checkpoint(trainer, folder: Path) -> None:
     trainer.sampler.cursor = int(state.get("cursor", 0))
     trainer.sft_done = bool(state["sft_done"])
     trainer.sft_step = int(state.get("sft_step", trainer.cfg.sft.steps if trainer.sft_done else 0))
+    if trainer.budget is not None and state.get("budget"):
+        trainer.budget.load_state_dict(state["budget"])
     trainer.bad_steps = int(state.get("bad_steps", 0))
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
     trainer.knobs = Knobs.from_state(state["knobs"])

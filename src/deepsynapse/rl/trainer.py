@@ -57,6 +57,7 @@ from deepsynapse.models.policy import PolicyModule, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
 from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rl.batch import GroupBatch
+from deepsynapse.rl.budget import TimeBudget, parse_duration
 from deepsynapse.rl.collect import ProblemSampler, collect_groups, generate_batch
 from deepsynapse.rl.evaluation import build_probes
 from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
@@ -231,6 +232,8 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
         self.stop = StopRequest(self.accelerator, self.say)
+        seconds = parse_duration(cfg.train.time_budget)
+        self.budget = TimeBudget(seconds, cfg.train.budget_sft_share) if seconds else None
         self.probe_items, self.emergence = build_probes(cfg)
         if self.emergence is not None:
             self.controllers.append(self.emergence)

@@ -18,6 +18,7 @@ from deepsynapse.config import Config
 from deepsynapse.control.accumulation import MicrobatchGradients
 from deepsynapse.control.knobs import Knobs
 from deepsynapse.rl.batch import GroupBatch
+from deepsynapse.rl.budget import planned_grpo_steps
 from deepsynapse.rl.grpo import LOSS_AGGREGATIONS, grpo_token_loss
 from deepsynapse.rl.ranks import mean_scalar, reduce_scalar
 from deepsynapse.rl.setup import Timer, learning_rate
@@ -116,7 +117,9 @@ def grpo_update(
         for iteration in range(cfg.grpo.num_iterations):
             first = iteration == 0
             for group in trainer.optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step) * group.get("lr_mult", 1.0)
+                group["lr"] = learning_rate(cfg, step, planned_grpo_steps(trainer)) * group.get(
+                    "lr_mult", 1.0
+                )
             if mu > 0:  # CHORD: L = (1 - mu) L_GRPO + mu L_SFT, SFT first (no sync)
                 with acc.no_sync(policy):
                     stats["sft/aux_loss"] += (

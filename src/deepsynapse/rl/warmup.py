@@ -21,6 +21,7 @@ from deepsynapse.formats import XMLSchema, sft_target
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
+from deepsynapse.rl.budget import evals_to_come, planned_sft_steps
 from deepsynapse.rl.setup import build_problems, step_seed
 from deepsynapse.rollout.hf import encode_prompts
 from deepsynapse.telemetry.run_logger import release_freed_memory
@@ -122,7 +123,7 @@ def run_warmup(trainer) -> bool:
         disable=not (trainer.progress and acc.is_main_process),
     )
     loss_value = None
-    while trainer.sft_step < cfg.sft.steps and not trainer.stop.requested():
+    while trainer.sft_step < planned_sft_steps(trainer) and not trainer.stop.requested():
         k = trainer.sft_step
         prompts, targets = trainer.sft.examples(k, cfg.sft.batch_size, salt=99)
         for group in trainer.optimizer.param_groups:
@@ -150,13 +151,24 @@ def run_warmup(trainer) -> bool:
             },
         )
         trainer.sft_step = k + 1
+        budget = trainer.budget
+        if budget is not None and budget.sft_steps is None:  # plan from the first step
+            planned = budget.plan_sft(
+                cfg.sft.steps, time.perf_counter() - start, evals_to_come(trainer)
+            )
+            bar.total = planned
+            trainer.say(
+                f"time budget: a warm-up step takes {time.perf_counter() - start:.1f} s; "
+                f"{planned} of {cfg.sft.steps} warm-up steps planned"
+            )
+            trainer.event("budget_plan", budget.describe(), sft_steps=planned)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         due = cfg.train.save_every and trainer.sft_step % cfg.train.save_every == 0
-        if due and trainer.sft_step < cfg.sft.steps:
+        if due and trainer.sft_step < planned_sft_steps(trainer):
             trainer.save_checkpoint()
     bar.close()
-    if trainer.sft_step < cfg.sft.steps:
+    if trainer.sft_step < planned_sft_steps(trainer):
         return False
     # RL starts with fresh Adam moments: SFT's gradient scale is not RL's.
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -165,6 +177,6 @@ def run_warmup(trainer) -> bool:
         release_freed_memory()
     trainer.sft_done = True
     trainer.event(
-        "sft_done", f"SFT warm-up finished after {cfg.sft.steps} steps", last_loss=loss_value
+        "sft_done", f"SFT warm-up finished after {trainer.sft_step} steps", last_loss=loss_value
     )
     return True

@@ -4,12 +4,13 @@
     python benchmarks/learning.py --max-minutes 60         # one hourly slice (the default)
     python benchmarks/learning.py --ablate family          # + full minus each family of parts
     python benchmarks/learning.py --budget 30m --seeds 0   # shorter
-    python benchmarks/learning.py --quick                  # smoke check: tiny model, ~2 min
+    python benchmarks/learning.py --quick                  # smoke check: tiny model, ~3 min
     make bench-learning
 
 What it measures. Each run trains from the recipe (``--config``, default
 ``configs/hour-cpu.yaml``; ``configs/demo-cpu.yaml`` while that file does not exist) for the
-same wall-clock budget (``train.time_budget``, ``--budget``): the trainer times its first
+same wall-clock budget (``train.time_budget``: ``--budget``, default the recipe's, 60m
+without one): the trainer times its first
 evaluation and steps and plans the SFT warm-up and GRPO step counts so that the whole run,
 evaluations included, ends within the budget. ``train.steps`` is set far above what fits
 (``--steps``, 10 000), so the budget, not a step count, ends GRPO. *Equal wall-clock* means
@@ -21,8 +22,9 @@ Configurations (``ablation.py`` defines them, once): ``plain`` is GRPO with the 
 and two format rewards at static weights, no DeepSynapse part; ``full`` switches every part
 on; ``--ablate family`` (or ``part``) adds ``full-<x>``, full without ``x``. On top of the
 recipe, every part's switch is first set to plain's value, then the configuration's parts
-are switched on, so a recipe that turns parts on does not leak them into ``plain``. Schedules
-of the parts that scale with a run's length are scaled to the recipe's ``train.steps``.
+are switched on, so a recipe that turns parts on does not leak them into ``plain``. The
+parts' step-counted schedules (SFT mixing's decay) are scaled to the GRPO steps the budget
+is expected to fit (``HOUR_GRPO_STEPS`` an hour), since ``train.steps`` is only a cap.
 
 Evaluation of record, paired. Each run folder holds the trainer's own evaluations on the
 fixed held-out synthetic set (``data.eval=synthetic``, split test: stratified by difficulty,
@@ -35,10 +37,11 @@ checkpoint. Every claim is paired on the same problems (``deepsynapse.eval.stats
 GRPO gain (start -> end), full vs plain per seed (both score the same held-out problems), and
 full minus a family vs full, each strict (format-valid and right) and lenient (the right
 number), with Newcombe's 95% interval and the exact McNemar p-value. Learning curves:
-``accuracy/heldout`` (the first ``--probe-heldout`` held-out problems, default 48, every
-``--probe-every`` GRPO steps, default 10) against the seconds of training. These probes, and
-the skill probes that ride along (2 items a skill), are paid from the run's budget like any
-evaluation, the same for every configuration.
+``accuracy/heldout`` (the first ``--probe-heldout`` held-out problems every ``--probe-every``
+GRPO steps: the recipe's probes, or 48 problems every 10 steps where it runs none) against
+the seconds of training. These probes, and the skill probes that ride along, are paid from
+the run's budget like any evaluation, the same for every configuration. Settings left open
+(``--eval-limit``, ``--save-every``, the probes, the budget) are the recipe's.
 
 Slices add up. A run folder with ``summary.json`` is finished and reused (its
 ``config.yaml`` must match what this command would run, else it is reported, not touched,
@@ -77,6 +80,8 @@ from _common import RESULTS_DIR, child_env, machine_info, markdown_table, mean_s
 from ablation import ABLATE, Study, active_parts, common_overrides, config_names, parts_for
 from ablation import part_overrides as ablation_part_overrides
 
+from deepsynapse.rl.budget import parse_duration
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "configs/hour-cpu.yaml"
 FALLBACK_RECIPE = "configs/demo-cpu.yaml"
@@ -92,25 +97,59 @@ class Learning:
     """Settings of the study (what makes its runs; evaluation sizes)."""
 
     recipe: str = RECIPE
-    budget: str = "60m"
+    budget: str | None = None  # None: the recipe's train.time_budget, else DEFAULT_BUDGET
     seeds: tuple[int, ...] = (0, 1, 2)
     configs: tuple[str, ...] = ("plain", "full")
     steps: int = 10_000  # a cap far above what the budget fits
-    eval_limit: int | None = None  # None: the recipe's eval.limit
-    probe_every: int = 10
-    probe_heldout: int = 48
-    probe_per_skill: int = 2  # the skill probes ride along with each curve point: kept small
+    # None below: the recipe's value (its probes, or DEFAULT_PROBES where it runs none)
+    eval_limit: int | None = None
+    probe_every: int | None = None
+    probe_heldout: int | None = None
+    probe_per_skill: int | None = None  # the skill probes ride along with each curve point
     gsm8k_limit: int = 200
-    save_every: int = 20
+    save_every: int | None = None
+    schedule_steps: int | None = None  # what step-counted part schedules are scaled to
     extra: tuple[str, ...] = ()  # overrides before all others (quick mode's small model)
 
 
+DEFAULT_BUDGET = "60m"
+# GRPO steps an hour of the hour recipe fits on 2 cores (~30 s a SmolLM2 step, after the
+# warm-up and three evaluations of 384 problems): the scale of the parts' step-counted
+# schedules (SFT mixing's decay) while the trainer does not scale them to its own plan.
+HOUR_GRPO_STEPS = 80
+DEFAULT_PROBES = {"probe_every": 10, "probe_heldout": 48, "probe_per_skill": 2}
+
+
+def resolve(st: Learning, recipe_cfg: Any) -> Learning:
+    """The settings with every value the user left open taken from the recipe."""
+    probes = recipe_cfg.probes
+    recipe_probes = {
+        "probe_every": probes.every,
+        "probe_heldout": probes.heldout,
+        "probe_per_skill": probes.per_skill,
+    }
+    if not probes.every:  # the recipe draws no curve: ours
+        recipe_probes = dict(DEFAULT_PROBES)
+    budget = st.budget or recipe_cfg.train.time_budget or DEFAULT_BUDGET
+    recipe_values = {
+        "budget": budget,
+        # a step count under a budget is only a cap: scale to what an hour fits instead
+        "schedule_steps": max(1, round(HOUR_GRPO_STEPS * parse_duration(budget) / 3600))
+        if recipe_cfg.train.time_budget or st.budget
+        else recipe_cfg.train.steps,
+        "eval_limit": recipe_cfg.eval.limit,
+        "save_every": recipe_cfg.train.save_every,
+        **recipe_probes,
+    }
+    return replace(st, **{k: v for k, v in recipe_values.items() if getattr(st, k) is None})
+
+
 QUICK = Learning(
-    budget="20s",
+    budget="30s",
     seeds=(0,),
     steps=10_000,
     eval_limit=6,
-    probe_every=2,
+    probe_every=1,
     probe_heldout=3,
     probe_per_skill=1,
     gsm8k_limit=4,
@@ -131,7 +170,6 @@ QUICK = Learning(
         "train.log_samples_every=0",
     ),
 )
-QUICK_STEPS_WITHOUT_BUDGET = 3
 
 
 # ------------------------------------------------------------------ configurations
@@ -148,19 +186,6 @@ def resolve_recipe(path: str) -> tuple[str, str]:
 
 def recipe_path(recipe: str) -> Path:
     return Path(recipe) if Path(recipe).is_file() else REPO / recipe
-
-
-def budget_is_wired() -> bool:
-    """Whether the trainer acts on ``train.time_budget`` (the key validated before it did).
-
-    Transitional, read from the source of ``deepsynapse.rl``: once the budget is wired this
-    always holds and can go.
-    """
-    import deepsynapse.rl as rl
-
-    folder = Path(rl.__file__).parent
-    text = "".join(f.read_text() for f in folder.glob("*.py") if f.name != "budget.py")
-    return "time_budget" in text or "TimeBudget(" in text
 
 
 def override_text(key: str, value: Any) -> str:
@@ -200,15 +225,14 @@ def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
 def run_overrides(
     st: Learning, config: str, seed: int, out_dir: Path, recipe_cfg: Any
 ) -> list[str]:
-    """Everything a run sets on top of the recipe (later overrides win)."""
-    parts = parts_for(recipe_cfg.train.steps, recipe_cfg.rollout.max_new_tokens)
-    eval_limit = recipe_cfg.eval.limit if st.eval_limit is None else st.eval_limit
+    """Everything a run sets on top of the recipe (later overrides win); ``st`` resolved."""
+    parts = parts_for(st.schedule_steps, recipe_cfg.rollout.max_new_tokens)
     return [
         *st.extra,
         *plain_reset(parts, recipe_cfg),
         *ablation_part_overrides(config, parts),
         "data.eval=synthetic",  # the fixed held-out set of record
-        f"eval.limit={eval_limit}",
+        f"eval.limit={st.eval_limit}",
         f"train.time_budget={st.budget}",
         f"train.steps={st.steps}",
         f"train.seed={seed}",
@@ -305,6 +329,19 @@ def prune_checkpoints(run_dir: Path) -> list[str]:
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in removed]
+
+
+def budget_elapsed(run_dir: Path) -> float | None:
+    """Seconds the run's time budget counted up to its final checkpoint (resumes included)."""
+    from deepsynapse.checkpoint import latest_checkpoint, load_tree
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    try:
+        state = load_tree(ckpt, "trainer_state") if ckpt else {}
+    except Exception:
+        return None
+    elapsed = (state.get("budget") or {}).get("elapsed")
+    return float(elapsed) if isinstance(elapsed, (int, float)) else None
 
 
 def start_checkpoint(run_dir: Path) -> tuple[str | None, str]:
@@ -419,12 +456,6 @@ def eval_jobs(st: Learning, run_dir: Path, cfg: Any) -> tuple[list[EvalJob], lis
         wanted.append(EvalJob("gsm8k_start.json", start, "gsm8k", n_gsm8k))
     else:
         notes.append(f"GSM8K at the start point: {why}")
-    has_start = (run_dir / "eval_after_sft.json").is_file() or cfg.sft.steps == 0
-    if not has_start:  # the trainer did not write eval_after_sft.json (older trainer)
-        if start:
-            wanted.append(EvalJob("heldout_start.json", start, cfg.data.eval, cfg.eval.limit))
-        else:
-            notes.append(f"held-out at the start point: {why}")
     for job in wanted:
         cached = read_json(run_dir / EVAL_DIR / job.name)
         if cached is None or len(cached.get("records") or []) != job.limit:
@@ -542,9 +573,8 @@ def read_run(run: Run, st: Learning) -> RunResult:
     start, source = read_json(d / "eval_after_sft.json"), "eval_after_sft.json"
     if start is None and cfg.sft.steps == 0:
         start, source = before, "eval_before.json (no warm-up)"
-    if start is None:
-        start = read_json(d / EVAL_DIR / "heldout_start.json")
-        source = f"{EVAL_DIR}/heldout_start.json (deepsynapse eval of step-0)" if start else "none"
+    elif start is None:
+        source = "missing (eval_after_sft.json)"
     g_start = read_json(d / EVAL_DIR / "gsm8k_start.json")
     g_final = read_json(d / EVAL_DIR / "gsm8k_final.json")
     rows = read_jsonl(d / "metrics.jsonl")
@@ -561,6 +591,7 @@ def read_run(run: Run, st: Learning) -> RunResult:
         "sft_s": sum(float(r["timing/sft_step"]) for r in sft),
         "grpo_s": sum(float(r["timing/step"]) for r in grpo),
         "summary_steps": summary.get("steps"),
+        "budget_elapsed_s": budget_elapsed(d),
         "heldout": {
             "problems": cfg.eval.limit,
             "before": accuracy(before),
@@ -691,7 +722,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Recipe `{report['recipe']}`; held-out synthetic set of record (the first "
         f"{report['heldout_problems']} problems); GSM8K test (the first {gsm8k_n} problems). "
         "Accuracy is strict (format-valid and right) with its 95% Wilson interval; gains are "
-        "paired on the same problems: change in points [Newcombe 95% interval], McNemar p.",
+        "paired on the same problems: change in points [Newcombe 95% interval], McNemar p. "
+        "*train s*: the warm-up and GRPO step times summed; *budget s*: the run's budget clock "
+        "at its final checkpoint (evaluations before and after the warm-up included).",
     ]
     if report.get("note"):
         out.append(f"*{report['note']}*")
@@ -703,6 +736,7 @@ def markdown(report: dict[str, Any]) -> str:
             str(r["seed"]),
             f"{r['sft_steps']} + {r['grpo_steps']}",
             f"{r['sft_s'] + r['grpo_s']:.0f}",
+            "n/a" if r["budget_elapsed_s"] is None else f"{r['budget_elapsed_s']:.0f}",
             _acc(r["heldout"]["start"]),
             _acc(r["heldout"]["final"]),
             _gain(r["heldout"]["gain"], "strict"),
@@ -713,7 +747,7 @@ def markdown(report: dict[str, Any]) -> str:
     out.append(
         _section(
             "Per run, held-out synthetic (start of GRPO -> end)",
-            "config|seed|SFT + GRPO steps|train s|start|end|GRPO gain (strict)|(lenient)",
+            "config|seed|SFT + GRPO steps|train s|budget s|start|end|GRPO gain (strict)|(lenient)",
             rows,
         )
     )
@@ -890,25 +924,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
     d = Learning()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", dest="recipe", help=f"base recipe (default {RECIPE})")
-    ap.add_argument("--budget", help=f"wall-clock of each run, train.time_budget ({d.budget})")
+    ap.add_argument(
+        "--budget",
+        help=f"each run's wall-clock, train.time_budget (the recipe's, or {DEFAULT_BUDGET})",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", help="(default 0 1 2)")
     ap.add_argument("--configs", nargs="+", help="plain, full, full-<x> (default plain full)")
     ap.add_argument("--ablate", choices=ABLATE, help="add full minus each family (or part)")
     ap.add_argument(
-        "--steps",
-        type=int,
-        help=f"train.steps, a cap (default {d.steps}: the budget ends GRPO; needed while the "
-        "trainer does not act on train.time_budget)",
+        "--steps", type=int, help=f"train.steps, a cap ({d.steps}: the budget ends GRPO)"
     )
     ap.add_argument("--eval-limit", type=int, help="held-out problems (default: the recipe's)")
     ap.add_argument(
-        "--probe-every", type=int, help=f"a curve point every N steps ({d.probe_every})"
+        "--probe-every", type=int, help="a curve point every N GRPO steps (the recipe's, or 10)"
     )
-    ap.add_argument("--probe-heldout", type=int, help=f"problems a point ({d.probe_heldout})")
+    ap.add_argument("--probe-heldout", type=int, help="problems a point (the recipe's, or 48)")
     ap.add_argument(
         "--gsm8k-limit", type=int, help=f"the first N of GSM8K test ({d.gsm8k_limit}; 0 = all)"
     )
-    ap.add_argument("--save-every", type=int, help=f"checkpoint every N steps ({d.save_every})")
+    ap.add_argument("--save-every", type=int, help="checkpoint every N steps (the recipe's)")
     ap.add_argument(
         "--max-minutes", type=float, default=60.0, help="start nothing after this (0 = no limit)"
     )
@@ -919,7 +953,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
     )
     ap.add_argument("--list", action="store_true", help="print each run's command and exit")
     ap.add_argument(
-        "--quick", action="store_true", help="smoke check: tiny-random, 20 s runs, 1 seed"
+        "--quick", action="store_true", help="smoke check: tiny-random, 30 s runs, 1 seed"
     )
     args = ap.parse_args(argv)
     given = {
@@ -935,18 +969,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
         "save_every": args.save_every,
     }
     st = replace(QUICK if args.quick else d, **{k: v for k, v in given.items() if v is not None})
-    if args.steps is None and not budget_is_wired():
-        if not args.quick:
-            raise SystemExit(
-                "learning: this trainer does not act on train.time_budget yet: a run of "
-                f"train.steps={st.steps} would not stop. Give --steps N meanwhile."
-            )
-        st = replace(st, steps=QUICK_STEPS_WITHOUT_BUDGET)
-        print(
-            "learning: the trainer does not act on train.time_budget yet; quick runs stop "
-            f"after {QUICK_STEPS_WITHOUT_BUDGET} GRPO steps instead",
-            flush=True,
-        )
     if args.out_dir is None:
         args.out_dir = Path("runs/learning-quick" if args.quick else "runs/learning")
     return args, st
@@ -1041,7 +1063,6 @@ def advance(
 
 def main(argv: list[str] | None = None) -> int:
     from deepsynapse.config import load_config
-    from deepsynapse.rl.budget import parse_duration
 
     args, st = parse_args(argv)
     recipe, note = resolve_recipe(st.recipe)
@@ -1051,6 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = study_configs(st, args.ablate)
     out_dir = args.out_dir.resolve()
     recipe_cfg = load_config(recipe_path(recipe), list(st.extra))
+    st = resolve(st, recipe_cfg)
     runs = plan_runs(st, configs, out_dir, recipe_cfg)
     expected = {}
     for run in runs:  # every configuration must load before anything runs
@@ -1111,7 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
     if left:
         to_train = sum(r.state in ("todo", "resumable") for r in runs)
         seconds = to_train * parse_duration(st.budget)
-        took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+        took = f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
         print(
             f"left: {len(left)} item(s), {to_train} run(s) to train or finish (at most "
             f"{took} at {st.budget} each, plus evaluations); run the same command again"

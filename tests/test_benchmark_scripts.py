@@ -200,6 +200,7 @@ def _learning_runs(tmp_path, configs=("plain", "full"), seeds=(0, 1)):
     st = learning.replace(learning.QUICK, configs=tuple(configs), seeds=tuple(seeds))
     recipe = learning.recipe_path(learning.FALLBACK_RECIPE)
     recipe_cfg = load_config(recipe, list(st.extra))
+    st = learning.resolve(st, recipe_cfg)
     runs = learning.plan_runs(st, list(configs), tmp_path, recipe_cfg)
     return st, recipe, runs
 
@@ -267,6 +268,19 @@ def test_learning_plain_is_plain_and_full_is_full_on_top_of_a_recipe_that_turns_
     ]  # seed by seed: a time cut leaves every configuration with equal seeds
 
 
+def test_learning_settings_left_open_are_the_recipes():
+    bare = load_config(None, ["train.save_every=7"])  # no probes, no budget
+    st = learning.resolve(learning.Learning(), bare)
+    assert (st.budget, st.save_every, st.eval_limit) == ("60m", 7, bare.eval.limit)
+    assert (st.probe_every, st.probe_heldout, st.probe_per_skill) == (10, 48, 2)
+    hour = load_config(None, ["train.time_budget=45m", "probes.every=5", "probes.heldout=32"])
+    st = learning.resolve(learning.Learning(probe_heldout=16), hour)
+    assert (st.budget, st.probe_every, st.probe_heldout) == ("45m", 5, 16)  # given wins
+    # Step-counted part schedules: the recipe's steps, or what the budget fits (a cap is not).
+    assert learning.resolve(learning.Learning(), bare).schedule_steps == bare.train.steps
+    assert st.schedule_steps == round(learning.HOUR_GRPO_STEPS * 45 / 60)
+
+
 def test_learning_run_folders_are_finished_resumable_new_or_in_conflict(tmp_path):
     from deepsynapse.checkpoint import save_tree
     from deepsynapse.config import save_config
@@ -313,11 +327,6 @@ def test_learning_keeps_the_start_point_and_asks_only_for_missing_evaluations(tm
         ("gsm8k_final.json", None, 8),
         ("gsm8k_start.json", "step-0", 8),
     ]  # another limit: evaluated again
-    (run.run_dir / "eval_after_sft.json").unlink()  # an older trainer: step-0 on the held-out set
-    jobs, _ = learning.eval_jobs(st, run.run_dir, cfg)
-    assert [(j.name, j.data, j.limit) for j in jobs] == [
-        ("heldout_start.json", "synthetic", cfg.eval.limit)
-    ]
     cmd = learning.eval_command(run.run_dir, "step-0", "gsm8k", 8, cfg, tmp_path / "o.json")
     assert cmd[-14:] == [
         "--checkpoint",

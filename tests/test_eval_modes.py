@@ -211,6 +211,12 @@ def test_compare_results_table_and_flips(tmp_path, capsys):
     assert any(line.split()[:3] == ["skills/units", "n/a", "0.750"] for line in lines)
     assert not any(line.startswith(("seconds", "records")) for line in lines)
     assert "fixed 1" in table and "broken 1" in table
+    # same problems: the paired change with its interval (strict only: no lenient field)
+    paired = [line for line in lines if line.startswith("paired change")]
+    assert len(paired) == 1 and paired[0].startswith("paired change (strict): +0.0 pts [")
+    assert "McNemar p=1" in paired[0]
+    c = result(0.25, [True, False, False])  # one problem fewer: no paired claim
+    assert "scored different problems" in compare_results(a, c)
     pa, pb = tmp_path / "base.json", tmp_path / "trained.json"
     pa.write_text(json.dumps(a))
     pb.write_text(json.dumps(dict(b, mode="majority", accuracy=0.75)))

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from deepsynapse.eval.stats import format_interval, paired_comparison
+
 __all__ = ["compare_results", "compare_rows", "flips", "main_compare"]
 
 # Shown first, in this order; any other numeric metric follows alphabetically.
@@ -99,9 +101,29 @@ def compare_results(
             f"per item ({f['common']} shared): fixed {f['fixed']} (wrong -> right), "
             f"broken {f['broken']} (right -> wrong)"
         )
+        lines += paired_lines(a, b)
     else:
         lines.append("per item: no shared problem ids (results without records?)")
     return "\n".join(lines)
+
+
+def paired_lines(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The change in accuracy with its paired 95% interval, strict and lenient, when both
+    results scored exactly the same problems (else a line saying why there is none)."""
+    ra, rb = a.get("records") or [], b.get("records") or []
+    lines = []
+    for key, label in (("correct", "strict"), ("lenient_correct", "lenient")):
+        if not all(key in r for r in [*ra, *rb]):
+            continue
+        try:
+            c = paired_comparison(ra, rb, key)
+        except ValueError:
+            return ["paired interval: the two results scored different problems"]
+        lines.append(
+            f"paired change ({label}): {format_interval(c['delta'], c['delta_ci'])}, "
+            f"McNemar p={c['p_value']:.2g}"
+        )
+    return lines
 
 
 def main_compare(path_a: str | Path, path_b: str | Path) -> int:

@@ -29,6 +29,20 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 SEQUENCE_MULTIPLE = 64
 
 
+def shares_prompts(body: nn.Module, rows: int, group_size: int) -> bool:
+    """Whether ``PolicyModule.forward(..., group_size=G)`` can run each prompt once.
+
+    Not when the rows do not split into groups of G, nor in a forward with gradients while
+    gradient checkpointing is on (transformers drops the KV cache there: a layer replayed in
+    backward would append to it twice). The no-gradient passes share even then.
+    """
+    if group_size < 2 or rows % group_size:
+        return False
+    if torch.is_grad_enabled() and body.training:
+        return not any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
+    return True
+
+
 @functools.cache
 def _cache_argument(forward_owner: type) -> str:
     params = inspect.signature(forward_owner.forward).parameters
@@ -165,18 +179,32 @@ class PolicyModule(nn.Module):
         completion_mask: torch.Tensor,  # [N, T] 1 on completion tokens that count
         temperature: float = 1.0,
         with_entropy: bool = False,
+        group_size: int = 1,
     ) -> LogprobOutput:
+        """Per-token log-probs (and entropies) of the completion tokens.
+
+        ``group_size`` G > 1: rows come in consecutive groups of G that share one prompt
+        (the same ``[P]`` ids and mask), and each prompt is run once (see
+        ``_shared_prompt_states``); the result equals the unshared forward's up to float
+        rounding. It runs unshared where sharing cannot apply (``shares_prompts``).
+        """
         lm = self.causal_lm
         t = completion_mask.shape[1]
         body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        ids, mask = pad_to_multiple(input_ids[:, :-1], attention_mask[:, :-1], self.pad_multiple)
         with self.low_precision_adapters():
-            hidden = body(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                use_cache=False,
-            ).last_hidden_state[:, -t:]  # [N, T, H]: states that predict the completion tokens
+            hidden = None
+            if group_size > 1:
+                hidden = self._shared_prompt_states(body, input_ids, attention_mask, t, group_size)
+            if hidden is None:
+                ids, mask = pad_to_multiple(
+                    input_ids[:, :-1], attention_mask[:, :-1], self.pad_multiple
+                )
+                hidden = body(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=position_ids_from_mask(mask),
+                    use_cache=False,
+                ).last_hidden_state[:, -t:]  # [N, T, H]: states that predict the completion
         sel = completion_mask.bool()
         targets = input_ids[:, -t:][sel]
         logp_sel, ent_sel = selected_token_logprobs(
@@ -193,6 +221,70 @@ class PolicyModule(nn.Module):
         if ent_sel is not None:
             entropy = torch.zeros_like(logp).masked_scatter(sel, ent_sel)
         return LogprobOutput(logp, entropy)
+
+    def _shared_prompt_states(
+        self,
+        body: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        t: int,
+        group_size: int,
+    ) -> torch.Tensor | None:
+        """The [N, T, H] states that predict the completion tokens, each prompt run once.
+
+        One pass over the B = N / G distinct prompts (left-padded, widened by
+        ``pad_to_multiple``) fills a KV cache; its last state predicts completion token 1.
+        The cache is repeated to the N rows (``batch_repeat_interleave``: with autograd, so
+        the gradients of all G completions flow back into the one prompt pass) and the
+        completions (all but their last token, right-padded to the multiple with masked
+        columns) run against it, with the prompt's padding mask in front of theirs and
+        positions continuing from each prompt's real length, as ``position_ids_from_mask``
+        gives on the whole row. ``None`` where sharing cannot apply (``shares_prompts``).
+        """
+        if not shares_prompts(body, input_ids.shape[0], group_size):
+            return None
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        p = input_ids.shape[1] - t
+        n, g = input_ids.shape[0], group_size
+        prompt, prompt_mask = input_ids[:, :p], attention_mask[:, :p]
+        if not (
+            torch.equal(prompt.view(n // g, g, p), prompt[::g].unsqueeze(1).expand(-1, g, -1))
+            and torch.equal(
+                prompt_mask.view(n // g, g, p), prompt_mask[::g].unsqueeze(1).expand(-1, g, -1)
+            )
+        ):
+            raise ValueError(f"group_size={g}: rows of a group do not share one prompt")
+        cache = DynamicCache(config=body.config)
+        if not all(type(layer) is DynamicLayer for layer in cache.layers):
+            return None  # sliding-window or hybrid layers: a cache that is not plain K/V
+        ids, mask = pad_to_multiple(prompt[::g], prompt_mask[::g], self.pad_multiple)
+        last = body(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=True,
+            **cache_kwarg(body, cache),
+        ).last_hidden_state[:, -1:]  # [B, 1, H]: predicts completion token 1
+        last = last.repeat_interleave(g, 0)
+        if t == 1:
+            return last
+        cache.batch_repeat_interleave(g)
+        c_ids, c_mask = input_ids[:, p:-1], attention_mask[:, p:-1]  # [N, T - 1]
+        extra = -c_ids.shape[1] % self.pad_multiple if self.pad_multiple > 1 else 0
+        if extra:
+            c_ids = torch.cat([c_ids, c_ids.new_zeros(n, extra)], 1)
+            c_mask = torch.cat([c_mask, c_mask.new_zeros(n, extra)], 1)
+        positions = prompt_mask.long().sum(1, keepdim=True) + c_mask.long().cumsum(1) - 1
+        hidden = body(
+            input_ids=c_ids,
+            attention_mask=torch.cat([mask.repeat_interleave(g, 0), c_mask], 1),
+            position_ids=positions.clamp(min=0),
+            use_cache=True,
+            **cache_kwarg(body, cache),
+        ).last_hidden_state[:, : t - 1]  # [N, T - 1, H]
+        return torch.cat([last, hidden], 1)
 
 
 @contextlib.contextmanager

@@ -182,6 +182,16 @@ class GRPOConfig:
     logprob_chunk_tokens: int = _f(
         1024, "tokens per chunk of the output head (no full-vocab tensor for the batch)"
     )
+    share_prompt: bool = _f(
+        True,
+        "the update's forwards (policy, reference, old log-probs) run each prompt once for its"
+        " G completions and share its KV cache (the same log-probs and gradients up to float"
+        " rounding, up to ~half the update's compute when prompts are as long as completions);"
+        " falls back to one full forward per completion when micro_batch_size is not a"
+        " multiple of num_generations, when the micro-batches asked for outnumber the groups,"
+        " in the gradient pass under model.gradient_checkpointing, and for models whose KV"
+        " cache is not plain (sliding-window or hybrid layers)",
+    )
 
     # Clip bounds an unset epsilon takes, per importance_sampling: DAPO's clip-higher for
     # token ratios; GSPO's (Zheng et al. 2025, 3e-4 / 4e-4) for the sequence ratio, whose

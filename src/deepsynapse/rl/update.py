@@ -38,15 +38,19 @@ def policy_and_reference_logp(
     logp = torch.zeros(r.completion_mask.shape, device=device)
     ref = torch.zeros(r.completion_mask.shape, device=device)
     size = trainer.cfg.grpo.micro_batch_size
+    g = trainer.cfg.rollout.num_generations
+    if size % g or not shares_prompt_groups(trainer.cfg, r.prompt_ids, r.prompt_mask):
+        g = 1  # every row runs its own prompt
     for start in range(0, ids.shape[0], size):
         rows = slice(start, start + size)
-        with adaptive.for_rows(r.prompt_ids[rows], r.prompt_mask[rows]):
+        one = slice(start, start + size, g)  # one row per group: the hypernet's context
+        with adaptive.for_rows(r.prompt_ids[one], r.prompt_mask[one]):
             logp[rows] = policy(
-                ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature
+                ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature, group_size=g
             ).logp
         with policy.reference():
             ref[rows] = policy(
-                ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature
+                ids[rows], attn[rows], r.completion_mask[rows], knobs.temperature, group_size=g
             ).logp
     return logp, ref
 
@@ -78,9 +82,23 @@ def grpo_update(
         )
         * world
     )  # DDP averages gradients over processes
-    order = torch.argsort(cmask.sum(1) + r.prompt_mask.sum(1)).tolist()  # similar lengths together
     count = max(knobs.micro_batches, 2 if measures_gradient_noise(cfg) else 1)
-    micro = micro_batches(acc, order, count, cfg.grpo.micro_batch_size)
+    g = cfg.rollout.num_generations
+    share = (
+        cfg.grpo.micro_batch_size % g == 0
+        and r.prompt_ids.shape[0] // g >= count
+        and shares_prompt_groups(cfg, r.prompt_ids, r.prompt_mask)
+    )
+    if share:  # micro-batches of whole groups, each prompt run once (grpo.share_prompt)
+        width = (cmask.sum(1) + r.prompt_mask.sum(1)).view(-1, g).amax(1)
+        groups = micro_batches(
+            acc, torch.argsort(width).tolist(), count, cfg.grpo.micro_batch_size // g
+        )
+        micro = [([k * g + j for k in gs for j in range(g)], live) for gs, live in groups]
+    else:
+        g = 1
+        order = torch.argsort(cmask.sum(1) + r.prompt_mask.sum(1)).tolist()  # similar lengths
+        micro = micro_batches(acc, order, count, cfg.grpo.micro_batch_size)
     live_rows = [rows for rows, live in micro if live]
     p_len = r.prompt_ids.shape[1]
 
@@ -91,7 +109,10 @@ def grpo_update(
         cols = slice(first, p_len + t)
         return ids[rows, cols], attn[rows, cols], cmask[rows, :t], slice(0, t)
 
-    prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
+    def context(rows: list[int]) -> contextlib.AbstractContextManager:
+        """The hypernetwork's per-row scales: one row per group when prompts are shared."""
+        return adaptive.for_rows(r.prompt_ids[rows[::g]], r.prompt_mask[rows[::g]])
+
     with torch.no_grad(), timer("reference"):
         ref_logp, old_logp = batch.ref_logp, None
         if ref_logp is None and knobs.beta > 0:
@@ -99,13 +120,13 @@ def grpo_update(
             with unwrapped.reference():
                 for rows in live_rows:
                     i, a, c, tcols = rows_of(rows)
-                    ref_logp[rows, tcols] = unwrapped(i, a, c, knobs.temperature).logp
+                    ref_logp[rows, tcols] = unwrapped(i, a, c, knobs.temperature, group_size=g).logp
         if cfg.grpo.num_iterations > 1:
             old_logp = torch.zeros_like(loss_mask)
             for rows in live_rows:
                 i, a, c, tcols = rows_of(rows)
-                with adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
-                    old_logp[rows, tcols] = unwrapped(i, a, c, knobs.temperature).logp
+                with context(rows):
+                    old_logp[rows, tcols] = unwrapped(i, a, c, knobs.temperature, group_size=g).logp
 
     mu = knobs.sft_weight
     stats: dict[str, float] = defaultdict(float)
@@ -130,9 +151,9 @@ def grpo_update(
             for k, (rows, live) in enumerate(micro):
                 sync = k == len(micro) - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(policy)
-                with ctx, adaptive.for_rows(prompt_ids[rows], prompt_mask[rows]):
+                with ctx, context(rows):
                     i, a, c, tcols = rows_of(rows)
-                    out = policy(i, a, c, knobs.temperature, first)
+                    out = policy(i, a, c, knobs.temperature, first, group_size=g)
                     old = out.logp.detach() if old_logp is None else old_logp[rows, tcols]
                     ref = None if ref_logp is None else ref_logp[rows, tcols]
                     terms = grpo_token_loss(
@@ -178,6 +199,17 @@ def grpo_update(
         stats["rollout/sampler_logp_abs_diff"] = sampler_gap / n_tok
     stats["lr"] = trainer.optimizer.param_groups[0]["lr"]
     return dict(stats)
+
+
+def shares_prompt_groups(cfg: Config, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> bool:
+    """Whether the forwards may run each prompt once for its G rows (``grpo.share_prompt``):
+    G > 1 and the rows are consecutive groups of G with one prompt each (ids and mask)."""
+    g = cfg.rollout.num_generations
+    if not cfg.grpo.share_prompt or g < 2 or prompt_ids.shape[0] % g:
+        return False
+    return torch.equal(prompt_ids, prompt_ids[::g].repeat_interleave(g, 0)) and torch.equal(
+        prompt_mask, prompt_mask[::g].repeat_interleave(g, 0)
+    )
 
 
 def measures_gradient_noise(cfg: Config) -> bool:

@@ -67,3 +67,12 @@ def test_a_budget_smaller_than_one_step_still_runs_one():
     b = TimeBudget(1)
     assert b.plan_sft(configured=30, step_seconds=50, evals_to_come=0) == 1
     assert b.plan_grpo(configured=30, done=1, step_seconds=50, evals_to_come=0) == 1
+
+
+def test_the_reserve_scales_to_the_trained_models_shorter_completions():
+    b = TimeBudget(600)
+    b.eval_seconds = 100.0  # the untrained model wrote to the 128-token limit
+    b.expect_completions(mean_tokens=40, max_new_tokens=128)
+    assert b.eval_seconds == pytest.approx(100 * 1.5 * 40 / 128)
+    b.expect_completions(mean_tokens=500, max_new_tokens=128)  # never more than measured
+    assert b.eval_seconds == pytest.approx(100 * 1.5 * 40 / 128)

@@ -4,9 +4,11 @@ The same recipe costs minutes on one CPU and an hour on another (bf16 matmuls ar
 without AVX512-BF16), so step counts alone cannot promise a duration. With a budget the run
 measures what it is about to repeat and plans to fit:
 
-1. the evaluation before training is timed; the evaluations still to come (after the warm-up,
-   after GRPO) are reserved at that cost, an upper bound since the untrained model writes the
-   longest completions;
+1. the evaluation before training is timed. The untrained model writes to the token limit,
+   the trained one about as long as the warm-up's targets, so the evaluations still to come
+   (after the warm-up, after GRPO) are reserved at that cost scaled by the targets' length
+   (x1.5 for the longest of a batch) over the limit; once the evaluation after the warm-up
+   has run, its own time is the reserve;
 2. after the first SFT warm-up step, the warm-up is planned to take at most ``sft_share`` of
    what is left (never more steps than configured);
 3. after the first GRPO step, GRPO gets the rest; each later step checks that one more step
@@ -88,6 +90,11 @@ class TimeBudget:
     def left(self, evals_to_come: int) -> float:
         """Seconds left for training once the evaluations still to come are paid for."""
         return self.seconds - self.elapsed() - evals_to_come * self.eval_seconds
+
+    def expect_completions(self, mean_tokens: float, max_new_tokens: int) -> None:
+        """Scale the reserve from the untrained model's evaluation to completions of about
+        ``mean_tokens`` (a batch decodes until its longest: x1.5)."""
+        self.eval_seconds *= min(1.0, 1.5 * mean_tokens / max(1, max_new_tokens))
 
     # ------------------------------------------------------------------ plans
 

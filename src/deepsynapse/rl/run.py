@@ -102,7 +102,10 @@ def run_stages(trainer, resumed: bool, stop_at: int) -> bool:
         if not done:
             return False
     if cfg.sft.steps and trainer.step == 0 and not (run_dir / "eval_after_sft.json").exists():
+        start = time.perf_counter()
         evaluate_heldout(trainer, "after_sft")  # the start of GRPO: what the warm-up gave
+        if budget is not None:  # the final evaluation will cost about the same
+            budget.eval_seconds = time.perf_counter() - start
     from tqdm.auto import tqdm
 
     bar = tqdm(

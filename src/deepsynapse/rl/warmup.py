@@ -153,6 +153,10 @@ def run_warmup(trainer) -> bool:
         trainer.sft_step = k + 1
         budget = trainer.budget
         if budget is not None and budget.sft_steps is None:  # plan from the first step
+            lengths = [
+                len(trainer.tokenizer(t, add_special_tokens=False).input_ids) for t in targets
+            ]
+            budget.expect_completions(sum(lengths) / len(lengths), cfg.eval.max_new_tokens)
             planned = budget.plan_sft(
                 cfg.sft.steps, time.perf_counter() - start, evals_to_come(trainer)
             )

@@ -36,8 +36,8 @@ def test_plans_fit_the_budget_and_never_exceed_the_configuration(clock):
     b.eval_seconds = 60
     clock.now += 5  # the first warm-up step
     # left: 600 - 65 - 2 * 60 = 415; 40% of (415 + 5) = 168 s -> 33 warm-up steps of 5 s
-    assert b.plan_sft(configured=100, step_seconds=5, evals_to_come=2) == 33
-    assert b.plan_sft(configured=20, step_seconds=5, evals_to_come=2) == 20
+    assert b.plan_sft(configured=100, done=1, step_seconds=5, evals_to_come=2) == 33
+    assert b.plan_sft(configured=20, done=1, step_seconds=5, evals_to_come=2) == 20
     clock.now += 19 * 5 + 40  # the rest of the warm-up, its evaluation, a GRPO step of 40 s
     left = 600 - (clock.now - 1000) - 60  # the final evaluation still to come
     assert b.plan_grpo(configured=50, done=1, step_seconds=40, evals_to_come=1) == 1 + int(
@@ -63,9 +63,9 @@ def test_elapsed_time_survives_a_resume(clock):
     assert again.left(evals_to_come=1) == pytest.approx(3600 - 1200 - 30)
 
 
-def test_a_budget_smaller_than_one_step_still_runs_one():
+def test_a_budget_smaller_than_one_step_still_runs_the_measured_steps():
     b = TimeBudget(1)
-    assert b.plan_sft(configured=30, step_seconds=50, evals_to_come=0) == 1
+    assert b.plan_sft(configured=30, done=2, step_seconds=50, evals_to_come=0) == 2
     assert b.plan_grpo(configured=30, done=1, step_seconds=50, evals_to_come=0) == 1
 
 

@@ -169,12 +169,12 @@ def test_after_warmup_evaluation_splits_the_gain(tmp_path, tiny_overrides):
 
 
 def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny_overrides):
-    """A budget far below the configured work: one warm-up step and one GRPO step are
-    planned (each is measured first), the run ends as finished, with its evaluation after."""
+    """A budget far below the configured work: the two measured warm-up and GRPO steps run
+    (a stage is planned after its second step), the run ends as finished, evaluated after."""
     overrides = tiny_overrides + ["sft.steps=5", "train.steps=6", "train.time_budget=1s"]
     trainer, summary = run(tmp_path, overrides)
     run_dir = tmp_path / "run"
-    assert (trainer.sft_step, trainer.step) == (1, 1)
+    assert (trainer.sft_step, trainer.step) == (2, 2)
     assert (run_dir / "summary.json").is_file() and summary["eval_after"]["n"] == 2
     plans = [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "budget_plan"]
     assert [sorted(set(e["evidence"]) & {"sft_steps", "grpo_steps"}) for e in plans] == [
@@ -182,5 +182,6 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
         ["grpo_steps"],
     ]
     # a generous budget changes nothing: the configured steps run
-    trainer, _ = run(tmp_path, tiny_overrides + ["train.time_budget=1h"], name="roomy")
-    assert (trainer.sft_step, trainer.step) == (2, 2)
+    roomy = ["sft.steps=3", "train.steps=3", "train.time_budget=1h"]
+    trainer, _ = run(tmp_path, tiny_overrides + roomy, name="roomy")
+    assert (trainer.sft_step, trainer.step) == (3, 3)

@@ -11,7 +11,7 @@ from typing import Any
 
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import save_config
-from deepsynapse.rl.budget import evals_to_come, planned_grpo_steps
+from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_grpo_steps
 from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.setup import init_trackers
@@ -147,9 +147,11 @@ def run_steps(trainer, stop_at: int, bar) -> None:
 
 
 def plan_within_budget(trainer, step_seconds: float, bar) -> None:
-    """After the first GRPO step, plan the rest to fit; after each later one, end GRPO early
-    if one more step (at the slowest pace seen) would overrun the budget."""
+    """After the second GRPO step, plan the rest to fit at its pace; after each later one, end
+    GRPO early if one more step (at the slowest pace seen) would overrun the budget."""
     budget, configured = trainer.budget, trainer.cfg.train.steps
+    if trainer.step < min(PLAN_AFTER, configured):  # a first step pays one-time costs
+        return
     if budget.grpo_steps is None:
         planned = budget.plan_grpo(configured, trainer.step, step_seconds, evals_to_come(trainer))
         bar.total = planned

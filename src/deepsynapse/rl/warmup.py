@@ -21,7 +21,7 @@ from deepsynapse.formats import XMLSchema, sft_target
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
-from deepsynapse.rl.budget import evals_to_come, planned_sft_steps
+from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_sft_steps
 from deepsynapse.rl.setup import build_problems, step_seed
 from deepsynapse.rollout.hf import encode_prompts
 from deepsynapse.telemetry.run_logger import release_freed_memory
@@ -152,13 +152,14 @@ def run_warmup(trainer) -> bool:
         )
         trainer.sft_step = k + 1
         budget = trainer.budget
-        if budget is not None and budget.sft_steps is None:  # plan from the first step
+        measured = trainer.sft_step >= min(PLAN_AFTER, cfg.sft.steps)
+        if budget is not None and budget.sft_steps is None and measured:
             lengths = [
                 len(trainer.tokenizer(t, add_special_tokens=False).input_ids) for t in targets
             ]
             budget.expect_completions(sum(lengths) / len(lengths), cfg.eval.max_new_tokens)
             planned = budget.plan_sft(
-                cfg.sft.steps, time.perf_counter() - start, evals_to_come(trainer)
+                cfg.sft.steps, trainer.sft_step, time.perf_counter() - start, evals_to_come(trainer)
             )
             bar.total = planned
             trainer.say(

@@ -47,3 +47,12 @@ def test_incomplete_folder_is_ignored_and_old_ones_pruned(tmp_path):
     (root / "step-9").mkdir()  # no COMPLETE marker: a kill mid-save
     assert [p.name for p in complete_checkpoints(root)] == ["step-2", "step-3"]
     assert latest_checkpoint(root).name == "step-3"
+
+
+def test_a_pinned_checkpoint_survives_rotation(tmp_path):
+    """step-0 (the warm-up's end, where GRPO starts) is kept beside the newest ones."""
+    root = tmp_path / "ckpt"
+    for s in (0, 5, 10, 15):
+        write_checkpoint(root, s, lambda d: None, keep=1, pinned=(0,))
+    assert [p.name for p in complete_checkpoints(root)] == ["step-0", "step-15"]
+    assert latest_checkpoint(root).name == "step-15"

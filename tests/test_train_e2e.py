@@ -166,6 +166,8 @@ def test_after_warmup_evaluation_splits_the_gain(tmp_path, tiny_overrides):
             c = gain[kind]
             assert c["n"] == 2 and c["delta_ci"][0] <= c["delta"] <= c["delta_ci"][1]
     assert summary["eval_after_sft"]["n"] == 2 and len(summary["eval_before"]["accuracy_ci"]) == 2
+    # where GRPO started stays on disk for a paired transfer evaluation (keep_checkpoints=2)
+    assert (run_dir / "checkpoints" / "step-0").is_dir()
 
 
 def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny_overrides):

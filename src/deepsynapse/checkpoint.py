@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
+def write_checkpoint(
+    root: Path, step: int, write: Callable[[Path], None], keep: int, pinned: Collection[int] = ()
+) -> Path:
     """Run ``write(tmp_folder)``, mark it complete, rename it to ``step-N``, prune old ones.
+
+    The newest ``keep`` are kept, and every step in ``pinned`` besides (``step-0``, the end of
+    the SFT warm-up: where GRPO starts, which a paired "what GRPO gave" evaluates).
 
     If ``write`` raises (disk full, a failing writer), the temporary folder is removed and the
     previous checkpoints are untouched; the error propagates with the folder named.
@@ -142,7 +147,8 @@ def write_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep:
             raise CheckpointError(f"could not write checkpoint {final}: {exc}") from exc
         raise
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if int(old.name.removeprefix("step-")) not in pinned:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

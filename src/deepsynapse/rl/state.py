@@ -34,7 +34,11 @@ def save_checkpoint(trainer) -> Path | None:
             save_tree(trainer_state(trainer), folder, "trainer_state")
 
         path = write_checkpoint(
-            trainer.run_dir / "checkpoints", trainer.step, write, trainer.cfg.train.keep_checkpoints
+            trainer.run_dir / "checkpoints",
+            trainer.step,
+            write,
+            trainer.cfg.train.keep_checkpoints,
+            pinned=(0,) if trainer.cfg.sft.steps else (),  # the warm-up's end, GRPO's start
         )
         trainer.event("checkpoint", f"saved {path.name}", path=str(path))
         if trainer.bad_steps == 0:

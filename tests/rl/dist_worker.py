@@ -1,4 +1,4 @@
-"""Worker for the 2-process tests: `torchrun --nproc_per_node 2 tests/dist_worker.py OUT [MODE]`.
+"""Worker for the 2-process tests: `torchrun --nproc_per_node 2 tests/rl/dist_worker.py OUT [MODE]`.
 
 Each rank trains the tiny model and writes which problems it rolled out, a fingerprint of its
 trainable parameters, and (mode ``controllers``: curriculum with locking, an adaptive
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
 from conftest import EXTRA_REWARDS, TINY  # noqa: E402
 
 from deepsynapse.config import load_config  # noqa: E402

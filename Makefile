@@ -40,10 +40,10 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)
 	$(VENV)/bin/pytest
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest tests/rollout/test_vllm_backend.py
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest -n 0 tests/rollout/test_vllm_backend.py
 
 test-vllm: $(VLLM_STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest tests/rollout/test_vllm_backend.py
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_VENV)/bin/pytest -n 0 tests/rollout/test_vllm_backend.py
 
 test-all: $(STAMP)
 	$(VENV)/bin/pytest -m ''

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(2)
+# Under pytest-xdist (the default run: one worker per core) each worker gets one thread:
+# two workers of two threads each on two cores spin against each other (OpenMP busy-waits),
+# measured several times slower than one thread each.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 TINY = [
     "model.name=tiny-random",

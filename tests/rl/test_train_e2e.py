@@ -183,7 +183,4 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
         ["sft_steps"],
         ["grpo_steps"],
     ]
-    # a generous budget changes nothing: the configured steps run
-    roomy = ["sft.steps=3", "train.steps=3", "train.time_budget=1h"]
-    trainer, _ = run(tmp_path, tiny_overrides + roomy, name="roomy")
-    assert (trainer.sft_step, trainer.step) == (3, 3)
+    # (a generous budget plans the configured steps: tests/rl/test_budget.py)

@@ -174,9 +174,13 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
     """A budget far below the configured work: the two measured warm-up and GRPO steps run
     (a stage is planned after its second step), the run ends as finished, evaluated after."""
     overrides = tiny_overrides + ["sft.steps=5", "train.steps=6", "train.time_budget=1s"]
+    overrides += ["control.kl_temperature.enabled=true", "control.kl_temperature.schedule=run"]
     trainer, summary = run(tmp_path, overrides)
     run_dir = tmp_path / "run"
     assert (trainer.sft_step, trainer.step) == (2, 2)
+    # the KL-temperature schedule spans the planned steps, not train.steps
+    (kl,) = [c for c in trainer.controllers if c.name == "kl_temperature"]
+    assert kl.total_steps == 2
     assert (run_dir / "summary.json").is_file() and summary["eval_after"]["n"] == 2
     plans = [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "budget_plan"]
     assert [sorted(set(e["evidence"]) & {"sft_steps", "grpo_steps"}) for e in plans] == [

@@ -471,6 +471,12 @@ class PhaseCurriculum:
             beta=spec.beta,
         )
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length: the last phase's temperature ramp spans what is left of it (a
+        time budget plans it after the first GRPO steps). Phase lengths derived from
+        ``train.steps`` at build time are not recomputed: give phases ``max_steps``."""
+        self.total_steps = int(total_steps)
+
     def apply(self, knobs: Knobs) -> None:
         spec, base = self.spec, self.base
         knobs.phase = spec.name

@@ -134,7 +134,7 @@ class KLTemperatureController:
             raise ValueError("kl_temperature.schedule=phase needs the curriculum to be enabled")
         self.cfg = config
         self.kl_in_loss = bool(kl_in_loss)
-        self.total_steps = max(1, int(total_steps))
+        self.set_total_steps(total_steps)
         self.phases = phases
         self.base_temperature = float(base_temperature)
         self.next_step = 0
@@ -177,6 +177,11 @@ class KLTemperatureController:
         return cosine_decay(progress, self.cfg.t_max, self.cfg.t_min)
 
     # ------------------------------------------------------------ controller seam
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length, which the schedule's progress is a fraction of (a time budget
+        plans it after the first GRPO steps; until then ``train.steps``)."""
+        self.total_steps = max(1, int(total_steps))
 
     def apply(self, knobs: Knobs) -> None:
         scheduled, floor = self._schedule()

@@ -161,6 +161,7 @@ def plan_within_budget(trainer, step_seconds: float, bar) -> None:
             "used so far)"
         )
         trainer.event("budget_plan", budget.describe(), grpo_steps=planned)
+        trainer.retarget_schedules(planned)
         return
     budget.observe_step(step_seconds)
     if trainer.step < budget.grpo_steps and not budget.another_step_fits(evals_to_come(trainer)):
@@ -170,6 +171,7 @@ def plan_within_budget(trainer, step_seconds: float, bar) -> None:
         )
         trainer.event("budget_stop", budget.describe(), step=trainer.step)
         budget.grpo_steps = trainer.step
+        trainer.retarget_schedules(trainer.step)
 
 
 def write_samples(trainer) -> None:

@@ -106,6 +106,8 @@ def load_checkpoint(trainer, folder: Path) -> None:
     trainer.sft_step = int(state.get("sft_step", trainer.cfg.sft.steps if trainer.sft_done else 0))
     if trainer.budget is not None and state.get("budget"):
         trainer.budget.load_state_dict(state["budget"])
+        if trainer.budget.grpo_steps is not None:
+            trainer.retarget_schedules(trainer.budget.grpo_steps)
     trainer.bad_steps = int(state.get("bad_steps", 0))
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
     trainer.knobs = Knobs.from_state(state["knobs"])

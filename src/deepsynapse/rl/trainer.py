@@ -238,8 +238,15 @@ class Trainer:
         if self.emergence is not None:
             self.controllers.append(self.emergence)
         self.knob_owners = check_knob_owners(self.controllers, KNOB_READS)
+        # controllers whose schedules are fractions of the run (re-scaled to a budget's plan)
+        self.scheduled = [c for c in self.controllers if hasattr(c, "set_total_steps")]
 
     # -------------------------------------------------------------- small helpers
+
+    def retarget_schedules(self, total_steps: int) -> None:
+        """Scale schedules built for ``train.steps`` to the steps a time budget planned."""
+        for controller in self.scheduled:
+            controller.set_total_steps(total_steps)
 
     def refuse_rank_growth_across_processes(self) -> None:
         """LoRA rank growth replaces parameters, which a DDP-wrapped model cannot follow:

@@ -75,8 +75,9 @@ class Part:
     requires: str | None = None  # a part it cannot run without
 
 
-def parts_for(steps: int, max_new_tokens: int) -> list[Part]:
-    """Every part of full DeepSynapse, with settings scaled to a run of ``steps`` steps."""
+def parts_for(max_new_tokens: int) -> list[Part]:
+    """Every part of full DeepSynapse; step schedules are shares of the run (the trainer
+    scales them to ``train.steps``, or to the steps a time budget plans)."""
     return [
         Part("curriculum", "3 phases (3.5/3.15)", ("control.curriculum.enabled=true",)),
         Part(
@@ -102,7 +103,7 @@ def parts_for(steps: int, max_new_tokens: int) -> list[Part]:
             (
                 "control.sft_mixing.enabled=true",
                 "control.sft_mixing.mu0=0.2",
-                f"control.sft_mixing.decay_steps={max(1, steps)}",
+                "control.sft_mixing.decay_share=1.0",
                 "control.sft_mixing.batch_size=2",
             ),
         ),
@@ -263,7 +264,7 @@ def run_overrides(
     st: Study, config: str, model: str, dataset: str, seed: int, threads: int
 ) -> list[str]:
     """The full override list of one configuration (later overrides win)."""
-    parts = parts_for(st.steps, st.max_new_tokens)
+    parts = parts_for(st.max_new_tokens)
     return common_overrides(st, model, dataset, seed, threads) + part_overrides(config, parts)
 
 
@@ -684,7 +685,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Study]:
 
 def main(argv: list[str] | None = None) -> int:
     args, st = parse_args(argv)
-    parts = parts_for(st.steps, st.max_new_tokens)
+    parts = parts_for(st.max_new_tokens)
     configs = list(st.configs) or config_names(parts, st.ablate)
     for c in configs:
         active_parts(c, parts)  # fail early on a typo

@@ -23,8 +23,9 @@ and two format rewards at static weights, no DeepSynapse part; ``full`` switches
 on; ``--ablate family`` (or ``part``) adds ``full-<x>``, full without ``x``. On top of the
 recipe, every part's switch is first set to plain's value, then the configuration's parts
 are switched on, so a recipe that turns parts on does not leak them into ``plain``. The
-parts' step-counted schedules (SFT mixing's decay) are scaled to the GRPO steps the budget
-is expected to fit (``HOUR_GRPO_STEPS`` an hour), since ``train.steps`` is only a cap.
+parts' schedules are shares of the run (SFT mixing's ``decay_share``; the default
+curriculum's phase lengths), which the trainer scales to the GRPO steps its budget plans,
+since ``train.steps`` is only a cap.
 
 Evaluation of record, paired. Each run folder holds the trainer's own evaluations on the
 fixed held-out synthetic set (``data.eval=synthetic``, split test: stratified by difficulty,
@@ -108,15 +109,10 @@ class Learning:
     probe_per_skill: int | None = None  # the skill probes ride along with each curve point
     gsm8k_limit: int = 200
     save_every: int | None = None
-    schedule_steps: int | None = None  # what step-counted part schedules are scaled to
     extra: tuple[str, ...] = ()  # overrides before all others (quick mode's small model)
 
 
 DEFAULT_BUDGET = "60m"
-# GRPO steps an hour of the hour recipe fits on 2 cores (~30 s a SmolLM2 step, after the
-# warm-up and three evaluations of 384 problems): the scale of the parts' step-counted
-# schedules (SFT mixing's decay) while the trainer does not scale them to its own plan.
-HOUR_GRPO_STEPS = 80
 DEFAULT_PROBES = {"probe_every": 10, "probe_heldout": 48, "probe_per_skill": 2}
 
 
@@ -133,10 +129,6 @@ def resolve(st: Learning, recipe_cfg: Any) -> Learning:
     budget = st.budget or recipe_cfg.train.time_budget or DEFAULT_BUDGET
     recipe_values = {
         "budget": budget,
-        # a step count under a budget is only a cap: scale to what an hour fits instead
-        "schedule_steps": max(1, round(HOUR_GRPO_STEPS * parse_duration(budget) / 3600))
-        if recipe_cfg.train.time_budget or st.budget
-        else recipe_cfg.train.steps,
         "eval_limit": recipe_cfg.eval.limit,
         "save_every": recipe_cfg.train.save_every,
         **recipe_probes,
@@ -226,7 +218,7 @@ def run_overrides(
     st: Learning, config: str, seed: int, out_dir: Path, recipe_cfg: Any
 ) -> list[str]:
     """Everything a run sets on top of the recipe (later overrides win); ``st`` resolved."""
-    parts = parts_for(st.schedule_steps, recipe_cfg.rollout.max_new_tokens)
+    parts = parts_for(recipe_cfg.rollout.max_new_tokens)
     return [
         *st.extra,
         *plain_reset(parts, recipe_cfg),
@@ -252,7 +244,7 @@ def run_name(config: str, seed: int) -> str:
 
 def study_configs(st: Learning, ablate: str | None) -> list[str]:
     """The configurations in order: those asked for, then full minus each family or part."""
-    parts = parts_for(3, 64)
+    parts = parts_for(64)
     names = list(st.configs)
     if ablate:
         names += [c for c in config_names(parts, ablate)[2:] if c not in names]

@@ -41,7 +41,7 @@ def _ablation_config(name: str, study: ablation.Study | None = None):
 
 
 def test_every_ablation_configuration_builds_its_rewards_and_controllers():
-    parts = ablation.parts_for(steps=3, max_new_tokens=64)
+    parts = ablation.parts_for(max_new_tokens=64)
     names = ablation.config_names(parts, "part")
     assert names[:2] == ["plain", "full"] and len(names) == len(parts) + 2
     names += ablation.config_names(parts, "family")[2:]
@@ -66,20 +66,20 @@ def test_plain_is_grpo_only_and_each_minus_config_differs_from_full():
     assert not (plain.hypernet.enabled or plain.memory.enabled or plain.discovery.enabled)
     assert set(plain.rewards.weights) == set(ablation.BASE_REWARDS)
     full = _ablation_config("full").to_dict()
-    for part in ablation.parts_for(3, 64):
+    for part in ablation.parts_for(64):
         minus = _ablation_config(f"full-{part.name}").to_dict()
         assert minus != full, f"removing {part.name} changes nothing"
         assert minus["train"] == full["train"] and minus["rollout"] == full["rollout"]
     # A part goes with the part it needs.
     assert "dynamic_lora" not in {
-        p.name for p in ablation.active_parts("full-curriculum", ablation.parts_for(3, 64))
+        p.name for p in ablation.active_parts("full-curriculum", ablation.parts_for(64))
     }
     with pytest.raises(ValueError, match="unknown part or family 'nothing'"):
-        ablation.active_parts("full-nothing", ablation.parts_for(3, 64))
+        ablation.active_parts("full-nothing", ablation.parts_for(64))
 
 
 def test_the_default_study_removes_each_family_and_every_part_has_one():
-    parts = ablation.parts_for(3, 64)
+    parts = ablation.parts_for(64)
     assert ablation.Study().ablate == "family"
     names = ablation.config_names(parts)  # the default: families
     assert names == ["plain", "full", *(f"full-{f}" for f in ablation.FAMILIES)]
@@ -276,9 +276,6 @@ def test_learning_settings_left_open_are_the_recipes():
     hour = load_config(None, ["train.time_budget=45m", "probes.every=5", "probes.heldout=32"])
     st = learning.resolve(learning.Learning(probe_heldout=16), hour)
     assert (st.budget, st.probe_every, st.probe_heldout) == ("45m", 5, 16)  # given wins
-    # Step-counted part schedules: the recipe's steps, or what the budget fits (a cap is not).
-    assert learning.resolve(learning.Learning(), bare).schedule_steps == bare.train.steps
-    assert st.schedule_steps == round(learning.HOUR_GRPO_STEPS * 45 / 60)
 
 
 def test_learning_run_folders_are_finished_resumable_new_or_in_conflict(tmp_path):

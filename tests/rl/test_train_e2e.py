@@ -188,3 +188,27 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
         ["grpo_steps"],
     ]
     # (a generous budget plans the configured steps: tests/rl/test_budget.py)
+
+
+def test_time_budget_rescales_the_default_curriculum_and_the_sft_decay(tmp_path, tiny_overrides):
+    """Schedules given as shares of the run follow the budget's plan, not the train.steps cap:
+    the default curriculum's phase lengths and CHORD's decay with ``decay_share``."""
+    overrides = tiny_overrides + ["train.steps=100", "train.time_budget=1s"]
+    overrides += ["control.curriculum.enabled=true", "control.sft_mixing.enabled=true"]
+    overrides += ["control.sft_mixing.decay_share=0.5", "control.sft_mixing.schedule=linear"]
+    overrides += ["control.sft_mixing.mu0=0.4", "control.sft_mixing.batch_size=2"]
+    trainer, _ = run(tmp_path, overrides)
+    assert trainer.step == 2  # planned after the second step: the cap of 100 never counts
+    (curriculum,) = [c for c in trainer.controllers if c.name == "curriculum"]
+    (mixing,) = [c for c in trainer.controllers if c.name == "sft_mixing"]
+    # built for 100 steps: phases of at most 30 and 40 steps, a decay over 50
+    assert [p.max_steps for p in curriculum.phases] == [2, 2, None]
+    assert mixing.decay_steps == 1
+    weights = [
+        m["knobs/sft_weight"]
+        for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")
+        if "knobs/sft_weight" in m
+    ]
+    # the plan comes after step 2, which still decayed over 50 steps; from step 3 on, mu is 0
+    assert weights == pytest.approx([0.4, 0.4 * 49 / 50])
+    assert mixing.weight(2) == 0.0

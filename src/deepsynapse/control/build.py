@@ -94,14 +94,19 @@ def _check_reward_names(phases: Sequence[PhaseSpec], known: Collection[str]) -> 
 
 
 def _curriculum(cfg: CurriculumConfig, ctx: BuildContext) -> PhaseCurriculum:
-    phases = list(cfg.phases) or default_phases(
-        ctx.base.reward_weights,
-        base_beta=ctx.base.beta,
-        total_steps=ctx.total_steps,
-        ranks=cfg.default_ranks or None,
-    )
+    def derive(total_steps: int) -> list[PhaseSpec]:
+        return default_phases(
+            ctx.base.reward_weights,
+            base_beta=ctx.base.beta,
+            total_steps=total_steps,
+            ranks=cfg.default_ranks or None,
+        )
+
+    phases = list(cfg.phases) or derive(ctx.total_steps)
     _check_reward_names(phases, ctx.base.reward_weights)
-    return PhaseCurriculum(phases, ctx.base, total_steps=ctx.total_steps)
+    return PhaseCurriculum(
+        phases, ctx.base, total_steps=ctx.total_steps, derive=None if cfg.phases else derive
+    )
 
 
 def _kl_temperature(cfg: KLTemperatureConfig, ctx: BuildContext) -> KLTemperatureController:
@@ -122,7 +127,7 @@ def _accumulation(cfg: AccumulationConfig, ctx: BuildContext) -> AccumulationCon
 
 
 def _sft_mixing(cfg: SFTMixingConfig, ctx: BuildContext) -> SFTMixing:
-    return SFTMixing(cfg)
+    return SFTMixing(cfg, total_steps=ctx.total_steps)
 
 
 def _data_curriculum(cfg: DataCurriculumConfig, ctx: BuildContext) -> DataCurriculum:

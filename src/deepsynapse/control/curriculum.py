@@ -433,7 +433,14 @@ class PhaseCurriculum:
         )
     }
 
-    def __init__(self, phases: Sequence[PhaseSpec], base: Knobs, *, total_steps: int | None = None):
+    def __init__(
+        self,
+        phases: Sequence[PhaseSpec],
+        base: Knobs,
+        *,
+        total_steps: int | None = None,
+        derive: Callable[[int], list[PhaseSpec]] | None = None,
+    ):
         if not phases:
             raise ValueError("curriculum: expected at least one phase")
         names = [p.name for p in phases]
@@ -443,6 +450,8 @@ class PhaseCurriculum:
         self.phases = list(phases)
         self.base = base.copy()
         self.total_steps = total_steps
+        # phases derived from the run's length (the defaults): re-derived when it changes
+        self.derive = derive
         self.index = 0
         self.phase_step = 0  # steps already run in the current phase
         self.phase_start = 0  # global step at which the current phase began
@@ -472,10 +481,12 @@ class PhaseCurriculum:
         )
 
     def set_total_steps(self, total_steps: int) -> None:
-        """The run's length: the last phase's temperature ramp spans what is left of it (a
-        time budget plans it after the first GRPO steps). Phase lengths derived from
-        ``train.steps`` at build time are not recomputed: give phases ``max_steps``."""
+        """The run's length (a time budget plans it after the first GRPO steps): the last
+        phase's temperature ramp spans what is left of it, and phases derived from the run's
+        length (the defaults) are derived again; phases the config spells out keep theirs."""
         self.total_steps = int(total_steps)
+        if self.derive is not None:
+            self.phases = self.derive(self.total_steps)
 
     def apply(self, knobs: Knobs) -> None:
         spec, base = self.spec, self.base

@@ -6,7 +6,8 @@ with a global weight ``mu`` that decays so training moves from imitation to expl
 a token-wise weight ``phi = p * (1 - p)`` (:func:`chord_phi_weights`) that damps tokens the
 policy already finds certain (p near 1) or alien (p near 0). :class:`SFTMixing` is the
 controller that writes ``mu`` into ``knobs.sft_weight``: ``mu0`` at step 0, decaying
-(linearly or on a cosine) to exactly 0 at ``decay_steps`` and after.
+(linearly or on a cosine) to exactly 0 at ``decay_steps`` and after. With ``decay_share`` the
+decay spans that fraction of the run instead, re-scaled when a time budget plans the run.
 
 ReLIFT (Ma et al. 2025, "Learning What Reinforcement Learning Can't") interleaves RL with
 fine-tuning on high-quality solutions of the questions RL finds hardest.
@@ -67,6 +68,13 @@ class SFTMixingConfig:
     )
     mu0: float = field(default=0.5, metadata={"help": "SFT weight mu at the first RL step"})
     decay_steps: int = field(default=50, metadata={"help": "RL steps over which mu reaches 0"})
+    decay_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of the run's GRPO steps over which mu reaches 0 (the steps a "
+            "train.time_budget plans, else train.steps); set, it replaces decay_steps"
+        },
+    )
     schedule: Literal["linear", "cosine"] = field(
         default="cosine", metadata={"help": "shape of mu's decay"}
     )
@@ -90,6 +98,10 @@ class SFTMixingConfig:
             raise ValueError(f"sft_mixing.mu0: got {self.mu0}, expected 0 <= mu0 <= 1")
         if self.decay_steps < 1:
             raise ValueError(f"sft_mixing.decay_steps: got {self.decay_steps}, expected >= 1")
+        if self.decay_share is not None and not 0.0 < self.decay_share <= 1.0:
+            raise ValueError(
+                f"sft_mixing.decay_share: got {self.decay_share}, expected None or 0 < share <= 1"
+            )
         if self.batch_size < 1:
             raise ValueError(f"sft_mixing.batch_size: got {self.batch_size}, expected >= 1")
         if not 0.0 <= self.max_solve_rate <= 1.0:
@@ -99,18 +111,34 @@ class SFTMixingConfig:
 
 
 class SFTMixing:
-    """Writes CHORD's decaying SFT weight ``mu`` into ``knobs.sft_weight``."""
+    """Writes CHORD's decaying SFT weight ``mu`` into ``knobs.sft_weight``.
+
+    >>> mixing = SFTMixing(SFTMixingConfig(decay_share=0.5), total_steps=10_000)
+    >>> mixing.decay_steps
+    5000
+    >>> mixing.set_total_steps(60)  # a time budget planned 60 GRPO steps
+    >>> mixing.decay_steps
+    30
+    """
 
     name = "sft_mixing"
     writes: ClassVar[dict[str, str]] = {"sft_weight": "sets"}
 
-    def __init__(self, config: SFTMixingConfig):
+    def __init__(self, config: SFTMixingConfig, *, total_steps: int | None = None):
         self.cfg = config
+        self.decay_steps = config.decay_steps
+        if total_steps:
+            self.set_total_steps(total_steps)
         self.next_step = 0
         self.finished = False
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's GRPO steps: a ``decay_share`` decay spans its share of them."""
+        if self.cfg.decay_share is not None:
+            self.decay_steps = max(1, round(self.cfg.decay_share * int(total_steps)))
+
     def weight(self, step: int) -> float:
-        return mixing_weight(step, self.cfg.mu0, self.cfg.decay_steps, self.cfg.schedule)
+        return mixing_weight(step, self.cfg.mu0, self.decay_steps, self.cfg.schedule)
 
     def apply(self, knobs: Knobs) -> None:
         knobs.sft_weight = self.weight(self.next_step)
@@ -123,11 +151,11 @@ class SFTMixing:
         return [
             Event(
                 "sft_mixing_off",
-                f"SFT weight reached 0 after {self.cfg.decay_steps} steps; pure RL from here",
+                f"SFT weight reached 0 after {self.decay_steps} steps; pure RL from here",
                 {
                     "step": step,
                     "mu0": self.cfg.mu0,
-                    "decay_steps": self.cfg.decay_steps,
+                    "decay_steps": self.decay_steps,
                     "schedule": self.cfg.schedule,
                     "last_sft_loss": metrics.get("sft/loss"),
                 },

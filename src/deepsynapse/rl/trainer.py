@@ -210,12 +210,13 @@ class Trainer:
             else None
         )
         self.vllm, self.rollout_note = None, ""
-        if cfg.rollout.backend == "vllm":
+        if cfg.rollout.backend != "ours":
             from deepsynapse.rollout.vllm import build_vllm_rollout
 
             self.vllm, self.rollout_note = build_vllm_rollout(
                 self.unwrapped.peft_model,
                 self.tokenizer,
+                asked=cfg.rollout.backend,
                 world_size=self.world,
                 kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                 max_model_len=cfg.rollout.vllm_max_model_len,

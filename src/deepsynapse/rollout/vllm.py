@@ -235,7 +235,7 @@ class VLLMRollout:
             if torch.distributed.get_world_size() > 1:
                 raise RuntimeError(
                     "the vLLM rollout backend runs in one process for now "
-                    f"(world size {torch.distributed.get_world_size()}): use rollout.backend=hf"
+                    f"(world size {torch.distributed.get_world_size()}): use rollout.backend=ours"
                 )
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -289,7 +289,7 @@ class VLLMRollout:
         if head is not None and head not in sizes:
             raise ValueError(
                 f"vLLM's CPU attention supports head sizes {sizes}, this model has {head}: "
-                "use our decoder (rollout.backend=hf)"
+                "use our decoder (rollout.backend=ours)"
             )
 
     @staticmethod
@@ -442,12 +442,22 @@ def build_vllm_rollout(
     model: torch.nn.Module,
     tokenizer: Any,
     *,
+    asked: str = "vllm",
     world_size: int,
     kv_cache_gb: float,
     max_model_len: int,
     seed: int,
 ) -> tuple[VLLMRollout | None, str]:
-    """The run's engine, or None and the one-line reason it falls back to our decoder."""
+    """The run's engine, or None and the one-line reason it samples with our decoder.
+
+    ``asked`` is ``rollout.backend``: ``vllm`` (a fallback is worth a warning) or ``auto``
+    (the faster backend that can serve the run: vLLM where it can, measured faster on every
+    machine we have, else ours)."""
+    fallback = (
+        "rollout.backend=auto: our decoder, since vLLM cannot serve this run"
+        if asked == "auto"
+        else "rollout.backend=vllm falls back to our decoder"
+    )
     reason = unsupported_reason(model)
     if reason is None and world_size > 1:
         reason = f"it runs in one process for now ({world_size} here)"
@@ -456,12 +466,12 @@ def build_vllm_rollout(
         if not ok:
             reason = why
     if reason is not None:
-        return None, f"rollout.backend=vllm falls back to our decoder: {reason}"
+        return None, f"{fallback}: {reason}"
     try:
         engine = VLLMRollout(
             model, tokenizer, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, seed=seed
         )
     except (RuntimeError, ValueError) as exc:  # e.g. a head size vLLM's CPU kernels lack
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, f"rollout.backend=vllm falls back to our decoder: {first}"
-    return engine, f"rollout.backend=vllm: {vllm_available()[1]}"
+        return None, f"{fallback}: {first}"
+    return engine, f"rollout.backend={asked}: vLLM samples ({vllm_available()[1]})"

@@ -109,6 +109,9 @@ class Learning:
     probe_per_skill: int | None = None  # the skill probes ride along with each curve point
     gsm8k_limit: int = 200
     save_every: int | None = None
+    # The runs of record sample with our decoder (the study's first runs did, before the
+    # default became auto): every run of a study must sample alike to be compared.
+    backend: str = "ours"
     extra: tuple[str, ...] = ()  # overrides before all others (quick mode's small model)
 
 
@@ -226,6 +229,7 @@ def run_overrides(
         "data.eval=synthetic",  # the fixed held-out set of record
         f"eval.limit={st.eval_limit}",
         f"train.time_budget={st.budget}",
+        f"rollout.backend={st.backend}",
         f"train.steps={st.steps}",
         f"train.seed={seed}",
         f"train.save_every={st.save_every}",
@@ -936,6 +940,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
     )
     ap.add_argument("--save-every", type=int, help="checkpoint every N steps (the recipe's)")
     ap.add_argument(
+        "--backend",
+        choices=("ours", "auto", "vllm"),
+        help=f"rollout.backend of every run ({d.backend}: the runs of record's; a new study "
+        "in a vLLM venv may take auto)",
+    )
+    ap.add_argument(
         "--max-minutes", type=float, default=60.0, help="start nothing after this (0 = no limit)"
     )
     ap.add_argument("--out-dir", type=Path, help="run folders (default runs/learning[-quick])")
@@ -959,6 +969,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
         "probe_heldout": args.probe_heldout,
         "gsm8k_limit": args.gsm8k_limit,
         "save_every": args.save_every,
+        "backend": args.backend,
     }
     st = replace(QUICK if args.quick else d, **{k: v for k, v in given.items() if v is not None})
     if args.out_dir is None:

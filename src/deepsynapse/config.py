@@ -175,7 +175,13 @@ class GRPOConfig:
         " the policy that sampled is the one updated: the ratio is exactly 1, the clip"
         " (epsilon_low/high) never applies and only the ratio's gradient (-A) matters",
     )
-    beta: float = _f(0.04, "KL coefficient (k3 estimator, reference = base with adapters off)")
+    beta: float = _f(0.04, "KL coefficient (k3 estimator, to the policy grpo.reference names)")
+    reference: Literal["start", "base"] = _f(
+        "start",
+        "the KL's reference policy: start = the policy as GRPO starts (after the SFT warm-up; "
+        "without one that is the base); base = the base model, adapters off, which pulls the "
+        "policy back from what the warm-up taught",
+    )
     mask_truncated: bool = _f(False, "exclude completions that hit max_new_tokens from the loss")
     dynamic_sampling: bool = _f(False, "drop groups whose correctness does not vary (no signal)")
     max_resample_rounds: int = _f(

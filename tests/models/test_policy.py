@@ -88,3 +88,32 @@ def test_pad_to_multiple_prepends_masked_columns():
     assert out_ids.shape == (2, 5)
     assert pad_to_multiple(ids, mask, 3)[0] is ids  # already a multiple: no copy
     assert pad_to_multiple(ids, mask, 1)[0] is ids  # 1 = off
+
+
+def test_a_frozen_reference_is_the_policy_then_through_updates_and_rank_growth():
+    """``freeze_reference`` anchors the reference at the policy as it is; later updates and a
+    grown LoRA rank leave the reference's log-probs where they were, and the live policy's
+    parameters are back after the context (the same tensors, not copies)."""
+    from deepsynapse.models.dynamic_lora import grow_lora_rank
+
+    policy = build(torch.float32)
+    ids, attn, cmask = batch()
+    with torch.no_grad():
+        base = None
+        with policy.reference():  # nothing frozen: the base, adapters off
+            base = policy(ids, attn, cmask).logp
+        start = policy(ids, attn, cmask).logp
+        assert not torch.allclose(base, start)
+        policy.freeze_reference()
+        with torch.no_grad():
+            for _, layer in lora_layers(policy.peft_model):  # an "update"
+                layer.lora_B["default"].weight.add_(0.2)
+        grow_lora_rank(policy.peft_model, 8)
+        live = {n: p.data_ptr() for n, p in policy.adapter_parameters().items()}
+        moved = policy(ids, attn, cmask).logp
+        with policy.reference():
+            anchored = policy(ids, attn, cmask).logp
+        assert not torch.allclose(moved, start)
+        torch.testing.assert_close(anchored, start, rtol=1e-5, atol=1e-5)
+        assert all(p.data_ptr() == live[n] for n, p in policy.adapter_parameters().items())
+        torch.testing.assert_close(policy(ids, attn, cmask).logp, moved)

@@ -43,14 +43,16 @@ from deepsynapse.rl.trainer import Trainer, TrainingDiverged
 from deepsynapse.telemetry.run_logger import read_jsonl
 
 # Built-in rewards only (the command cannot take the test's extra reward), so the random
-# tiny model scores zero everywhere; one SFT step makes policy != reference, so the KL
-# term moves the adapter on every GRPO step and the final comparison is not vacuous.
+# tiny model scores zero everywhere; one SFT step makes policy != reference (the base here:
+# grpo.reference=base), so the KL term moves the adapter on every GRPO step and the final
+# comparison is not vacuous. (The start-of-GRPO reference across a resume:
+# tests/rl/test_train_e2e.py::test_resume_is_exact.)
 KILL_CONFIG = {
     "model": {"name": "tiny-random", "dtype": "fp32"},
     "lora": {"r": 4, "alpha": 8},
     "data": {"train": "gsm8k", "eval": "gsm8k"},
     "rollout": {"num_generations": 2, "max_new_tokens": 12},
-    "grpo": {"prompts_per_step": 2, "micro_batch_size": 2},
+    "grpo": {"prompts_per_step": 2, "micro_batch_size": 2, "reference": "base"},
     "optim": {"lr": 1e-3},
     "sft": {"steps": 1, "batch_size": 2},
     "eval": {"limit": 0},

@@ -29,6 +29,7 @@ REQUIRED = [
     "timing/generate",
     "timing/parse",
     "timing/reward",
+    "timing/reward/correctness",
     "timing/fuse",
     "timing/select",
     "timing/advantage",

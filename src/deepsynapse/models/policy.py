@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from deepsynapse.models.dynamic_lora import ADAPTIVE_ATTR
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -141,6 +144,8 @@ class PolicyModule(nn.Module):
         self.peft_model = peft_model
         self.chunk_tokens = chunk_tokens
         self.pad_multiple = pad_multiple  # sequence widths (pad_to_multiple)
+        # The reference policy's adapter-side values (None: the base, adapters off).
+        self.reference_state: dict[str, torch.Tensor] | None = None
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -168,9 +173,53 @@ class PolicyModule(nn.Module):
         stack.enter_context(disable_input_dtype_casting(self.peft_model))
         return stack
 
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter that is not the frozen base: LoRA, module scales, hypernetwork,
+        neural memory (what the policy has learned, whatever locking froze for now)."""
+        return {
+            name: p
+            for name, p in self.peft_model.named_parameters()
+            if "lora_" in name or ADAPTIVE_ATTR in name
+        }
+
+    def freeze_reference(self) -> None:
+        """Make the policy as it is now the reference (the KL's anchor), e.g. where GRPO
+        starts after an SFT warm-up: the base would pull the policy back from the warm-up."""
+        self.reference_state = {
+            name: p.detach().clone() for name, p in self.adapter_parameters().items()
+        }
+
     def reference(self) -> contextlib.AbstractContextManager:
-        """Context in which the adapters are off: the reference policy."""
-        return adapters_off(self.peft_model)
+        """Context in which the model is the reference policy: the base with the adapters
+        off, or, after ``freeze_reference``, the adapter-side parameters as they were then."""
+        if self.reference_state is None:
+            return adapters_off(self.peft_model)
+        return self._reference_swapped()
+
+    @contextlib.contextmanager
+    def _reference_swapped(self) -> Iterator[None]:
+        """Swap the frozen values into the live parameters (no copies: ``.data`` pointers),
+        and back on exit. A LoRA rank grown since then gets zero rows/columns, which leave
+        ``B @ A`` as it was (the reference's function is unchanged, as growth's is)."""
+        assert self.reference_state is not None
+        live = self.adapter_parameters()
+        for name, p in live.items():
+            frozen = self.reference_state.get(name)
+            if frozen is not None and frozen.shape != p.shape:
+                self.reference_state[name] = _zero_pad_to(frozen, p.shape)
+        swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for name, p in live.items():
+                    frozen = self.reference_state.get(name)
+                    if frozen is None:
+                        continue
+                    swapped.append((p, p.data))
+                    p.data = frozen.to(device=p.device, dtype=p.dtype)
+            yield
+        finally:
+            for p, data in swapped:
+                p.data = data
 
     def forward(
         self,
@@ -285,6 +334,15 @@ class PolicyModule(nn.Module):
             **cache_kwarg(body, cache),
         ).last_hidden_state[:, : t - 1]  # [N, T - 1, H]
         return torch.cat([last, hidden], 1)
+
+
+def _zero_pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``tensor`` in the top-left corner of zeros of ``shape`` (every dim >= the tensor's)."""
+    if any(have > want for have, want in zip(tensor.shape, shape, strict=True)):
+        raise ValueError(f"reference policy: a {tuple(tensor.shape)} tensor shrank to {shape}")
+    out = tensor.new_zeros(shape)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return out
 
 
 @contextlib.contextmanager

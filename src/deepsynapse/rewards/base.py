@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -155,17 +156,20 @@ def call_components(
     completions: Sequence[str],
     columns: dict[str, Any],
     timeout: float | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> tuple[dict[str, Scores], list[ComponentFailure]]:
     """Score every completion with every component, isolating failures.
 
     A component that raises, hangs past ``timeout`` seconds, returns the wrong length or a
     non-finite value scores None for the whole step; the failure is returned (to be logged
-    as an event) and training goes on.
+    as an event) and training goes on. ``seconds`` (when given) gets each component's wall
+    time, so a slow reward is seen by name rather than as one ``timing/reward``.
     """
     scores: dict[str, Scores] = {}
     failures: list[ComponentFailure] = []
     for component in components:
         name = component_name(component)
+        started = time.perf_counter()
         try:
             values = list(
                 _call_with_timeout(
@@ -193,6 +197,8 @@ def call_components(
                 ComponentFailure(name, "".join(traceback.format_exception_only(exc)).strip())
             )
             scores[name] = [None] * len(completions)
+        if seconds is not None:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
     return scores, failures
 
 

@@ -157,10 +157,17 @@ class RewardEngine:
         texts: Sequence[str],
         columns: dict[str, Any],
         knobs: Knobs,
+        seconds: dict[str, float] | None = None,
     ) -> tuple[dict[str, list[float | None]], list[ComponentFailure], list[float]]:
-        """Every active component's scores, the failures, and ground-truth correctness."""
+        """Every active component's scores, the failures, and ground-truth correctness
+        (each component's wall time added to ``seconds`` when given)."""
         scores, failures = call_components(
-            self.active(knobs), prompts, texts, columns, timeout=self.cfg.rewards.timeout_s or None
+            self.active(knobs),
+            prompts,
+            texts,
+            columns,
+            timeout=self.cfg.rewards.timeout_s or None,
+            seconds=seconds,
         )
         correct = [
             float(

@@ -255,8 +255,11 @@ def score_batch(trainer, batch: GroupBatch, knobs: Knobs, step: int, timer: Time
         columns["scorer"] = trainer.scorer
     if any("distractors" in p.columns for p in batch.problems):
         columns["distractors"] = [p.columns.get("distractors") for p in expanded]
+    spent: dict[str, float] = {}
     with timer("reward"):
-        scores, failures, correct = engine.evaluate(prompts, texts, columns, knobs)
+        scores, failures, correct = engine.evaluate(prompts, texts, columns, knobs, seconds=spent)
+    for name, sec in spent.items():  # timing/reward/<component>: what the reward phase holds
+        timer.seconds[f"reward/{name}"] += sec
     with timer("fuse"):
         kl = None
         if not engine.fusion.kl_in_loss:

@@ -30,6 +30,8 @@ def save_checkpoint(trainer) -> Path | None:
 
         def write(folder: Path) -> None:
             trainer.unwrapped.peft_model.save_pretrained(folder / "adapter")
+            if trainer.unwrapped.reference_state is not None:  # the KL's anchor
+                save_tree(trainer.unwrapped.reference_state, folder, "reference")
             save_tree(trainer.optimizer.state_dict(), folder, "optimizer")
             save_tree(trainer_state(trainer), folder, "trainer_state")
 
@@ -99,6 +101,8 @@ def load_checkpoint(trainer, folder: Path) -> None:
         trainer.unwrapped.peft_model, trainer.adaptive, folder, trainer.optimizer, state=state
     )
     trainer.optimizer.load_state_dict(load_tree(folder, "optimizer"))
+    if (folder / "reference.json").is_file():
+        trainer.unwrapped.reference_state = load_tree(folder, "reference")
     trainer.weights_version += 1
     trainer.step = int(state["step"])
     trainer.sampler.cursor = int(state.get("cursor", 0))

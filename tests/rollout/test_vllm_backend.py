@@ -85,12 +85,17 @@ def engine(policy, tok):
     ok, why = vllm_available()
     if not ok:
         pytest.skip(why)
-    from deepsynapse.rollout.vllm import VLLMRollout
+    from deepsynapse.rollout.vllm import build_vllm_rollout
 
     started = time.perf_counter()
     rng = torch.random.get_rng_state()
-    rollout = VLLMRollout(policy, tok, kv_cache_gb=0.25, max_model_len=1024)
+    # as a run builds it under rollout.backend=auto (one engine per process: vLLM's state)
+    rollout, note = build_vllm_rollout(
+        policy, tok, asked="auto", world_size=1, kv_cache_gb=0.25, max_model_len=1024, seed=0
+    )
+    assert rollout is not None, note
     rollout.rng_kept = torch.equal(rng, torch.random.get_rng_state())  # vLLM reseeds torch
+    rollout.note = note
     print(f"\nvLLM engine ready in {time.perf_counter() - started:.1f} s")
     yield rollout
     rollout.close()
@@ -303,16 +308,5 @@ def test_auto_is_the_default_and_says_which_backend_samples(tmp_path, capsys):
     assert "head size" in out or "not installed" in out or "does not import" in out
 
 
-def test_auto_builds_the_engine_where_vllm_can_serve(engine, policy, tok):
-    from deepsynapse.rollout.vllm import build_vllm_rollout
-
-    engine.close()  # one engine at a time in a process
-    built, note = build_vllm_rollout(
-        policy, tok, asked="auto", world_size=1, kv_cache_gb=0.25, max_model_len=1024, seed=0
-    )
-    try:
-        assert built is not None and note.startswith("rollout.backend=auto: vLLM samples (vllm ")
-        assert_same(ours(policy, tok), theirs(built))
-    finally:
-        if built is not None:
-            built.close()
+def test_auto_picks_vllm_where_it_can_serve(engine, policy, tok):
+    assert engine.note.startswith("rollout.backend=auto: vLLM samples (vllm ")

@@ -330,6 +330,12 @@ class TrainConfig:
     budget_sft_share: float = _f(
         0.4, "with train.time_budget: the largest share of the training time the warm-up may take"
     )
+    budget_counts_evaluations: bool = _f(
+        True,
+        "with train.time_budget: the held-out evaluations and probes count against it (the run"
+        " ends within the budget); false: training time alone, as runs compared at equal"
+        " compute need (benchmarks/learning.py)",
+    )
     seed: int = _f(0, "seed of data order, sampling and initialisation")
     output_dir: str = _f("runs", "parent folder of run folders")
     run_name: str = _f("", "run folder name (default: derived from time)")

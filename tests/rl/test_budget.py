@@ -76,3 +76,23 @@ def test_the_reserve_scales_to_the_trained_models_shorter_completions():
     assert b.eval_seconds == pytest.approx(100 * 1.5 * 40 / 128)
     b.expect_completions(mean_tokens=500, max_new_tokens=128)  # never more than measured
     assert b.eval_seconds == pytest.approx(100 * 1.5 * 40 / 128)
+
+
+def test_evaluations_run_off_the_clock_only_when_asked(clock):
+    counted, free = TimeBudget(600), TimeBudget(600, count_evaluations=False)
+    for b in (counted, free):
+        b.eval_seconds = 50.0
+        clock.now += 10  # training
+        with b.evaluating():
+            clock.now += 30
+            with b.evaluating():  # a probe's held-out slice inside the probes
+                clock.now += 20
+        clock.now += 5  # training
+    # the clock ran 65 s for each budget's block: counted sees all of it
+    assert counted.elapsed() == pytest.approx(130) and counted.left(1) == pytest.approx(420)
+    # free: only its 15 s of training (the 50 s of evaluation nested once, not twice)
+    assert free.elapsed() == pytest.approx(130 - 50) and free.left(1) == pytest.approx(520)
+    state = free.state_dict()
+    again = TimeBudget(600, count_evaluations=False)
+    again.load_state_dict(state)
+    assert again.elapsed() == pytest.approx(80)

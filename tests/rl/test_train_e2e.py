@@ -191,6 +191,31 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
     # (a generous budget plans the configured steps: tests/rl/test_budget.py)
 
 
+@pytest.mark.parametrize("counts", [True, False])
+def test_time_budget_leaves_evaluations_off_the_clock_when_asked(tmp_path, tiny_overrides, counts):
+    """``train.budget_counts_evaluations=false``: the held-out evaluations and the probes do
+    not spend the budget (equal training time for configurations that decode at different
+    speeds); by default they do."""
+    overrides = tiny_overrides + ["train.time_budget=1h", "probes.every=1", "probes.heldout=2"]
+    overrides += [f"train.budget_counts_evaluations={str(counts).lower()}"]
+    trainer, _ = run(tmp_path, overrides)
+    run_dir = tmp_path / "run"
+    evals = sum(
+        json.loads((run_dir / f"eval_{tag}.json").read_text())["seconds"]
+        for tag in ("before", "after_sft", "after")
+    )
+    budget = trainer.budget
+    if counts:
+        assert budget.uncounted == 0.0
+    else:  # every evaluation (and each step's probes) paused the clock
+        assert budget.uncounted > evals > 0
+        assert any(
+            "off the clock" in e["message"]
+            for e in read_jsonl(run_dir / "events.jsonl")
+            if e["kind"] == "budget_plan"
+        )
+
+
 def test_time_budget_rescales_the_default_curriculum_and_the_sft_decay(tmp_path, tiny_overrides):
     """Schedules given as shares of the run follow the budget's plan, not the train.steps cap:
     the default curriculum's phase lengths and CHORD's decay with ``decay_share``."""

@@ -16,6 +16,7 @@ import torch
 from deepsynapse.config import Config
 from deepsynapse.eval import probes
 from deepsynapse.eval.harness import evaluate, summarize
+from deepsynapse.rl.budget import evaluating
 from deepsynapse.rl.ranks import gather_all
 from deepsynapse.rl.setup import build_problems
 from deepsynapse.telemetry.run_logger import release_freed_memory
@@ -50,18 +51,19 @@ def evaluate_heldout(
     problems, _ = build_problems(cfg.data.eval, "test", cfg)
     problems = problems[:limit]
     shard = problems[trainer.rank :: trainer.world]
-    result = evaluate(
-        trainer.unwrapped.peft_model,
-        trainer.tokenizer,
-        shard,
-        trainer.schema,
-        batch_size=cfg.eval.batch_size,
-        max_new_tokens=cfg.eval.max_new_tokens,
-        progress=trainer.progress and trainer.accelerator.is_main_process,
-        desc=f"eval ({tag})",
-        around=trainer.adaptive.for_prompts,  # the hypernetwork runs per input
-        pad_multiple=cfg.model.pad_to_multiple_of,
-    )
+    with evaluating(trainer):  # measurement, not training: off the clock where asked
+        result = evaluate(
+            trainer.unwrapped.peft_model,
+            trainer.tokenizer,
+            shard,
+            trainer.schema,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            progress=trainer.progress and trainer.accelerator.is_main_process,
+            desc=f"eval ({tag})",
+            around=trainer.adaptive.for_prompts,  # the hypernetwork runs per input
+            pad_multiple=cfg.model.pad_to_multiple_of,
+        )
     if cfg.train.trim_memory:
         release_freed_memory()
     records = gather_all(trainer.accelerator, result["records"])
@@ -73,6 +75,11 @@ def evaluate_heldout(
 
 def run_probes(trainer) -> dict[str, float]:
     """Skill probes and a small held-out slice: task accuracy, not reward (3.16)."""
+    with evaluating(trainer):
+        return _run_probes(trainer)
+
+
+def _run_probes(trainer) -> dict[str, float]:
     cfg = trainer.cfg
     with torch.random.fork_rng():
         result = probes.run_probes(

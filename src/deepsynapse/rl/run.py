@@ -147,6 +147,7 @@ def run_steps(trainer, stop_at: int, bar) -> None:
     cfg = trainer.cfg
     while trainer.step < min(stop_at, planned_grpo_steps(trainer)) and not trainer.stop.requested():
         start = time.perf_counter()
+        off_clock = trainer.budget.uncounted if trainer.budget is not None else 0.0
         metrics = trainer.train_step(trainer.step)
         trainer.step += 1
         if cfg.probes.every and trainer.step % cfg.probes.every == 0:
@@ -161,8 +162,9 @@ def run_steps(trainer, stop_at: int, bar) -> None:
             fmt=f"{metrics['format/valid_rate']:.2f}",
             s=f"{metrics['timing/step']:.1f}",
         )
-        if trainer.budget is not None:
-            plan_within_budget(trainer, time.perf_counter() - start, bar)
+        if trainer.budget is not None:  # probes off the clock are not the step's pace
+            off_clock = trainer.budget.uncounted - off_clock
+            plan_within_budget(trainer, time.perf_counter() - start - off_clock, bar)
         due = cfg.train.save_every and trainer.step % cfg.train.save_every == 0
         if due and trainer.step < planned_grpo_steps(trainer):
             trainer.save_checkpoint()

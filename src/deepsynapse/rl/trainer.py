@@ -234,7 +234,11 @@ class Trainer:
         self.locked_groups: list[str] | None = None
         self.stop = StopRequest(self.accelerator, self.say)
         seconds = parse_duration(cfg.train.time_budget)
-        self.budget = TimeBudget(seconds, cfg.train.budget_sft_share) if seconds else None
+        self.budget = (
+            TimeBudget(seconds, cfg.train.budget_sft_share, cfg.train.budget_counts_evaluations)
+            if seconds
+            else None
+        )
         self.probe_items, self.emergence = build_probes(cfg)
         if self.emergence is not None:
             self.controllers.append(self.emergence)

@@ -15,7 +15,7 @@ counts so that its training ends within the budget. The evaluations of record an
 run off the clock (``train.budget_counts_evaluations=false``): they measure, and a
 configuration whose model decodes slower (the hypernetwork cannot be merged into the weights)
 would otherwise pay its measurement from its training time (first study, seed 0: full
-DeepSynapse's three evaluations took 57% of its hour, plain's 15%; see
+DeepSynapse's three evaluations took 1,604 s of its hour, plain's 797 s; see
 ``results/learning-v1-seed0.md``). ``train.steps`` is set far above what fits
 (``--steps``, 10 000), so the budget, not a step count, ends GRPO. *Equal wall-clock* means
 this: a configuration whose steps cost more (accumulation, SFT mixing, the hypernetwork, a

@@ -429,3 +429,18 @@ def test_learning_quick_trains_evaluates_and_writes_results(tmp_path):
         assert r["heldout"]["final"]["n"] == 6 and r["gsm8k"]["final"]["n"] == 4
         assert r["grpo_steps"] >= 1 and r["curve"]["points"]
     assert stem.with_suffix(".png").is_file() and stem.with_suffix(".md").is_file()
+
+
+@pytest.mark.slow
+def test_part_costs_quick_times_each_configuration(tmp_path):
+    stem = tmp_path / "part-costs-quick"
+    proc = _run_script("part_costs.py", "--quick", "--results", str(stem))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| plain" in proc.stdout and "| full" in proc.stdout
+    data = json.loads(stem.with_suffix(".json").read_text())
+    for config in ("plain", "full"):
+        costs = data["results"][config]
+        assert costs["sft_step_s"] > 0 and costs["grpo_step_s"] > 0
+        assert costs["eval_s_per_problem"] > 0 and costs["update_s"] > 0
+    # full scores the contrastive reward (a policy pass), plain only string rewards
+    assert data["results"]["full"]["costliest_reward"] is not None

@@ -70,6 +70,51 @@ def test_scorer_matches_naive_computation(model, tokenizer) -> None:
         scorer.continuation_logprobs(["a"], [])
 
 
+def _naive_split(model, tokenizer, prefix: str, rest: str, continuation: str) -> float:
+    """``_naive`` with the prefix and the rest tokenized apart, as ``prefixes=`` asks."""
+    ids = tokenizer([prefix, rest, continuation], add_special_tokens=False)["input_ids"]
+    ctx, cont = ids[0] + ids[1], ids[2]
+    with torch.no_grad():
+        logp = model(torch.tensor([ctx + cont])).logits.float().log_softmax(-1)[0]
+    return sum(float(logp[len(ctx) + k - 1, token]) for k, token in enumerate(cont))
+
+
+PROMPTS = ["System: answer in XML.\nQuestion: 6 x 7?\n", "System: answer in XML.\nQ: 9 - 4?\n"]
+SHARED = [  # (prefix, rest): groups of completions sharing a prompt, one with an empty rest
+    (PROMPTS[0], "<reasoning>\n6 * 7 = 42\n</reasoning>\n<answer>\n"),
+    (PROMPTS[1], "<reasoning>\n9 - 4 = 5, so five\n</reasoning>\n<answer>\n"),
+    (PROMPTS[0], "<reasoning>\nsix sevens make forty-two, surely\n</reasoning>\n<answer>\n"),
+    (PROMPTS[1], ""),
+    (PROMPTS[0], "<reasoning>\n42\n</reasoning>\n<answer>\n"),
+]
+
+
+@pytest.mark.parametrize("max_contexts", [16, 2])  # one batch; groups split over batches
+def test_scorer_shares_prefixes_and_scores_as_if_each_context_ran_alone(
+    model, tokenizer, max_contexts
+) -> None:
+    """``prefixes=``: each distinct prompt is prefilled once and its cache shared; every score
+    equals the one-sequence computation on the prefix's tokens then the rest's."""
+    scorer = PolicyScorer(model, tokenizer, max_contexts=max_contexts, chunk_tokens=5)
+    contexts = [p + r for p, r in SHARED]
+    candidates = [["42\n</answer>", "41\n</answer>", " 5", ""]] * len(SHARED)
+    got = scorer.continuation_logprobs(contexts, candidates, prefixes=[p for p, _ in SHARED])
+    for (prefix, rest), scores in zip(SHARED, got, strict=True):
+        expected = [_naive_split(model, tokenizer, prefix, rest, c) for c in candidates[0][:3]]
+        assert scores[:3] == pytest.approx(expected, abs=1e-4)
+        assert scores[3] == 0.0
+    # a row without a prefix in the same call runs whole, as without prefixes
+    mixed = scorer.continuation_logprobs(
+        [contexts[0], CONTEXTS[0]], [candidates[0], CONTINUATIONS[0]], prefixes=[PROMPTS[0], ""]
+    )
+    assert mixed[0] == pytest.approx(got[0], abs=1e-4)
+    assert mixed[1] == pytest.approx(
+        [_naive(model, tokenizer, CONTEXTS[0], c) for c in CONTINUATIONS[0]], abs=1e-4
+    )
+    with pytest.raises(ValueError, match="prefixes\\[0\\] does not begin contexts\\[0\\]"):
+        scorer.continuation_logprobs(["abc"], [["d"]], prefixes=["x"])
+
+
 def test_scorer_on_peft_model_uses_adapters_in_eval_mode(model, tokenizer) -> None:
     peft_model = apply_lora(model, r=4, alpha=8, dropout=0.5, target_modules=["all-linear"])
     with torch.no_grad():

@@ -58,17 +58,18 @@ def _distractors_for(columns: dict[str, Any], n: int) -> list[Any]:
 class ContrastiveReward:
     """Gold answer vs three distractors, scored by the policy after the completion's reasoning.
 
-    With ``lp`` the total log-probability of each candidate (``answer_continuation``)
-    after ``answer_context(prompt, reasoning)``:
+        With ``lp`` the total log-probability of each candidate (``answer_continuation``)
+        after ``answer_context(prompt, reasoning)``:
 
-    - ``share``: softmax(lp / temperature)[gold] over the four candidates, in [0, 1]
-      (0.25 = no preference).
-    - ``margin``: tanh((lp_gold - max lp_distractor) / scale), in (-1, 1).
+        - ``share``: softmax(lp / temperature)[gold] over the four candidates, in [0, 1]
+          (0.25 = no preference).
+        - ``margin``: tanh((lp_gold - max lp_distractor) / scale), in (-1, 1).
 
-    Columns: ``scorer`` (a `PolicyScorer`), ``distractors`` (per completion, a list of 3;
-    else taken from ``problem[i].columns["distractors"]``), ``answer`` (gold), ``parsed``.
-    None for a completion without reasoning, without distractors, or when no scorer is
-    given. All completions of a call are scored in one batched, gradient-free pass.
+        Columns: ``scorer`` (a `PolicyScorer`), ``distractors`` (per completion, a list of 3;
+        else taken from ``problem[i].columns["distractors"]``), ``answer`` (gold), ``parsed``.
+        None for a completion without reasoning, without distractors, or when no scorer is
+        given. All completions of a call are scored in one batched, gradient-free pass, each
+        prompt prefilled once for the completions that share it.
     """
 
     mode: str = "share"
@@ -93,7 +94,7 @@ class ContrastiveReward:
             return [None] * n
         distractors = _distractors_for(columns, n)
         gold = columns["answer"]
-        rows, contexts, candidates = [], [], []
+        rows, contexts, candidates, shared = [], [], [], []
         for i, parsed in enumerate(_parsed(completions, columns)):
             reasoning = parsed.fields.get("reasoning")
             wrong = distractors[i]
@@ -101,11 +102,12 @@ class ContrastiveReward:
                 continue
             rows.append(i)
             contexts.append(answer_context(prompts[i], reasoning))
+            shared.append(prompts[i])  # a group's completions share the prompt's prefill
             candidates.append([answer_continuation(c) for c in [gold[i], *wrong]])
         out: Scores = [None] * n
         if not rows:
             return out
-        scores = scorer.continuation_logprobs(contexts, candidates)
+        scores = scorer.continuation_logprobs(contexts, candidates, prefixes=shared)
         for i, lps in zip(rows, scores, strict=True):
             out[i] = self.score(lps)
         return out

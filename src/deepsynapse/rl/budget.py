@@ -21,8 +21,8 @@ hour" means an hour of this run, however many times it was stopped.
 With ``count_evaluations=False`` (``train.budget_counts_evaluations``) the held-out
 evaluations and the skill probes run off the clock and nothing is reserved for them: the
 budget is training time alone. Configurations compared at equal compute need that, because
-what they pay for measurement is not what they train with (measured: full DeepSynapse's
-evaluation of record took 685 s against plain GRPO's 186 s, three of them 57% of its hour).
+what they pay for measurement is not what they train with (measured, first study, seed 0:
+full DeepSynapse's three evaluations of record took 1,604 s of its hour, plain GRPO's 797 s).
 """
 
 from __future__ import annotations

@@ -58,18 +58,18 @@ def _distractors_for(columns: dict[str, Any], n: int) -> list[Any]:
 class ContrastiveReward:
     """Gold answer vs three distractors, scored by the policy after the completion's reasoning.
 
-        With ``lp`` the total log-probability of each candidate (``answer_continuation``)
-        after ``answer_context(prompt, reasoning)``:
+    With ``lp`` the total log-probability of each candidate (``answer_continuation``)
+    after ``answer_context(prompt, reasoning)``:
 
-        - ``share``: softmax(lp / temperature)[gold] over the four candidates, in [0, 1]
-          (0.25 = no preference).
-        - ``margin``: tanh((lp_gold - max lp_distractor) / scale), in (-1, 1).
+    - ``share``: softmax(lp / temperature)[gold] over the four candidates, in [0, 1]
+      (0.25 = no preference).
+    - ``margin``: tanh((lp_gold - max lp_distractor) / scale), in (-1, 1).
 
-        Columns: ``scorer`` (a `PolicyScorer`), ``distractors`` (per completion, a list of 3;
-        else taken from ``problem[i].columns["distractors"]``), ``answer`` (gold), ``parsed``.
-        None for a completion without reasoning, without distractors, or when no scorer is
-        given. All completions of a call are scored in one batched, gradient-free pass, each
-        prompt prefilled once for the completions that share it.
+    Columns: ``scorer`` (a `PolicyScorer`), ``distractors`` (per completion, a list of 3;
+    else taken from ``problem[i].columns["distractors"]``), ``answer`` (gold), ``parsed``.
+    None for a completion without reasoning, without distractors, or when no scorer is
+    given. All completions of a call are scored in one batched, gradient-free pass, each
+    prompt prefilled once for the completions that share it.
     """
 
     mode: str = "share"

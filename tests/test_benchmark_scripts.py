@@ -27,6 +27,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import ablation  # noqa: E402
+import from_start  # noqa: E402
 import learning  # noqa: E402
 import vs_trl  # noqa: E402
 
@@ -444,3 +445,39 @@ def test_part_costs_quick_times_each_configuration(tmp_path):
         assert costs["eval_s_per_problem"] > 0 and costs["update_s"] > 0
     # full scores the contrastive reward (a policy pass), plain only string rewards
     assert data["results"]["full"]["costliest_reward"] is not None
+
+
+def test_from_start_reach_pairs_greedy_with_samples_and_counts_the_headroom():
+    greedy = {"records": [{"id": i, "correct": c} for i, c in enumerate([1, 0, 0, 1])]}
+    samples = [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    sampled = {
+        "accuracy": 0.25,
+        "records": [{"id": i, "samples_correct": s} for i, s in enumerate(samples)],
+    }
+    r = from_start.reach(greedy, sampled)
+    assert r["n"] == 4 and r["greedy"] == 0.5 and r["majority"] == 0.25
+    assert r["sample_accuracy"] == (0.5 + 0.25) / 4 and r["pass_at_k"] == 0.5
+    assert r["headroom"] == 0.25  # problem 1: greedy wrong, one sample right
+    assert r["signal"][4] == pytest.approx((1 - 0.5**4 * 2 + 1 - 0.25**4 - 0.75**4) / 4)
+    with pytest.raises(ValueError, match="not in the greedy"):
+        from_start.reach({"records": []}, sampled)
+
+
+def test_from_start_refuses_a_source_without_a_start_of_grpo_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no complete start-of-GRPO checkpoint"):
+        from_start.branch(tmp_path / "src", tmp_path / "dest")
+
+
+@pytest.mark.slow
+def test_from_start_quick_branches_a_run_and_reports_its_reach(tmp_path):
+    proc = _run_script("from_start.py", "--quick", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    dest = tmp_path / "quick-source-g4"
+    assert "pass@8" in proc.stdout and (dest / "reach.json").is_file()
+    start = "checkpoints/step-0/trainer_state.safetensors"
+    assert (dest / start).read_bytes() == (tmp_path / "quick-source" / start).read_bytes()
+    rows = [json.loads(x) for x in (dest / "metrics.jsonl").read_text().splitlines()]
+    grpo = [r for r in rows if "groups/drawn" in r]
+    assert [r["step"] for r in grpo] == [1, 2]  # the source's GRPO step replaced, not kept
+    reach = json.loads((dest / "reach.json").read_text())
+    assert reach["start"]["checkpoint"] == "step-0" and reach["end"]["checkpoint"] == "step-2"

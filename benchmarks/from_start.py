@@ -1,0 +1,163 @@
+"""GRPO variants from one warm-up: rerun a run's GRPO from its start with other settings.
+
+    python benchmarks/from_start.py runs/learning/plain-seed0 g8-mu2 \\
+        rollout.num_generations=8 grpo.num_iterations=2          # GRPO again, G=8, 2 updates a batch
+    python benchmarks/from_start.py runs/learning/plain-seed0 g8-mu2 --reach 96 ...
+                                                                 # + sampled reach at start and end
+    python benchmarks/from_start.py --quick                      # smoke check: tiny model, ~1 min
+
+The hour study's warm-up takes a quarter of the hour and is the same whatever GRPO does
+after it. To compare GRPO settings, each variant here starts from the source run's
+``checkpoints/step-0`` (the start of GRPO): the run folder is copied up to that checkpoint
+(config, the evaluations before and after the warm-up, the logs, which the trainer cuts back
+to that step on resume) and resumed with the overrides. So every variant has the source's
+weights, optimizer state, random stream and budget clock where its GRPO began, and its final
+held-out evaluation is paired with the source's ``eval_after_sft.json`` on the same problems
+(the trainer's summary prints "GRPO gave" with its interval).
+
+``--reach K`` also samples the first K held-out problems x 8 at T = 0.9 at ``step-0`` and at
+the end (``deepsynapse eval --mode majority``) and pairs them with the greedy evaluations:
+sample accuracy, pass@8, majority vote, and the problems greedy decoding gets wrong but some
+sample gets right, the headroom an RL that sharpens what the model can already sample can
+convert (first measured: 15 of 96 after plain's warm-up, seed 0).
+Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
+same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from _common import child_env, fmt, markdown_table, save_json
+from learning import DEEPSYNAPSE, QUICK, RECIPE, REPO
+
+from deepsynapse.eval.stats import wilson_interval
+
+COPIED = ("config.yaml", "eval_before.json", "eval_after_sft.json")
+LOGS = ("metrics.jsonl", "events.jsonl", "samples.jsonl")
+START = "step-0"
+REACH_SAMPLES = 8
+REACH_TEMPERATURE = 0.9
+
+
+def branch(source: Path, dest: Path) -> None:
+    """``dest`` as ``source`` was at the start of GRPO (its ``step-0`` checkpoint)."""
+    start = source / "checkpoints" / START
+    if not (start / "COMPLETE").is_file():
+        raise SystemExit(f"{start}: no complete start-of-GRPO checkpoint (a run with a warm-up)")
+    missing = [n for n in COPIED if not (source / n).is_file()]
+    if missing:
+        raise SystemExit(f"{source}: missing {', '.join(missing)} (a finished warm-up writes them)")
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(start, dest / "checkpoints" / START)
+    for name in COPIED + LOGS:
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+
+
+def train(dest: Path, overrides: list[str], quiet: bool = True) -> None:
+    cmd = [*DEEPSYNAPSE, "train", "--resume", str(dest), *(["--quiet"] if quiet else [])]
+    cmd += [*overrides, f"train.output_dir={dest.parent}", f"train.run_name={dest.name}"]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=REPO, env=child_env(), check=True)
+
+
+def sample(run: Path, checkpoint: str, limit: int, out: Path) -> dict[str, Any]:
+    """K samples of each of the first ``limit`` held-out problems at ``checkpoint``."""
+    if not out.is_file():
+        cmd = [*DEEPSYNAPSE, "eval", "--adapter", str(run), "--checkpoint", checkpoint]
+        cmd += ["--data", "synthetic", "--limit", str(limit), "--mode", "majority"]
+        cmd += ["--k", str(REACH_SAMPLES), "--temperature", str(REACH_TEMPERATURE)]
+        cmd += ["--seed", "0", "--quiet", "-o", str(out)]
+        subprocess.run(cmd, cwd=REPO, env=child_env(), check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def reach(greedy: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """Greedy against sampled correctness on the same problems (sampled ones a prefix)."""
+    by_id = {r["id"]: r for r in greedy["records"]}
+    rows = sampled["records"]
+    missing = [r["id"] for r in rows if r["id"] not in by_id]
+    if missing:
+        raise ValueError(f"sampled problems not in the greedy evaluation: {missing[:3]}")
+    rates = [sum(map(bool, r["samples_correct"])) / len(r["samples_correct"]) for r in rows]
+    right = [bool(by_id[r["id"]]["correct"]) for r in rows]
+    n = len(rows)
+    headroom = sum(not g and rate > 0 for g, rate in zip(right, rates, strict=True))
+    return {
+        "n": n,
+        "greedy": sum(right) / n,
+        "sample_accuracy": sum(rates) / n,
+        "pass_at_k": sum(rate > 0 for rate in rates) / n,
+        "majority": sampled["accuracy"],
+        "headroom": headroom / n,
+        "headroom_ci": wilson_interval(headroom, n),
+        "signal": {g: sum(1 - p**g - (1 - p) ** g for p in rates) / n for g in (4, 8)},
+    }
+
+
+def final_checkpoint(run: Path) -> str:
+    steps = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+    return max(steps, key=lambda p: int(p.name.split("-")[1])).name
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("source", nargs="?", type=Path, help="a finished run with a warm-up")
+    ap.add_argument("name", nargs="?", help="the variant's name")
+    ap.add_argument("overrides", nargs="*", help="config overrides of the variant")
+    ap.add_argument("--reach", type=int, default=0, help="sample the first K held-out x 8")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "from-start")
+    ap.add_argument("--quick", action="store_true", help="a tiny source run, then one variant")
+    args = ap.parse_args(argv)
+    if args.quick:
+        source = args.out_dir / "quick-source"
+        if not (source / "checkpoints" / START / "COMPLETE").is_file():
+            shutil.rmtree(source, ignore_errors=True)
+            cmd = [*DEEPSYNAPSE, "train", "--quiet", "--config", RECIPE, *QUICK.extra]
+            cmd += ["train.time_budget=", "train.steps=1", "eval.limit=3", "probes.every=0"]
+            cmd += [f"train.output_dir={args.out_dir}", "train.run_name=quick-source"]
+            subprocess.run(cmd, cwd=REPO, env=child_env(), check=True, stdout=subprocess.DEVNULL)
+        args.source, args.name = source, "g4"
+        args.overrides = ["rollout.num_generations=4", "train.steps=2", *args.overrides]
+        args.reach = args.reach or 3
+    if args.source is None or args.name is None:
+        ap.error("give a source run and a name (or --quick)")
+    dest = args.out_dir / f"{args.source.name}-{args.name}"
+    if not dest.exists():
+        branch(args.source, dest)
+    if not (dest / "eval_after.json").is_file():
+        train(dest, args.overrides)
+    if args.reach:
+        points = {
+            "start": (json.loads((dest / "eval_after_sft.json").read_text()), START),
+            "end": (json.loads((dest / "eval_after.json").read_text()), final_checkpoint(dest)),
+        }
+        table = {}
+        for label, (greedy, checkpoint) in points.items():
+            sampled = sample(dest, checkpoint, args.reach, dest / f"reach_{checkpoint}.json")
+            table[label] = {"checkpoint": checkpoint, **reach(greedy, sampled)}
+        save_json(dest / "reach.json", table)
+        headers = ["", "checkpoint", "greedy", "sample acc", "pass@8", "majority", "headroom"]
+        rows = [
+            [label, r["checkpoint"], fmt(r["greedy"], 3), fmt(r["sample_accuracy"], 3)]
+            + [fmt(r["pass_at_k"], 3), fmt(r["majority"], 3)]
+            + [
+                f"{fmt(r['headroom'], 3)} [{fmt(r['headroom_ci'][0], 3)}, {fmt(r['headroom_ci'][1], 3)}]"
+            ]
+            for label, r in table.items()
+        ]
+        print(f"\nfirst {args.reach} held-out problems x {REACH_SAMPLES} at T={REACH_TEMPERATURE}")
+        print(markdown_table(headers, rows))
+    print(f"variant: {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -37,6 +37,7 @@ from typing import Any
 from _common import child_env, fmt, markdown_table, save_json
 from learning import DEEPSYNAPSE, QUICK, RECIPE, REPO
 
+from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.eval.stats import wilson_interval
 
 COPIED = ("config.yaml", "eval_before.json", "eval_after_sft.json")
@@ -61,8 +62,8 @@ def branch(source: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
-def train(dest: Path, overrides: list[str], quiet: bool = True) -> None:
-    cmd = [*DEEPSYNAPSE, "train", "--resume", str(dest), *(["--quiet"] if quiet else [])]
+def train(dest: Path, overrides: list[str]) -> None:
+    cmd = [*DEEPSYNAPSE, "train", "--resume", str(dest), "--quiet"]
     cmd += [*overrides, f"train.output_dir={dest.parent}", f"train.run_name={dest.name}"]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, env=child_env(), check=True)
@@ -93,18 +94,13 @@ def reach(greedy: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
     return {
         "n": n,
         "greedy": sum(right) / n,
-        "sample_accuracy": sum(rates) / n,
-        "pass_at_k": sum(rate > 0 for rate in rates) / n,
+        "sample_accuracy": sampled["sample_accuracy"],
+        "pass_at_k": sampled["pass_at_k"],
         "majority": sampled["accuracy"],
         "headroom": headroom / n,
         "headroom_ci": wilson_interval(headroom, n),
         "signal": {g: sum(1 - p**g - (1 - p) ** g for p in rates) / n for g in (4, 8)},
     }
-
-
-def final_checkpoint(run: Path) -> str:
-    steps = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
-    return max(steps, key=lambda p: int(p.name.split("-")[1])).name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.reach:
         points = {
             "start": (json.loads((dest / "eval_after_sft.json").read_text()), START),
-            "end": (json.loads((dest / "eval_after.json").read_text()), final_checkpoint(dest)),
+            "end": (
+                json.loads((dest / "eval_after.json").read_text()),
+                latest_checkpoint(dest / "checkpoints").name,
+            ),
         }
         table = {}
         for label, (greedy, checkpoint) in points.items():

@@ -452,6 +452,8 @@ def test_from_start_reach_pairs_greedy_with_samples_and_counts_the_headroom():
     samples = [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     sampled = {
         "accuracy": 0.25,
+        "sample_accuracy": (0.5 + 0.25) / 4,  # as the harness summarises the samples
+        "pass_at_k": 0.5,
         "records": [{"id": i, "samples_correct": s} for i, s in enumerate(samples)],
     }
     r = from_start.reach(greedy, sampled)

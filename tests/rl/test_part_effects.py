@@ -199,7 +199,9 @@ def wrong(answer: str) -> str:
 
 
 @torch.no_grad()
-def completion_logp(trainer: Trainer, batch: GroupBatch, adaptive: bool = True) -> torch.Tensor:
+def completion_logp(
+    trainer: Trainer, batch: GroupBatch, adaptive: bool = True, temperature: float = 1.0
+) -> torch.Tensor:
     """Per-token log-probs of ``batch``'s completions under the current policy [N, T]."""
     r = batch.rollout
     ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
@@ -207,9 +209,9 @@ def completion_logp(trainer: Trainer, batch: GroupBatch, adaptive: bool = True) 
     ctx = trainer.adaptive.for_rows(r.prompt_ids, r.prompt_mask) if adaptive else None
     policy = trainer.unwrapped
     if ctx is None:
-        return policy(ids, attn, r.completion_mask, 1.0).logp
+        return policy(ids, attn, r.completion_mask, temperature).logp
     with ctx:
-        return policy(ids, attn, r.completion_mask, 1.0).logp
+        return policy(ids, attn, r.completion_mask, temperature).logp
 
 
 # ------------------------------------------------------------------ plain GRPO
@@ -281,15 +283,10 @@ def test_plain_grpo_step_makes_what_it_rewards_more_likely(tmp_path_factory, ite
     t = h.trainer
     before = {n: p.detach().clone() for n, p in t.unwrapped.named_parameters() if p.requires_grad}
     step = h.step()
-    temperature = t.cfg.rollout.temperature
 
     def seq_logp() -> torch.Tensor:
-        r = step.batch.rollout
-        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        attn = torch.cat([r.prompt_mask, r.completion_mask], 1)
-        with torch.no_grad():
-            logp = t.unwrapped(ids, attn, r.completion_mask, temperature).logp
-        return (logp * r.completion_mask).sum(1)
+        logp = completion_logp(t, step.batch, temperature=t.cfg.rollout.temperature)
+        return (logp * step.batch.rollout.completion_mask).sum(1)
 
     after = seq_logp()
     with torch.no_grad():

@@ -197,6 +197,7 @@ def test_time_budget_leaves_evaluations_off_the_clock_when_asked(tmp_path, tiny_
     not spend the budget (equal training time for configurations that decode at different
     speeds); by default they do."""
     overrides = tiny_overrides + ["train.time_budget=1h", "probes.every=1", "probes.heldout=2"]
+    overrides += ["probes.per_skill=1", "probes.max_new_tokens=8"]  # probes run, briefly
     overrides += [f"train.budget_counts_evaluations={str(counts).lower()}"]
     trainer, _ = run(tmp_path, overrides)
     run_dir = tmp_path / "run"

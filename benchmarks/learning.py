@@ -417,8 +417,10 @@ def train_command(recipe: str, overrides: list[str], run_dir: Path, resume: bool
 
 
 def eval_command(run_dir: Path, checkpoint: str | None, data: str, limit: int, cfg: Any, out: Path):
-    """``deepsynapse eval`` of a run's checkpoint, as the run evaluates (its schema, budget)."""
+    """``deepsynapse eval`` of a run's checkpoint, as the run evaluates (its schema, budget,
+    decoder: greedy answers from two backends can differ in the last bits)."""
     cmd = [*DEEPSYNAPSE, "eval", "--quiet", "--adapter", str(run_dir)]
+    cmd += ["--backend", cfg.rollout.backend]
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     return cmd + [

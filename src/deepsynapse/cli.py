@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (k > 1)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "ours", "vllm"],
+        help="who decodes: auto = vLLM where it is installed and can serve the model (no "
+        "hypernetwork or memory), else our decoder; the result's 'backend' says which ran",
+    )
+    ev.add_argument(
         "--verifier", help="run folder or checkpoint whose learned verifier judges best_of_n"
     )
 
@@ -266,6 +273,30 @@ def _load_for_eval(args: argparse.Namespace):
     return Loaded(model, tokenizer, None)
 
 
+def _eval_engine(backend: str, loaded, seed: int):
+    """vLLM's engine holding the loaded model's weights (LoRA folded in), or None for our
+    decoder: with ``auto`` silently where vLLM is missing or cannot serve the model, with
+    ``vllm`` saying why on stderr."""
+    if backend == "ours":
+        return None
+    from deepsynapse.config import RolloutConfig
+    from deepsynapse.rollout.vllm import build_vllm_rollout
+
+    defaults = RolloutConfig()
+    engine, note = build_vllm_rollout(
+        loaded.model,
+        loaded.tokenizer,
+        asked=backend,
+        world_size=1,
+        kv_cache_gb=defaults.vllm_kv_cache_gb,
+        max_model_len=defaults.vllm_max_model_len,
+        seed=seed,
+    )
+    if engine is not None or backend == "vllm":
+        print(f"deepsynapse: {note}", file=sys.stderr)
+    return engine
+
+
 def _judge(args: argparse.Namespace, schema):
     """best_of_n's judge: a run's learned verifier, else the completions' own confidence."""
     from functools import partial
@@ -305,22 +336,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems, _ = build_problems(args.data, args.split, Config())
     if args.limit:
         problems = problems[: args.limit]
-    result = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        problems,
-        schema,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        progress=not args.quiet,
-        mode=args.mode,
-        k=args.k,
-        temperature=args.temperature,
-        seed=args.seed,
-        select=_judge(args, schema) if args.mode == "best_of_n" else None,
-        around=loaded.around,
-        pad_multiple=loaded.pad_multiple,
-    )
+    engine = _eval_engine(args.backend, loaded, args.seed)
+    try:
+        result = evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            problems,
+            schema,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            progress=not args.quiet,
+            mode=args.mode,
+            k=args.k,
+            temperature=args.temperature,
+            seed=args.seed,
+            select=_judge(args, schema) if args.mode == "best_of_n" else None,
+            around=loaded.around if engine is None else None,
+            pad_multiple=loaded.pad_multiple,
+            sampler=None if engine is None else engine.generate,
+        )
+    finally:
+        if engine is not None:
+            engine.close()
     result["model"], result["adapter"], result["data"] = args.model, args.adapter, args.data
     result["checkpoint"] = loaded.checkpoint
     if args.output:

@@ -7,10 +7,12 @@ model here is ``tiny-random``'s recipe with head size 32 (2 heads, 1 KV head).
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from deepsynapse.models.dynamic_lora import (
     add_module_scales,
@@ -42,8 +44,8 @@ def tok():
     return load_tokenizer("tiny-random")
 
 
-def tiny_policy(tok, seed: int = 0):
-    """tiny-random's shape with head size 32, LoRA on every linear layer (B = 0 at first)."""
+def tiny_base(tok, seed: int = 0):
+    """tiny-random's shape with head size 32 (which vLLM's CPU attention has)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -62,8 +64,12 @@ def tiny_policy(tok, seed: int = 0):
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        return apply_lora(model, 4, 8.0, 0.0, ["all-linear"]).eval()
+        return LlamaForCausalLM(config)
+
+
+def tiny_policy(tok, seed: int = 0):
+    """``tiny_base`` with LoRA on every linear layer (B = 0 at first)."""
+    return apply_lora(tiny_base(tok, seed), 4, 8.0, 0.0, ["all-linear"]).eval()
 
 
 def randomize_lora(policy, seed: int, std: float = 0.5) -> None:
@@ -310,3 +316,108 @@ def test_auto_is_the_default_and_says_which_backend_samples(tmp_path, capsys):
 
 def test_auto_picks_vllm_where_it_can_serve(engine, policy, tok):
     assert engine.note.startswith("rollout.backend=auto: vLLM samples (vllm ")
+
+
+# ------------------------------------------------------------------ evaluation through the engine
+
+
+@pytest.fixture(scope="module")
+def model_folder(tok, tmp_path_factory):
+    """The engine's architecture as a model folder a run loads (``model.name=<folder>``)."""
+    folder = tmp_path_factory.mktemp("model")
+    tiny_base(tok).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _served_trainer(engine, model_folder, run_dir, overrides, monkeypatch, with_engine=True):
+    """A run on ``model_folder`` whose rollouts (and evaluations) go through the module's
+    engine, exactly as with rollout.backend=vllm, which would build a second engine in this
+    process (vLLM keeps per-process state); the run does not close it."""
+    from conftest import EXTRA_REWARDS, TINY
+
+    import deepsynapse.rl.run as run_module
+    from deepsynapse.config import load_config
+    from deepsynapse.rl.trainer import Trainer
+
+    monkeypatch.setattr(run_module, "close_rollout_engine", lambda trainer: None)
+    cfg = load_config(None, TINY + [f"model.name={model_folder}", *overrides])
+    trainer = Trainer(cfg, run_dir=run_dir, progress=False, reward_fns=EXTRA_REWARDS)
+    if with_engine:  # holding other weights so far: the first rollout or evaluation syncs
+        trainer.vllm, trainer.vllm_version = engine, -1
+    return trainer
+
+
+def test_trainer_evaluates_through_its_engine_at_the_weights_of_the_moment(
+    engine, model_folder, tmp_path, monkeypatch
+):
+    """Where vLLM samples, the held-out evaluations (before, after the warm-up, after GRPO)
+    and the probes decode through the run's engine, synced to the policy's weights of that
+    moment: each equals what our decoder gives at the same weights."""
+    from deepsynapse.eval.harness import evaluate
+    from deepsynapse.rl.setup import build_problems
+
+    overrides = ["sft.steps=1", "train.steps=1", "eval.limit=3", "rollout.backend=ours"]
+    overrides += ["probes.every=1", "probes.per_skill=1", "probes.max_new_tokens=8"]
+    overrides += ["probes.heldout=2"]
+
+    def train(name: str, with_engine: bool):
+        trainer = _served_trainer(
+            engine, model_folder, tmp_path / name, overrides, monkeypatch, with_engine
+        )
+        trainer.train()
+        return trainer
+
+    def completions(trainer, tag: str) -> tuple[str, list[str]]:
+        saved = json.loads((trainer.run_dir / f"eval_{tag}.json").read_text())
+        return saved["backend"], [r["completion"] for r in saved["records"]]
+
+    synced = engine.weights_version
+    served = train("vllm", with_engine=True)
+    plain = train("ours", with_engine=False)
+    for tag in ("before", "after_sft"):  # the same weights in both runs (no sampling yet)
+        backend, texts = completions(served, tag)
+        assert backend == "vllm" and completions(plain, tag) == ("ours", texts)
+    assert any(m.get("accuracy/heldout") is not None for m in _metrics(served.run_dir))
+    # after GRPO (sampled by vLLM, so other weights than the plain run's): our decoder at the
+    # run's final weights writes what the engine wrote
+    problems, _ = build_problems(served.cfg.data.eval, "test", served.cfg)
+    ours_now = evaluate(
+        served.unwrapped.peft_model,
+        served.tokenizer,
+        problems[:3],
+        served.schema,
+        max_new_tokens=served.cfg.eval.max_new_tokens,
+        progress=False,
+    )
+    backend, texts = completions(served, "after")
+    assert backend == "vllm" and texts == [r["completion"] for r in ours_now["records"]]
+    # synced before the first evaluation, after the warm-up and after the GRPO step, no more
+    assert engine.weights_version - synced == 3
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_run_samples_through_the_engine_as_the_unbroken_one(
+    engine, model_folder, tmp_path, monkeypatch
+):
+    """Stopped after step 2 and resumed, a run sampling with vLLM draws the same completions
+    at step 3 as the unbroken run (the engine is re-synced to the loaded weights; the seed
+    comes from the step's random stream), so it ends with the same adapter."""
+    overrides = ["sft.steps=0", "eval.limit=0", "train.steps=3", "train.save_every=1"]
+    overrides += ["rollout.backend=ours", "rollout.temperature=1.0"]
+    straight = _served_trainer(engine, model_folder, tmp_path / "straight", overrides, monkeypatch)
+    straight.train()
+    split = tmp_path / "split"
+    _served_trainer(engine, model_folder, split, overrides, monkeypatch).train(stop_after=2)
+    resumed = _served_trainer(engine, model_folder, split, overrides, monkeypatch)
+    resumed.train(resume=True)
+    assert resumed._last_batch.rollout.texts == straight._last_batch.rollout.texts
+    ends = [
+        load_file(str(d / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors"))
+        for d in (tmp_path / "straight", split)
+    ]
+    for key in ends[0]:
+        torch.testing.assert_close(ends[0][key], ends[1][key], rtol=1e-5, atol=1e-6)

@@ -12,7 +12,9 @@ Three modes, one record per problem:
 
 Sampling goes through `generate_groups`, so the k samples of a problem share one prompt
 prefill, and runs under a forked RNG so that evaluating mid-training never perturbs the
-training run's random stream.
+training run's random stream. A ``sampler`` (vLLM's engine holding the policy's weights,
+``VLLMRollout.generate``) replaces it where it is faster: evaluation is what a study runs
+most often.
 
 Metrics beyond accuracy: format validity, mean length, truncation rate; calibration (ECE
 over 10 equal-width bins and the Brier score) over completions that state a
@@ -36,10 +38,11 @@ from deepsynapse.data.problems import Problem
 from deepsynapse.formats import ParsedCompletion, XMLSchema, parse_completion, stop_strings
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
-from deepsynapse.rollout.hf import generate_groups
+from deepsynapse.rollout.hf import RolloutOutput, generate_groups
 
 __all__ = [
     "MODES",
+    "Sampler",
     "SelectFn",
     "answer_key",
     "brier",
@@ -59,6 +62,11 @@ _CONFIDENCE_RE = re.compile(r"<confidence>.*?(</confidence>|$)", re.DOTALL)
 
 SelectFn = Callable[[list[str], str], int]
 """``select(completions, question) -> index`` of the completion to keep (best-of-N)."""
+
+Sampler = Callable[..., RolloutOutput]
+"""Another backend's ``generate(prompts, *, num_generations, max_new_tokens, temperature, top_p,
+greedy, stop_strings, seed, pad_multiple)``, rows as `generate_groups` returns them
+(``VLLMRollout.generate``)."""
 
 
 # ------------------------------------------------------------------ pure metric functions
@@ -311,6 +319,7 @@ def evaluate(
     keep_samples: bool = False,
     around: Callable | None = None,
     pad_multiple: int = SEQUENCE_MULTIPLE,
+    sampler: Sampler | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``problems``; returns summary metrics (see `summarize`) and one record each.
 
@@ -320,7 +329,11 @@ def evaluate(
     ``keep_samples`` stores all k completions in each record (large; off by default).
     ``around(prompt_ids, prompt_mask)``: a context per batch, as in ``generate_groups`` (the
     hypernetwork's per-input LoRA scales).
+    ``sampler``: generate with another backend (vLLM) instead of our decoder; batch ``i``
+    samples with seed ``seed + i``. The summary's ``backend`` says which one ran.
     """
+    if around is not None and sampler is not None:
+        raise ValueError("a per-prompt hook (around=) needs our decoder: pass no sampler")
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "best_of_n" and select is None:
@@ -340,20 +353,21 @@ def evaluate(
             for i in range(0, len(problems), batch_size):
                 chunk = problems[i : i + batch_size]
                 prompts = [build_prompt(tokenizer, p.question, schema) for p in chunk]
-                out = generate_groups(
-                    model,
-                    tokenizer,
-                    prompts,
-                    num_generations=g,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    greedy=mode == "greedy",
-                    stop_strings=stop_strings(schema),
-                    prefix_sharing=g > 1,
-                    around=around,
-                    pad_multiple=pad_multiple,
-                )
+                sampling = {
+                    "num_generations": g,
+                    "max_new_tokens": max_new_tokens,
+                    "temperature": temperature,
+                    "top_p": top_p,
+                    "greedy": mode == "greedy",
+                    "stop_strings": stop_strings(schema),
+                    "pad_multiple": pad_multiple,
+                }
+                if sampler is not None:
+                    out = sampler(prompts, seed=seed + i, **sampling)
+                else:
+                    out = generate_groups(
+                        model, tokenizer, prompts, prefix_sharing=g > 1, around=around, **sampling
+                    )
                 lengths, truncated = out.lengths.tolist(), out.truncated.tolist()
                 for j, p in enumerate(chunk):
                     rows = slice(j * g, (j + 1) * g)
@@ -373,7 +387,9 @@ def evaluate(
     finally:
         bar.close()
         model.train(was_training)
-    return summarize(records, time.perf_counter() - start, mode=mode)
+    summary = summarize(records, time.perf_counter() - start, mode=mode)
+    summary["backend"] = "ours" if sampler is None else "vllm"
+    return summary
 
 
 def _mean(values: list[float]) -> float | None:

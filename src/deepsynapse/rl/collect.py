@@ -202,12 +202,10 @@ def generate_batch_vllm(
 ) -> GroupBatch:
     """The same rollout from vLLM's engine, fed the policy's weights when they changed."""
     cfg = trainer.cfg
-    assert trainer.vllm is not None
-    if trainer.vllm_version != trainer.weights_version:
-        trainer.vllm.sync_weights(trainer.unwrapped.peft_model)
-        trainer.vllm_version = trainer.weights_version
+    engine = synced_engine(trainer)
+    assert engine is not None
     seed = int(torch.randint(2**31 - 1, ()))  # from the step-seeded RNG: resume replays it
-    out, sampler_logp = trainer.vllm.generate(
+    out, sampler_logp = engine.generate(
         prompts,
         num_generations=cfg.rollout.num_generations,
         max_new_tokens=knobs.max_new_tokens,
@@ -222,6 +220,17 @@ def generate_batch_vllm(
     batch = GroupBatch(problems, prompts, out, {}, torch.zeros(n), torch.zeros(n))
     batch.sampler_logp = sampler_logp
     return batch
+
+
+def synced_engine(trainer):
+    """vLLM's engine holding the policy's current weights (synced if an optimizer step, a
+    rank growth or a load changed them since), or None where our decoder samples."""
+    if trainer.vllm is None:
+        return None
+    if trainer.vllm_version != trainer.weights_version:
+        trainer.vllm.sync_weights(trainer.unwrapped.peft_model)
+        trainer.vllm_version = trainer.weights_version
+    return trainer.vllm
 
 
 def close_rollout_engine(trainer) -> None:

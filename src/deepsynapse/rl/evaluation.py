@@ -17,6 +17,7 @@ from deepsynapse.config import Config
 from deepsynapse.eval import probes
 from deepsynapse.eval.harness import evaluate, summarize
 from deepsynapse.rl.budget import evaluating
+from deepsynapse.rl.collect import synced_engine
 from deepsynapse.rl.ranks import gather_all
 from deepsynapse.rl.setup import build_problems
 from deepsynapse.telemetry.run_logger import release_freed_memory
@@ -52,6 +53,7 @@ def evaluate_heldout(
     problems = problems[:limit]
     shard = problems[trainer.rank :: trainer.world]
     with evaluating(trainer):  # measurement, not training: off the clock where asked
+        engine = synced_engine(trainer)  # vLLM where the run samples with it: the faster one
         result = evaluate(
             trainer.unwrapped.peft_model,
             trainer.tokenizer,
@@ -61,13 +63,15 @@ def evaluate_heldout(
             max_new_tokens=cfg.eval.max_new_tokens,
             progress=trainer.progress and trainer.accelerator.is_main_process,
             desc=f"eval ({tag})",
-            around=trainer.adaptive.for_prompts,  # the hypernetwork runs per input
+            around=trainer.adaptive.for_prompts if engine is None else None,  # hypernetwork
             pad_multiple=cfg.model.pad_to_multiple_of,
+            sampler=None if engine is None else engine.generate,
         )
     if cfg.train.trim_memory:
         release_freed_memory()
     records = gather_all(trainer.accelerator, result["records"])
     summary = summarize(records, result["seconds"])
+    summary["backend"] = result["backend"]
     if save and trainer.accelerator.is_main_process:
         (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -81,6 +85,7 @@ def run_probes(trainer) -> dict[str, float]:
 
 def _run_probes(trainer) -> dict[str, float]:
     cfg = trainer.cfg
+    engine = synced_engine(trainer)
     with torch.random.fork_rng():
         result = probes.run_probes(
             trainer.unwrapped.peft_model,
@@ -90,7 +95,8 @@ def _run_probes(trainer) -> dict[str, float]:
             batch_size=cfg.probes.batch_size,
             max_new_tokens=cfg.probes.max_new_tokens,
             pad_multiple=cfg.model.pad_to_multiple_of,
-            around=trainer.adaptive.for_prompts,  # the hypernetwork runs per input
+            around=trainer.adaptive.for_prompts if engine is None else None,  # hypernetwork
+            sampler=None if engine is None else engine.generate,
         )
     records = gather_all(trainer.accelerator, result["records"])
     out = probes.probe_metrics(probes.summarize_probes(records))

@@ -74,8 +74,8 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
         write_run_report(trainer)
         close_rollout_engine(trainer)
         return run_summary(run_dir, trainer.step, None)
+    after = evaluate_heldout(trainer, "after")  # through vLLM's engine where it samples
     close_rollout_engine(trainer)
-    after = evaluate_heldout(trainer, "after")
     summary = run_summary(run_dir, trainer.step, after)
     if acc.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

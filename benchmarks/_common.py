@@ -39,10 +39,18 @@ def emit_result(result: dict[str, Any]) -> None:
 
 
 def run_child(
-    script: str | Path, spec: dict[str, Any], *, timeout: float | None = None, echo: bool = False
+    script: str | Path,
+    spec: dict[str, Any],
+    *,
+    timeout: float | None = None,
+    echo: bool = False,
+    python: str | None = None,
 ) -> dict[str, Any]:
-    """Run ``script _child SPEC`` in a fresh interpreter and return the JSON it reports."""
-    cmd = [sys.executable, str(script), "_child", json.dumps(spec)]
+    """Run ``script _child SPEC`` in a fresh interpreter and return the JSON it reports.
+
+    ``python`` picks another interpreter (vLLM lives in its own venv, with its own
+    transformers pin), so one script can time both sides of a comparison."""
+    cmd = [python or sys.executable, str(script), "_child", json.dumps(spec)]
     env = child_env()
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -228,14 +228,8 @@ def main() -> None:
                 print(f"running {backend} {dtype} ...", flush=True)
                 script = Path(__file__).resolve()
                 try:
-                    if backend == "ours" and args.ours_python:
-                        saved, sys.executable = sys.executable, args.ours_python
-                        try:
-                            row.update(run_child(script, spec, timeout=3600))
-                        finally:
-                            sys.executable = saved
-                    else:
-                        row.update(run_child(script, spec, timeout=3600))
+                    python = args.ours_python if backend == "ours" else None
+                    row.update(run_child(script, spec, timeout=3600, python=python))
                 except ChildFailed as exc:
                     row["error"] = str(exc).splitlines()[0]
                     print(exc)

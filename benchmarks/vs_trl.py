@@ -4,6 +4,8 @@
     python benchmarks/vs_trl.py --model tiny-random   # the tiny random model (overheads only)
     python benchmarks/vs_trl.py --quick               # smoke check: tiny model, 1 step, 32 tokens
     python benchmarks/vs_trl.py --profile             # where DeepSynapse's step spends its time
+    python benchmarks/vs_trl.py --backend vllm --deepsynapse-python .venv-vllm/bin/python
+                                                      # DeepSynapse sampling through vLLM
 
 Both trainers run plain GRPO with the same settings: the same model object (loaded by
 ``deepsynapse.models.loading``), the same GSM8K training questions behind the same system
@@ -75,6 +77,7 @@ class Settings:
     dtype: str = "auto"  # auto = bf16 where the CPU has it
     trl_weights: str = "same"  # TRL's base weights: 'same' dtype as DeepSynapse, or 'fp32'
     trl_gradient_checkpointing: bool = False
+    backend: str = "ours"  # DeepSynapse's rollout.backend (vllm needs --deepsynapse-python)
 
 
 def trl_available() -> tuple[bool, str]:
@@ -238,6 +241,7 @@ def deepsynapse_overrides(s: Settings, data: str, out: Path) -> list[str]:
         f"rollout.num_generations={s.generations}",
         f"rollout.max_new_tokens={s.max_new_tokens}",
         f"rollout.temperature={s.temperature}",
+        f"rollout.backend={s.backend}",
         f"grpo.prompts_per_step={s.prompts}",
         f"grpo.micro_batch_size={s.prompts * s.generations}",
         f"grpo.beta={s.beta}",
@@ -304,6 +308,8 @@ def child_deepsynapse(s: Settings, data: str, work: Path, profile: bool = False)
         "dtype": str(trainer.dtype_choice.dtype),
         "dtype_reason": trainer.dtype_choice.reason,
         "plain_mode": extras,
+        "backend": "vllm" if trainer.vllm is not None else "ours",
+        "backend_note": trainer.rollout_note,
     }
     if profiled is not None:
         result["profile"] = profiled
@@ -506,6 +512,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         help="TRL's base weights: the same dtype as DeepSynapse (default) or fp32 + autocast",
     )
     ap.add_argument("--trl-gradient-checkpointing", action="store_true")
+    ap.add_argument(
+        "--backend",
+        default=d.backend,
+        choices=["ours", "vllm", "auto"],
+        help="DeepSynapse's rollout.backend (TRL samples with model.generate either way)",
+    )
+    ap.add_argument(
+        "--deepsynapse-python",
+        help="interpreter of DeepSynapse's runs, e.g. .venv-vllm/bin/python for --backend vllm "
+        "(vLLM pins its own transformers, so it lives in its own venv)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny-random, 1 step, 1 repeat, 32 tokens")
     ap.add_argument(
         "--profile", action="store_true", help="profile DeepSynapse's last step; TRL not run"
@@ -528,6 +545,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         dtype=args.dtype,
         trl_weights=args.trl_weights,
         trl_gradient_checkpointing=args.trl_gradient_checkpointing,
+        backend=args.backend,
     )
     if args.quick:
         s = Settings(
@@ -565,17 +583,21 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 print(f"[{time.strftime('%H:%M:%S')}] {name} run {repeat + 1}", flush=True)
                 try:
-                    result = run_child(script, spec, timeout=args.timeout)
+                    python = args.deepsynapse_python if name == "deepsynapse" else None
+                    result = run_child(script, spec, timeout=args.timeout, python=python)
                 except ChildFailed as exc:
                     print(f"{name} run {repeat + 1} failed: {exc}", file=sys.stderr)
                     return 1
                 result["repeat"] = repeat + 1
+                if result.get("backend_note"):
+                    print(f"    {result['backend_note']}", flush=True)
                 runs.append(result)
     summary = summarize(runs)
     table = print_tables(runs, summary)
     if args.profile:
         print_profile(runs[-1])
     suffix = "-quick" if args.quick else "-profile" if args.profile else ""
+    suffix += "" if s.backend == "ours" else f"-{s.backend}"
     out = args.out or RESULTS_DIR / f"vs_trl-{s.model}{suffix}.json"
     save_json(
         out,

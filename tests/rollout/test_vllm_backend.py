@@ -32,6 +32,7 @@ from deepsynapse.rollout.vllm import (
     unsupported_reason,
     vllm_available,
 )
+from deepsynapse.telemetry.run_logger import read_jsonl
 
 LONG = " ".join(f"item {i} costs {i % 7} dollars;" for i in range(40))  # > one 128-token block
 PROMPTS = ["Tom has 3 apples and buys", "a b", LONG + " so the total is"]
@@ -378,7 +379,8 @@ def test_trainer_evaluates_through_its_engine_at_the_weights_of_the_moment(
     for tag in ("before", "after_sft"):  # the same weights in both runs (no sampling yet)
         backend, texts = completions(served, tag)
         assert backend == "vllm" and completions(plain, tag) == ("ours", texts)
-    assert any(m.get("accuracy/heldout") is not None for m in _metrics(served.run_dir))
+    metrics = read_jsonl(served.run_dir / "metrics.jsonl")
+    assert any(m.get("accuracy/heldout") is not None for m in metrics)
     # after GRPO (sampled by vLLM, so other weights than the plain run's): our decoder at the
     # run's final weights writes what the engine wrote
     problems, _ = build_problems(served.cfg.data.eval, "test", served.cfg)
@@ -394,10 +396,6 @@ def test_trainer_evaluates_through_its_engine_at_the_weights_of_the_moment(
     assert backend == "vllm" and texts == [r["completion"] for r in ours_now["records"]]
     # synced before the first evaluation, after the warm-up and after the GRPO step, no more
     assert engine.weights_version - synced == 3
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_resumed_run_samples_through_the_engine_as_the_unbroken_one(

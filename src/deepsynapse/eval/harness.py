@@ -38,7 +38,7 @@ from deepsynapse.data.problems import Problem
 from deepsynapse.formats import ParsedCompletion, XMLSchema, parse_completion, stop_strings
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
-from deepsynapse.rollout.hf import RolloutOutput, generate_groups
+from deepsynapse.rollout.hf import Sampler, generate_with
 
 __all__ = [
     "MODES",
@@ -62,11 +62,6 @@ _CONFIDENCE_RE = re.compile(r"<confidence>.*?(</confidence>|$)", re.DOTALL)
 
 SelectFn = Callable[[list[str], str], int]
 """``select(completions, question) -> index`` of the completion to keep (best-of-N)."""
-
-Sampler = Callable[..., RolloutOutput]
-"""Another backend's ``generate(prompts, *, num_generations, max_new_tokens, temperature, top_p,
-greedy, stop_strings, seed, pad_multiple)``, rows as `generate_groups` returns them
-(``VLLMRollout.generate``)."""
 
 
 # ------------------------------------------------------------------ pure metric functions
@@ -332,8 +327,6 @@ def evaluate(
     ``sampler``: generate with another backend (vLLM) instead of our decoder; batch ``i``
     samples with seed ``seed + i``. The summary's ``backend`` says which one ran.
     """
-    if around is not None and sampler is not None:
-        raise ValueError("a per-prompt hook (around=) needs our decoder: pass no sampler")
     if mode not in MODES:
         raise ValueError(f"unknown eval mode {mode!r}; valid: {', '.join(MODES)}")
     if mode == "best_of_n" and select is None:
@@ -353,21 +346,22 @@ def evaluate(
             for i in range(0, len(problems), batch_size):
                 chunk = problems[i : i + batch_size]
                 prompts = [build_prompt(tokenizer, p.question, schema) for p in chunk]
-                sampling = {
-                    "num_generations": g,
-                    "max_new_tokens": max_new_tokens,
-                    "temperature": temperature,
-                    "top_p": top_p,
-                    "greedy": mode == "greedy",
-                    "stop_strings": stop_strings(schema),
-                    "pad_multiple": pad_multiple,
-                }
-                if sampler is not None:
-                    out = sampler(prompts, seed=seed + i, **sampling)
-                else:
-                    out = generate_groups(
-                        model, tokenizer, prompts, prefix_sharing=g > 1, around=around, **sampling
-                    )
+                out = generate_with(
+                    sampler,
+                    model,
+                    tokenizer,
+                    prompts,
+                    seed=seed + i,
+                    prefix_sharing=g > 1,
+                    around=around,
+                    num_generations=g,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    greedy=mode == "greedy",
+                    stop_strings=stop_strings(schema),
+                    pad_multiple=pad_multiple,
+                )
                 lengths, truncated = out.lengths.tolist(), out.truncated.tolist()
                 for j, p in enumerate(chunk):
                     rows = slice(j * g, (j + 1) * g)

@@ -64,7 +64,7 @@ from deepsynapse.formats import (
 )
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE
 from deepsynapse.prompting import build_prompt
-from deepsynapse.rollout.hf import generate_groups
+from deepsynapse.rollout.hf import Sampler, generate_with
 
 __all__ = [
     "CANNOT",
@@ -668,14 +668,13 @@ def run_probes(
     progress: bool = False,
     pad_multiple: int = SEQUENCE_MULTIPLE,
     around: Callable[..., Any] | None = None,
-    sampler: Callable[..., Any] | None = None,
+    sampler: Sampler | None = None,
 ) -> dict[str, Any]:
     """Greedy, batched completions for ``items``; per-skill accuracy over scored units.
 
     ``around`` is the per-prompt hook of the trained policy (the hypernetwork's scales),
     as in ``generate_groups``: probes see the model that was trained. ``sampler`` decodes
-    with another backend (vLLM's engine holding the policy's weights; see
-    ``deepsynapse.eval.harness.Sampler``).
+    with another backend (vLLM's engine holding the policy's weights; ``generate_with``).
 
     Returns ``skills`` ({skill: score}), ``counts`` ({skill: units}), ``accuracy`` (the
     mean over skills), ``format_validity`` (over items), ``seconds``, ``records`` and,
@@ -691,19 +690,19 @@ def run_probes(
         for i in range(0, len(items), batch_size):
             chunk = list(items[i : i + batch_size])
             prompts = [build_prompt(tokenizer, it.question, schema) for it in chunk]
-            sampling = {
-                "num_generations": 1,
-                "max_new_tokens": max_new_tokens,
-                "greedy": True,
-                "stop_strings": stop_strings(schema),
-                "pad_multiple": pad_multiple,
-            }
-            if sampler is not None:
-                out = sampler(prompts, **sampling)
-            else:
-                out = generate_groups(
-                    model, tokenizer, prompts, prefix_sharing=False, around=around, **sampling
-                )
+            out = generate_with(
+                sampler,
+                model,
+                tokenizer,
+                prompts,
+                prefix_sharing=False,
+                around=around,
+                num_generations=1,
+                max_new_tokens=max_new_tokens,
+                greedy=True,
+                stop_strings=stop_strings(schema),
+                pad_multiple=pad_multiple,
+            )
             for it, text in zip(chunk, out.texts, strict=True):
                 scored = score_item(it, text, schema)
                 records.append(

@@ -40,6 +40,16 @@ def build_probes(cfg: Config) -> tuple[list[Any], probes.EmergenceDetector | Non
     return items, emergence
 
 
+def decoding(trainer) -> dict[str, Any]:
+    """Who decodes a measurement: vLLM's engine at the policy's current weights where the run
+    samples with it (the faster one), else our decoder with the hypernetwork's per-prompt
+    scales (``around``)."""
+    engine = synced_engine(trainer)
+    if engine is None:
+        return {"around": trainer.adaptive.for_prompts, "sampler": None}
+    return {"around": None, "sampler": engine.generate}
+
+
 def evaluate_heldout(
     trainer, tag: str, limit: int | None = None, save: bool = True
 ) -> dict[str, Any] | None:
@@ -53,7 +63,6 @@ def evaluate_heldout(
     problems = problems[:limit]
     shard = problems[trainer.rank :: trainer.world]
     with evaluating(trainer):  # measurement, not training: off the clock where asked
-        engine = synced_engine(trainer)  # vLLM where the run samples with it: the faster one
         result = evaluate(
             trainer.unwrapped.peft_model,
             trainer.tokenizer,
@@ -63,9 +72,8 @@ def evaluate_heldout(
             max_new_tokens=cfg.eval.max_new_tokens,
             progress=trainer.progress and trainer.accelerator.is_main_process,
             desc=f"eval ({tag})",
-            around=trainer.adaptive.for_prompts if engine is None else None,  # hypernetwork
             pad_multiple=cfg.model.pad_to_multiple_of,
-            sampler=None if engine is None else engine.generate,
+            **decoding(trainer),
         )
     if cfg.train.trim_memory:
         release_freed_memory()
@@ -85,7 +93,6 @@ def run_probes(trainer) -> dict[str, float]:
 
 def _run_probes(trainer) -> dict[str, float]:
     cfg = trainer.cfg
-    engine = synced_engine(trainer)
     with torch.random.fork_rng():
         result = probes.run_probes(
             trainer.unwrapped.peft_model,
@@ -95,8 +102,7 @@ def _run_probes(trainer) -> dict[str, float]:
             batch_size=cfg.probes.batch_size,
             max_new_tokens=cfg.probes.max_new_tokens,
             pad_multiple=cfg.model.pad_to_multiple_of,
-            around=trainer.adaptive.for_prompts if engine is None else None,  # hypernetwork
-            sampler=None if engine is None else engine.generate,
+            **decoding(trainer),
         )
     records = gather_all(trainer.accelerator, result["records"])
     out = probes.probe_metrics(probes.summarize_probes(records))

@@ -22,6 +22,7 @@ import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,6 +59,34 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+Sampler = Callable[..., RolloutOutput]
+"""Another backend's ``generate(prompts, *, num_generations, max_new_tokens, temperature, top_p,
+greedy, stop_strings, seed, pad_multiple)``, rows as `generate_groups` returns them
+(``VLLMRollout.generate``)."""
+
+
+def generate_with(
+    sampler: Sampler | None,
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    seed: int | None = None,
+    prefix_sharing: bool = True,
+    around: Callable | None = None,
+    **sampling: Any,
+) -> RolloutOutput:
+    """``sampler`` (vLLM's engine holding the policy's weights) where given, else our decoder
+    (``generate_groups``, under the caller's RNG); ``sampling`` is what both take."""
+    if sampler is None:
+        return generate_groups(
+            model, tokenizer, prompts, prefix_sharing=prefix_sharing, around=around, **sampling
+        )
+    if around is not None:
+        raise ValueError("a per-prompt hook (around=) needs our decoder: pass no sampler")
+    return sampler(prompts, seed=seed, **sampling)
 
 
 @torch.no_grad()

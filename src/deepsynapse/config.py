@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from deepsynapse.control.build import ControlConfig
+from deepsynapse.control.curriculum import KNOWN_GROUPS
 from deepsynapse.rl.budget import parse_duration
 from deepsynapse.strict import ConfigError, from_mapping
 
@@ -309,6 +310,11 @@ class SFTConfig:
     batch_size: int = _f(8, "examples per warm-up step")
     lr: float = _f(2e-4, "warm-up learning rate")
     data: str = _f("gsm8k", "source of worked solutions (same names as data.train)")
+    trainable_groups: list[str] = _f(
+        ["lora"],
+        "what the warm-up trains (lora, hypernet, memory, all): the hypernetwork and the memory "
+        "start GRPO at identity (trained in the warm-up, the hypernetwork's tanh saturated)",
+    )
 
 
 @dataclass(frozen=True)
@@ -484,6 +490,12 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= cfg.train.budget_sft_share <= 1.0:
         raise ConfigError(
             f"train.budget_sft_share: got {cfg.train.budget_sft_share}, expected 0 <= share <= 1"
+        )
+    unknown = [g for g in cfg.sft.trainable_groups if g not in KNOWN_GROUPS]
+    if unknown or not cfg.sft.trainable_groups:
+        raise ConfigError(
+            f"sft.trainable_groups: got {cfg.sft.trainable_groups}, expected a non-empty list "
+            f"of {', '.join(KNOWN_GROUPS)}"
         )
     lo_hi = cfg.data.synthetic_difficulty
     if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:

@@ -1017,6 +1017,45 @@ def test_hypernetwork_scales_lora_per_prompt(tmp_path_factory, baseline):
     )
 
 
+def hypernet_up(t: Trainer) -> torch.Tensor:
+    return t.adaptive.scaler.hypernet.up.weight.detach().clone()
+
+
+@pytest.mark.parametrize("groups", [None, "[all]"])
+def test_warm_up_leaves_the_hypernetwork_at_identity_for_grpo(tmp_path_factory, groups):
+    """Trained by the warm-up, the hypernetwork's tanh saturated (every multiplier 2.0, no
+    gradient, in both hour runs of full); by default the warm-up trains LoRA only, and GRPO
+    then moves the hypernetwork from identity."""
+    warm = ["hypernet.enabled=true", "hypernet.bottleneck=8", "sft.steps=3", "sft.lr=1e-2"]
+    if groups:
+        warm.append(f"sft.trainable_groups={groups}")
+    h = harness(tmp_path_factory, [*PLAIN, *warm])
+    t = h.trainer
+    lora_before = {n: p.detach().clone() for n, p in lora_b(t).items()}
+    assert run_warmup(t)
+    assert any(not torch.equal(lora_b(t)[n], lora_before[n]) for n in lora_before)
+    up = hypernet_up(t)
+    if groups:  # the old behaviour, on request: the warm-up trains the hypernetwork too
+        assert nonzero(up)
+        return
+    assert not nonzero(up)  # zero-initialised, untouched: every multiplier is exactly 1
+    assert scaling_hooks(t) == 0  # so rollouts decode with LoRA merged (the fast path)
+    h.step()  # GRPO unlocks every group (no curriculum) and trains it
+    assert not torch.equal(hypernet_up(t), up)
+    assert scaling_hooks(t) == len(lora_b(t))  # per-prompt scales from now on
+
+
+def scaling_hooks(t: Trainer) -> int:
+    """Forward hooks on LoRA B modules while the trainer's rollout context is open."""
+    ids, mask = encode_prompts(t.tokenizer, ["What is 2 + 2?", "Name a prime."], "cpu")
+    with t.adaptive.for_prompts(ids, mask):
+        return sum(
+            len(m._forward_hooks)
+            for n, m in t.unwrapped.named_modules()
+            if n.endswith("lora_B.default")
+        )
+
+
 def test_neural_memory_reads_into_the_forward_and_learns(tmp_path_factory, baseline):
     overrides = [*PLAIN, "memory.enabled=true", "memory.slots=4", "memory.heads=2"]
     h = harness(tmp_path_factory, overrides)

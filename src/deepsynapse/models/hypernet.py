@@ -66,6 +66,17 @@ class LoRAHypernetwork(nn.Module):
         self.last = multipliers.detach()
         return multipliers
 
+    def is_identity(self) -> bool:
+        """Whether every multiplier is exactly 1 whatever the context (``up`` all zero)."""
+        return not (bool(self.up.weight.any()) or bool(self.up.bias.any()))
+
+    def identity_stats(self) -> dict[str, float]:
+        """``scale_stats`` of an identity hypernetwork, without running it."""
+        return {
+            f"hypernet/scale_{k}": v
+            for k, v in (("mean", 1.0), ("std", 0.0), ("min", 1.0), ("max", 1.0))
+        }
+
     def scale_stats(self) -> dict[str, float]:
         """``hypernet/scale_{mean,std,min,max}`` of the last multipliers (empty before a call)."""
         if self.last is None or self.last.numel() == 0:

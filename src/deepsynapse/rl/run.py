@@ -15,7 +15,7 @@ from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_grpo_steps
 from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.setup import init_trackers
-from deepsynapse.rl.warmup import run_warmup
+from deepsynapse.rl.warmup import check_answer_lengths, run_warmup
 from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import sample_rows, truncate_jsonl_after
 from deepsynapse.telemetry.summary import run_summary
@@ -92,6 +92,7 @@ def run_stages(trainer, resumed: bool, stop_at: int) -> bool:
     cfg, acc = trainer.cfg, trainer.accelerator
     run_dir, budget = trainer.run_dir, trainer.budget
     if not resumed and not (run_dir / "eval_before.json").exists():
+        check_answer_lengths(trainer)
         start = time.perf_counter()
         evaluate_heldout(trainer, "before")
         if budget is not None:  # the evaluations still to come are reserved at this cost

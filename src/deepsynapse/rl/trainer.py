@@ -334,19 +334,22 @@ class Trainer:
         metrics["throughput/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
         return metrics
 
+    def lock_groups(self, groups: list[str]) -> None:
+        """Train only ``groups`` of the added parameters (a ``locking`` event when it changes)."""
+        if groups == self.locked_groups:
+            return
+        changes = apply_locking(self.unwrapped, groups, lockable=self.adapter_names)
+        self.locked_groups = list(groups)
+        if changes:
+            self.event(
+                "locking",
+                f"trainable groups: {', '.join(groups)}",
+                changes=locking_summary(changes),
+            )
+
     def apply_structure(self, knobs: Knobs, step: int) -> None:
         """What the knobs say about the model itself: trainable groups and LoRA rank."""
-        if knobs.trainable_groups != self.locked_groups:
-            changes = apply_locking(
-                self.unwrapped, knobs.trainable_groups, lockable=self.adapter_names
-            )
-            self.locked_groups = list(knobs.trainable_groups)
-            if changes:
-                self.event(
-                    "locking",
-                    f"trainable groups: {', '.join(knobs.trainable_groups)}",
-                    changes=locking_summary(changes),
-                )
+        self.lock_groups(knobs.trainable_groups)
         if knobs.lora_rank is not None:
             info = self.adaptive.maybe_grow(
                 knobs.lora_rank, self.optimizer, step_seed(self.cfg.train.seed, step, 0, salt=17)

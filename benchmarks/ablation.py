@@ -73,6 +73,13 @@ class Part:
     rewards: dict[str, float] = field(default_factory=dict)
     schema: str | None = None  # the XML schema it needs
     requires: str | None = None  # a part it cannot run without
+    answer_tokens: int = 0  # what it adds to an answer: token budgets grow by this much
+
+
+# The critique and confidence fields' share of a worked solution, tokenised (SmolLM2): +64,
+# +64 and +65 tokens at difficulty 1, 2 and 3. Without it 28% of the critique schema's answers
+# exceeded full's 128-token rollouts and were cut off (full seed 0 of the second study).
+CRITIQUE_TOKENS = 64
 
 
 def parts_for(max_new_tokens: int) -> list[Part]:
@@ -139,8 +146,13 @@ def parts_for(max_new_tokens: int) -> list[Part]:
         Part(
             "critique",
             "critique + confidence calibration rewards (3.4)",
+            (
+                f"rollout.max_new_tokens={max_new_tokens + CRITIQUE_TOKENS}",
+                f"rewards.length_budget={max_new_tokens + CRITIQUE_TOKENS}",  # after guardian's
+            ),
             rewards={"calibration": 0.3, "critique_consistency": 0.2},
             schema="deepsynapse",
+            answer_tokens=CRITIQUE_TOKENS,
         ),
         Part(
             "episodic",

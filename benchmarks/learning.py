@@ -205,6 +205,11 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
     return node
 
 
+# Budgets a part grows from the recipe's own value (critique: + its fields' tokens): plain
+# keeps the recipe's.
+RECIPE_BUDGETS = ("rollout.max_new_tokens",)
+
+
 def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
     """Each key a part sets that the recipe holds at another value than plain's.
 
@@ -216,6 +221,7 @@ def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
     plain = load_config(None, common_overrides(Study(), "tiny-random", "synthetic", 0, 1))
     ours, theirs = plain.to_dict(), recipe_cfg.to_dict()
     keys = dict.fromkeys(o.split("=", 1)[0] for p in parts for o in p.overrides)
+    keys = {k: None for k in keys if k not in RECIPE_BUDGETS}
     return [
         override_text(k, _lookup(ours, k)) for k in keys if _lookup(ours, k) != _lookup(theirs, k)
     ]
@@ -226,10 +232,13 @@ def run_overrides(
 ) -> list[str]:
     """Everything a run sets on top of the recipe (later overrides win); ``st`` resolved."""
     parts = parts_for(recipe_cfg.rollout.max_new_tokens)
+    longer = sum(p.answer_tokens for p in active_parts(config, parts))  # critique's fields
     return [
         *st.extra,
         *plain_reset(parts, recipe_cfg),
         *ablation_part_overrides(config, parts),
+        f"eval.max_new_tokens={recipe_cfg.eval.max_new_tokens + longer}",
+        f"probes.max_new_tokens={recipe_cfg.probes.max_new_tokens + longer}",
         "data.eval=synthetic",  # the fixed held-out set of record
         f"eval.limit={st.eval_limit}",
         f"train.time_budget={st.budget}",

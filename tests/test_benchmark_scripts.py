@@ -257,6 +257,16 @@ def test_learning_plain_is_plain_and_full_is_full_on_top_of_a_recipe_that_turns_
     minus = cfgs["full-reward_weighting"]
     assert minus.rewards.allocator == "static" and not minus.discovery.enabled
     assert minus.hypernet.enabled  # only its family goes
+    # the critique schema's answers are longer: its budgets grow by its fields' tokens
+    longer = ablation.CRITIQUE_TOKENS
+    assert (
+        plain.rollout.max_new_tokens == load_config(recipe, list(st.extra)).rollout.max_new_tokens
+    )
+    assert full.rollout.max_new_tokens == plain.rollout.max_new_tokens + longer
+    assert full.rewards.length_budget == full.rollout.max_new_tokens
+    assert full.eval.max_new_tokens == plain.eval.max_new_tokens + longer
+    assert full.probes.max_new_tokens == plain.probes.max_new_tokens + longer
+    assert minus.rollout.max_new_tokens == full.rollout.max_new_tokens
     for cfg in cfgs.values():  # what every run shares: equal wall-clock on the set of record
         assert cfg.train.time_budget == st.budget and cfg.data.eval == "synthetic"
         assert cfg.train.keep_checkpoints >= 1000 and cfg.probes.every == st.probe_every

@@ -34,6 +34,7 @@ from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
 from deepsynapse.rl.trainer import Trainer
 from deepsynapse.rl.warmup import run_warmup
 from deepsynapse.rollout.hf import RolloutOutput, encode_prompts
+from deepsynapse.telemetry.run_logger import read_jsonl
 
 # train.trim_memory is memory hygiene, not a part: its mmap'd buffers cost page faults.
 PLAIN = [*TINY, "sft.steps=0", "eval.limit=0", "train.save_every=0", "train.trim_memory=false"]
@@ -1045,6 +1046,22 @@ def test_warm_up_leaves_the_hypernetwork_at_identity_for_grpo(tmp_path_factory, 
     assert scaling_hooks(t) == len(lora_b(t))  # per-prompt scales from now on
 
 
+def test_a_saturated_hypernetwork_is_reported_once(tmp_path_factory, capsys):
+    h = harness(tmp_path_factory, [*PLAIN, "hypernet.enabled=true", "hypernet.bottleneck=8"])
+    t = h.trainer
+    with torch.no_grad():
+        t.adaptive.scaler.hypernet.up.bias.fill_(10.0)  # tanh(10): every multiplier at 2.0
+    first, second = h.step(), h.step()
+    assert first.metrics["hypernet/scale_saturated"] == 1.0
+    assert first.metrics["hypernet/scale_mean"] == pytest.approx(2.0)
+    events = [
+        e for e in read_jsonl(t.run_dir / "events.jsonl") if e["kind"] == "hypernet_saturated"
+    ]
+    assert len(events) == 1 and events[0]["evidence"]["share"] == 1.0  # said once, not each step
+    assert "hypernetwork's multipliers are saturated" in capsys.readouterr().out
+    assert second.metrics["hypernet/scale_saturated"] == 1.0  # no gradient brings it back
+
+
 def scaling_hooks(t: Trainer) -> int:
     """Forward hooks on LoRA B modules while the trainer's rollout context is open."""
     ids, mask = encode_prompts(t.tokenizer, ["What is 2 + 2?", "Name a prime."], "cpu")
@@ -1100,8 +1117,6 @@ def test_skill_probes_run_and_leave_the_steps_bit_identical(tmp_path_factory, ba
 
 
 def test_telemetry_logs_every_part_of_the_step(tmp_path_factory):
-    from deepsynapse.telemetry.run_logger import read_jsonl
-
     run_dir = tmp_path_factory.mktemp("telemetry") / "run"
     h = Harness(run_dir, [*SCRIPTED, "train.steps=1", "train.report=true"], varied_g2)
     h.trainer.train()

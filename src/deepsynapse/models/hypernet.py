@@ -38,6 +38,7 @@ from deepsynapse.models.dynamic_lora import (
 )
 
 Granularity = Literal["layer", "module"]
+SATURATED = 0.99  # a multiplier this close to 1 +- max_change counts as saturated
 
 
 class LoRAHypernetwork(nn.Module):
@@ -72,13 +73,12 @@ class LoRAHypernetwork(nn.Module):
 
     def identity_stats(self) -> dict[str, float]:
         """``scale_stats`` of an identity hypernetwork, without running it."""
-        return {
-            f"hypernet/scale_{k}": v
-            for k, v in (("mean", 1.0), ("std", 0.0), ("min", 1.0), ("max", 1.0))
-        }
+        stats = (("mean", 1.0), ("std", 0.0), ("min", 1.0), ("max", 1.0), ("saturated", 0.0))
+        return {f"hypernet/scale_{k}": v for k, v in stats}
 
     def scale_stats(self) -> dict[str, float]:
-        """``hypernet/scale_{mean,std,min,max}`` of the last multipliers (empty before a call)."""
+        """``hypernet/scale_{mean,std,min,max}`` of the last multipliers and the share of them
+        saturated (``scale_saturated``); empty before a call."""
         if self.last is None or self.last.numel() == 0:
             return {}
         m = self.last.float()
@@ -87,6 +87,10 @@ class LoRAHypernetwork(nn.Module):
             "hypernet/scale_std": float(m.std(unbiased=False)),
             "hypernet/scale_min": float(m.min()),
             "hypernet/scale_max": float(m.max()),
+            # at tanh's bounds the gradient vanishes: a saturated multiplier no longer learns
+            "hypernet/scale_saturated": float(
+                ((m - 1.0).abs() > SATURATED * self.max_change).float().mean()
+            ),
         }
 
 

@@ -78,6 +78,8 @@ from deepsynapse.rl.update import grpo_update, step_metrics
 from deepsynapse.rl.warmup import SFTWarmup
 from deepsynapse.telemetry.run_logger import RunLogger, fix_malloc_thresholds, release_freed_memory
 
+SATURATED_WARN_SHARE = 0.5  # warn when this share of hypernetwork multipliers is saturated
+
 # The knobs the loop reads (a knob a controller writes must be one of them: check_knob_owners).
 KNOB_READS = frozenset(
     {
@@ -232,6 +234,7 @@ class Trainer:
         self.dropped_groups = 0  # groups dynamic sampling dropped in the last step
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
+        self.saturation_reported = False  # hypernet_saturated is said once a process
         self.stop = StopRequest(self.accelerator, self.say)
         seconds = parse_duration(cfg.train.time_budget)
         self.budget = (
@@ -332,7 +335,22 @@ class Trainer:
             timer.seconds.get("generate", 0.0), 1e-9
         )
         metrics["throughput/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
+        self.warn_saturated_hypernet(metrics.get("hypernet/scale_saturated", 0.0))
         return metrics
+
+    def warn_saturated_hypernet(self, share: float) -> None:
+        """Say once when most hypernetwork multipliers sit at tanh's bounds, where their
+        gradient vanishes (full's first hour runs: all of them at 2.0 from the first step)."""
+        if share < SATURATED_WARN_SHARE or self.saturation_reported:
+            return
+        self.saturation_reported = True
+        message = (
+            f"{share:.0%} of the hypernetwork's multipliers are saturated (1 +- "
+            "hypernet.max_change): they no longer learn; lower its learning rate or "
+            "raise hypernet.max_change"
+        )
+        self.say(f"warning: {message}")
+        self.event("hypernet_saturated", message, share=share)
 
     def lock_groups(self, groups: list[str]) -> None:
         """Train only ``groups`` of the added parameters (a ``locking`` event when it changes)."""

@@ -619,8 +619,29 @@ def read_run(run: Run, st: Learning) -> RunResult:
             "gain": paired(g_start, g_final),
         },
         "curve": learning_curve(rows, start, final, cfg.probes.heldout),
+        "training": training_health(grpo),
     }
     return RunResult(run.config, run.seed, numbers, {"heldout": final, "gsm8k": g_final})
+
+
+# What a run's GRPO steps saw, averaged over them: the signals that explained full seed 0's
+# loss (format failures tracking truncations; a hypernetwork saturated from the first step).
+HEALTH = {
+    "format/valid_rate": "format valid",
+    "completion/truncated_rate": "truncated",
+    "groups/with_signal": "groups with signal",
+    "kl/mean": "KL",
+    "hypernet/scale_saturated": "hypernet saturated",
+}
+
+
+def training_health(grpo_rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean of each ``HEALTH`` metric over the GRPO steps (None where never logged)."""
+    out: dict[str, float | None] = {}
+    for key in HEALTH:
+        values = [float(r[key]) for r in grpo_rows if isinstance(r.get(key), (int, float))]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 # ------------------------------------------------------------------ across runs
@@ -773,6 +794,18 @@ def markdown(report: dict[str, Any]) -> str:
         _section(
             f"Per run, GSM8K test transfer (first {gsm8k_n} problems)",
             "config|seed|start|end|gain (strict)|(lenient)",
+            rows,
+        )
+    )
+    rows = [
+        [r["config"], str(r["seed"])]
+        + ["-" if (v := (r.get("training") or {}).get(k)) is None else f"{v:.2f}" for k in HEALTH]
+        for r in runs
+    ]
+    out.append(
+        _section(
+            "Per run, what its GRPO steps saw (means over the steps)",
+            "config|seed|" + "|".join(HEALTH.values()),
             rows,
         )
     )

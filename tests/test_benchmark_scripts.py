@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -231,7 +232,7 @@ def _fabricate_finished(run, recipe, start, final, gsm_start, gsm_final):
     (d / "learning" / "gsm8k_start.json").write_text(json.dumps(_records("g", gsm_start)))
     (d / "learning" / "gsm8k_final.json").write_text(json.dumps(_records("g", gsm_final)))
     rows = [{"step": 0, "sft/step": k, "timing/sft_step": 2.0} for k in (1, 2)]
-    rows += [{"step": k, "timing/step": 5.0} for k in (1, 2)]
+    rows += [{"step": k, "timing/step": 5.0, "completion/truncated_rate": k / 4} for k in (1, 2)]
     rows[-1]["accuracy/heldout"] = 0.5
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps({"steps": 2}))
@@ -381,6 +382,8 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     assert curve["clock"] == "steps" and curve["grpo_start_s"] == 4.0 and curve["end_s"] == 14.0
     # start (first 3 problems of eval_after_sft), the probe at step 2, the end
     assert curve["points"] == [[4.0, 1 / 3], [14.0, 0.5], [14.0, 2 / 3]]
+    assert first["training"]["completion/truncated_rate"] == 0.375  # mean over the GRPO steps
+    assert first["training"]["hypernet/scale_saturated"] is None  # never logged
     machine = {"cpu": "test", "cpu_class": "avx2 only"}
     report = learning.build_report(st, recipe, ["plain", "full"], results, [], "", machine)
     fvp = report["full_vs_plain"]["full - plain"]
@@ -394,6 +397,8 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     text = learning.markdown(report)
     for heading in ("Per run, held-out", "GSM8K test transfer", "Across seeds", "Full vs plain"):
         assert heading in text
+    saw = text.split("what its GRPO steps saw")[1]  # format valid, truncated, ...: means
+    assert re.search(r"\| plain +\| 0 +\| - +\| 0\.38 +\| - +\|", saw)
     assert "| full - plain | mean of 2" in text and "avx2 only" in text
     assert "+37.5 ± 17.7 pts" in text
     json.dumps(report)  # the results file holds it

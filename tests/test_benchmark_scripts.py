@@ -71,7 +71,10 @@ def test_plain_is_grpo_only_and_each_minus_config_differs_from_full():
     for part in ablation.parts_for(64):
         minus = _ablation_config(f"full-{part.name}").to_dict()
         assert minus != full, f"removing {part.name} changes nothing"
-        assert minus["train"] == full["train"] and minus["rollout"] == full["rollout"]
+        assert minus["train"] == full["train"]
+        longer = part.answer_tokens  # removing the critique gives back its fields' tokens
+        rollout = {**full["rollout"], "max_new_tokens": full["rollout"]["max_new_tokens"] - longer}
+        assert minus["rollout"] == rollout
     # A part goes with the part it needs.
     assert "dynamic_lora" not in {
         p.name for p in ablation.active_parts("full-curriculum", ablation.parts_for(64))

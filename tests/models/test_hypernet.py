@@ -131,7 +131,9 @@ def test_gradients_reach_the_hypernet(tok, model):
         opt.step()
         opt.zero_grad()
     stats = hypernet.scale_stats()
-    assert set(stats) == {f"hypernet/scale_{k}" for k in ("mean", "std", "min", "max")}
+    kinds = ("mean", "std", "min", "max", "saturated")
+    assert set(stats) == {f"hypernet/scale_{k}" for k in kinds}
+    assert set(hypernet.identity_stats()) == set(stats)  # what a run logs either way
     assert stats["hypernet/scale_std"] > 0
 
 

@@ -223,6 +223,7 @@ class Trainer:
                 kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                 max_model_len=cfg.rollout.vllm_max_model_len,
                 seed=cfg.train.seed,
+                training=True,
             )
         self.weights_version = 0  # bumped by every optimizer step, growth and load
         self.vllm_version = -1 if self.vllm is None else 0  # the engine has the built weights

@@ -221,7 +221,7 @@ def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
     plain = load_config(None, common_overrides(Study(), "tiny-random", "synthetic", 0, 1))
     ours, theirs = plain.to_dict(), recipe_cfg.to_dict()
     keys = dict.fromkeys(o.split("=", 1)[0] for p in parts for o in p.overrides)
-    keys = {k: None for k in keys if k not in RECIPE_BUDGETS}
+    keys = [k for k in keys if k not in RECIPE_BUDGETS]
     return [
         override_text(k, _lookup(ours, k)) for k in keys if _lookup(ours, k) != _lookup(theirs, k)
     ]

@@ -72,16 +72,17 @@ class LoRAHypernetwork(nn.Module):
         return not (bool(self.up.weight.any()) or bool(self.up.bias.any()))
 
     def identity_stats(self) -> dict[str, float]:
-        """``scale_stats`` of an identity hypernetwork, without running it."""
-        stats = (("mean", 1.0), ("std", 0.0), ("min", 1.0), ("max", 1.0), ("saturated", 0.0))
-        return {f"hypernet/scale_{k}": v for k, v in stats}
+        """``scale_stats`` of an identity hypernetwork (every multiplier 1), without running it."""
+        return self._stats(torch.ones(1, 1))
 
     def scale_stats(self) -> dict[str, float]:
         """``hypernet/scale_{mean,std,min,max}`` of the last multipliers and the share of them
         saturated (``scale_saturated``); empty before a call."""
         if self.last is None or self.last.numel() == 0:
             return {}
-        m = self.last.float()
+        return self._stats(self.last.float())
+
+    def _stats(self, m: torch.Tensor) -> dict[str, float]:
         return {
             "hypernet/scale_mean": float(m.mean()),
             "hypernet/scale_std": float(m.std(unbiased=False)),

@@ -20,7 +20,13 @@ DeepSynapse's three evaluations took 1,604 s of its hour, plain's 797 s; see
 (``--steps``, 10 000), so the budget, not a step count, ends GRPO. *Equal wall-clock* means
 this: a configuration whose steps cost more (accumulation, SFT mixing, the hypernetwork, a
 verifier) gets fewer of them, and the comparison counts that against it. Runs go one at a
-time with every core, so no run slows another.
+time with every core, so no run slows another; or, with ``--side-by-side``, the runs of a seed
+train at the same time, each pinned to its own equal share of the cores (2 configurations on 2
+cores: one core each, an hour each). Machines differ between sessions (one has AMX, the next
+has not; step times differ 2x), so a pair measured in one sitting on one machine is the fair
+pair, and a seed's pair fits one session. Each training invocation records where it ran
+(``<run>/learning/machines.jsonl``: CPU class, the cores it was pinned to, the runs beside it),
+and the tables show it per run.
 
 Configurations (``ablation.py`` defines them, once): ``plain`` is GRPO with the correctness
 and two format rewards at static weights, no DeepSynapse part; ``full`` switches every part
@@ -370,52 +376,123 @@ def start_checkpoint(run_dir: Path) -> tuple[str | None, str]:
 
 # ------------------------------------------------------------------ child processes
 
-_CHILD: subprocess.Popen | None = None
+# Pins itself to the CPUs in argv[1], then becomes the command after it (affinity survives exec).
+_PIN = (
+    "import os, sys; os.sched_setaffinity(0, map(int, sys.argv[1].split(','))); "
+    "os.execvp(sys.argv[2], sys.argv[2:])"
+)
+_CHILDREN: set[subprocess.Popen] = set()  # running children (several with --side-by-side)
 _STOP: list[str] = []  # the signal that asked this script to stop, if any
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
     _STOP.append(name)
-    child = _CHILD
-    if child is not None and child.poll() is None:
-        print(f"\n{name}: passing it to the running child (it checkpoints, then exits)", flush=True)
-        child.send_signal(signum)
+    running = [c for c in list(_CHILDREN) if c.poll() is None]
+    if running:
+        print(f"\n{name}: passing it to the running child(ren) (they checkpoint, then exit)")
+        for child in running:
+            child.send_signal(signum)
     else:
         print(f"\n{name}: stopping after this", flush=True)
 
 
-def run_logged(cmd: list[str], log: Path, echo: str = "    ") -> int:
+def run_logged(
+    cmd: list[str], log: Path, echo: str = "    ", cores: Sequence[int] | None = None
+) -> int:
     """Run a command with its output appended to ``log``; echo the trainer's own lines.
 
     The child runs in a session of its own: a Ctrl-C reaches it once, through this
-    process (the trainer finishes its step and checkpoints), never twice.
+    process (the trainer finishes its step and checkpoints), never twice. ``cores``: pin
+    it to these CPUs, with as many torch threads (a run beside another).
     """
-    global _CHILD
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = child_env()
+    if cores:  # pinned before exec (no preexec_fn: unsafe beside this script's threads)
+        env["OMP_NUM_THREADS"] = str(len(cores))
+        cmd = [sys.executable, "-c", _PIN, ",".join(map(str, cores)), *cmd]
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n[{time.strftime('%Y-%m-%d %H:%M:%S')}] $ {shlex.join(cmd)}\n")
         out.flush()
-        _CHILD = subprocess.Popen(
+        child = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=child_env(),
+            env=env,
             cwd=REPO,
             start_new_session=True,
         )
+        _CHILDREN.add(child)
         try:
-            assert _CHILD.stdout is not None
-            for line in _CHILD.stdout:
+            assert child.stdout is not None
+            for line in child.stdout:
                 out.write(line)
                 if line.startswith("[deepsynapse]") or "error" in line.lower():
                     print(echo + line.rstrip(), flush=True)
-            return _CHILD.wait()
+            return child.wait()
         finally:
-            if _CHILD.poll() is None:
-                _CHILD.kill()
-            _CHILD = None
+            if child.poll() is None:
+                child.kill()
+            _CHILDREN.discard(child)
+
+
+def core_shares(n_runs: int, cores: Sequence[int]) -> list[tuple[int, ...]]:
+    """Each of ``n_runs`` runs side by side gets its own equal share of ``cores``.
+
+    >>> core_shares(2, [0, 1]), core_shares(2, [0, 1, 2, 3, 4])
+    ([(0,), (1,)], [(0, 1), (2, 3)])
+    """
+    if not 0 < n_runs <= len(cores):
+        raise SystemExit(
+            f"--side-by-side: {n_runs} runs a seed need a core each; this process may use "
+            f"{len(cores)} ({sorted(cores)}): run fewer --configs, or without --side-by-side"
+        )
+    per = len(cores) // n_runs
+    ordered = sorted(cores)
+    return [tuple(ordered[i * per : (i + 1) * per]) for i in range(n_runs)]
+
+
+MACHINES = "machines.jsonl"  # in <run>/learning/: where each training invocation ran
+
+
+def record_machine(run_dir: Path, action: str, cores: Sequence[int], beside: Sequence[str]) -> None:
+    """Note where this training invocation runs: a run may be resumed on another machine."""
+    m = machine_info()
+    row = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "action": action,
+        "cpu": m.get("cpu"),
+        "cpu_class": m.get("cpu_class"),
+        "machine_cores": m.get("cores"),
+        "cores": sorted(cores),
+        "beside": list(beside),
+    }
+    path = run_dir / EVAL_DIR / MACHINES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def machines_text(rows: list[dict[str, Any]]) -> str:
+    """Where a run trained, in a table cell: class, cores, who ran beside it.
+
+    >>> machines_text([{"cpu_class": "bf16 (amx)", "cores": [1], "machine_cores": 2,
+    ...                 "beside": ["plain-seed0"]}])
+    'bf16 (amx), 1 of 2 cores, beside plain-seed0'
+    >>> machines_text([])
+    'not recorded'
+    """
+    seen = []
+    for r in rows:
+        text = (
+            f"{r.get('cpu_class')}, {len(r.get('cores') or [])} of {r.get('machine_cores')} cores"
+        )
+        if r.get("beside"):
+            text += ", beside " + " ".join(r["beside"])
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen) or "not recorded"
 
 
 def train_command(recipe: str, overrides: list[str], run_dir: Path, resume: bool) -> list[str]:
@@ -475,12 +552,14 @@ def eval_jobs(st: Learning, run_dir: Path, cfg: Any) -> tuple[list[EvalJob], lis
     return jobs, notes
 
 
-def run_eval(run_dir: Path, job: EvalJob, cfg: Any) -> str | None:
+def run_eval(
+    run_dir: Path, job: EvalJob, cfg: Any, cores: Sequence[int] | None = None
+) -> str | None:
     """Run one evaluation into the cache; the error's text, or None."""
     out = run_dir / EVAL_DIR / job.name
     tmp = out.with_name(out.name + ".tmp")
     cmd = eval_command(run_dir, job.checkpoint, job.data, job.limit, cfg, tmp)
-    rc = run_logged(cmd, run_dir / EVAL_DIR / "eval.log")
+    rc = run_logged(cmd, run_dir / EVAL_DIR / "eval.log", cores=cores)
     if rc != 0 or not tmp.is_file():
         return f"{job.name}: deepsynapse eval exited with {rc} (see {run_dir / EVAL_DIR}/eval.log)"
     tmp.replace(out)
@@ -619,6 +698,7 @@ def read_run(run: Run, st: Learning) -> RunResult:
             "gain": paired(g_start, g_final),
         },
         "curve": learning_curve(rows, start, final, cfg.probes.heldout),
+        "machines": read_jsonl(d / EVAL_DIR / MACHINES),
         "training": training_health(grpo),
     }
     return RunResult(run.config, run.seed, numbers, {"heldout": final, "gsm8k": g_final})
@@ -809,6 +889,8 @@ def markdown(report: dict[str, Any]) -> str:
             rows,
         )
     )
+    rows = [[r["config"], str(r["seed"]), machines_text(r.get("machines") or [])] for r in runs]
+    out.append(_section("Per run, where it trained", "config|seed|CPU class, cores", rows))
     rows = [
         [config, str(len(row["seeds"]))]
         + [_mean_acc(row[k]) for k in ("heldout_start", "heldout_final")]
@@ -1002,6 +1084,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
     ap.add_argument(
         "--fresh", action="store_true", help="redo runs whose folders hold other settings"
     )
+    ap.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="train a seed's runs at the same time, each pinned to its share of the cores "
+        "(a pair measured on one machine in one sitting)",
+    )
     ap.add_argument("--list", action="store_true", help="print each run's command and exit")
     ap.add_argument(
         "--quick", action="store_true", help="smoke check: tiny-random, 30 s runs, 1 seed"
@@ -1058,9 +1146,19 @@ def left_text(run: Run, st: Learning, jobs: Iterable[EvalJob] = ()) -> str:
 
 
 def advance(
-    run: Run, st: Learning, recipe: str, expected: dict[str, Any], deadline: float | None
+    run: Run,
+    st: Learning,
+    recipe: str,
+    expected: dict[str, Any],
+    deadline: float | None,
+    cores: Sequence[int] | None = None,
+    beside: Sequence[str] = (),
 ) -> None:
-    """Train (or resume) the run if it is not finished, then run its missing evaluations."""
+    """Train (or resume) the run if it is not finished, then run its missing evaluations.
+
+    ``cores``/``beside``: the run's share of the machine and the runs sharing it
+    (``--side-by-side``); its children are pinned there.
+    """
     from deepsynapse.config import load_config
 
     def out_of_time() -> bool:
@@ -1082,7 +1180,9 @@ def advance(
         print(f"[{stamp}] {run_name(run.config, run.seed)}: {run.actions[-1]}", flush=True)
         began = time.perf_counter()
         cmd = train_command(recipe, run.overrides, run.run_dir, resume)
-        rc = run_logged(cmd, run.run_dir / EVAL_DIR / "train.log")
+        used = cores or sorted(os.sched_getaffinity(0))
+        record_machine(run.run_dir, run.actions[-1], used, beside)
+        rc = run_logged(cmd, run.run_dir / EVAL_DIR / "train.log", cores=cores)
         took = time.perf_counter() - began
         run.state, run.detail = inspect_run(run.run_dir, expected)
         print(
@@ -1107,10 +1207,42 @@ def advance(
             f"({job.data}, {job.limit} problems, {job.checkpoint or 'final checkpoint'})",
             flush=True,
         )
-        error = run_eval(run.run_dir, job, cfg)
+        error = run_eval(run.run_dir, job, cfg, cores)
         run.actions.append(f"evaluated {job.name}")
         if error:
             run.errors.append(error)
+
+
+def run_side_by_side(
+    runs: list[Run],
+    st: Learning,
+    recipe: str,
+    expected: dict[Path, dict[str, Any]],
+    deadline: float | None,
+) -> None:
+    """Seed by seed, the seed's runs at the same time, each on its own share of the cores."""
+    import threading
+
+    for seed in st.seeds:
+        group = [r for r in runs if r.seed == seed]
+        shares = core_shares(len(group), sorted(os.sched_getaffinity(0)))
+        names = [run_name(r.config, r.seed) for r in group]
+        threads = [
+            threading.Thread(
+                target=advance,
+                args=(run, st, recipe, expected[run.run_dir], deadline),
+                kwargs={"cores": share, "beside": [n for n in names if n != name]},
+                name=name,
+            )
+            for run, share, name in zip(group, shares, names, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():  # a timed join lets the main thread take Ctrl-C
+                t.join(timeout=1.0)
+        if _STOP:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1148,8 +1280,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for run in runs:
-            advance(run, st, recipe, expected[run.run_dir], deadline)
+        if args.side_by_side:
+            run_side_by_side(runs, st, recipe, expected, deadline)
+        else:
+            for run in runs:
+                advance(run, st, recipe, expected[run.run_dir], deadline)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

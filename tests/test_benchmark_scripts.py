@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -415,6 +416,34 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     abl = report["ablation"]["full-adaptive_policy - full"]
     assert abl["per_seed"][0]["heldout"]["strict"]["delta"] == -0.25
     assert "Ablation" in learning.markdown(report) and "**Partial:**" in learning.markdown(report)
+
+
+def test_learning_side_by_side_pins_each_run_to_its_share_and_records_where_it_ran(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    assert learning.core_shares(2, [3, 1]) == [(1,), (3,)]
+    with pytest.raises(SystemExit, match="need a core each"):
+        learning.core_shares(len(cores) + 1, cores)
+    # The child sees only its share, and as many torch threads.
+    show = (
+        "import os; print('pinned', sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+    )
+    log = tmp_path / "child.log"
+    rc = learning.run_logged([sys.executable, "-c", show], log, cores=[cores[-1]])
+    assert rc == 0 and f"pinned [{cores[-1]}] 1" in log.read_text()
+    # Each training invocation notes where it ran; the tables show it per run.
+    st, recipe, runs = _learning_runs(tmp_path, ("plain", "full"), (0,))
+    for run in runs:
+        _fabricate_finished(run, recipe, [False] * 4, [False] * 4, [False] * 4, [False] * 4)
+    learning.record_machine(runs[1].run_dir, "trained", [cores[-1]], ["plain-seed0"])
+    results = [learning.read_run(r, st) for r in runs]
+    assert results[0].numbers["machines"] == []
+    assert results[1].numbers["machines"][0]["cores"] == [cores[-1]]
+    text = learning.markdown(
+        learning.build_report(st, recipe, ["plain", "full"], results, [], "", {})
+    )
+    where = text.split("where it trained")[1]
+    assert "| plain " in where and "not recorded" in where
+    assert f"1 of {os.cpu_count()} cores, beside plain-seed0" in where
 
 
 def test_learning_override_values_read_back_as_written():

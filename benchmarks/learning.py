@@ -1153,11 +1153,12 @@ def advance(
     deadline: float | None,
     cores: Sequence[int] | None = None,
     beside: Sequence[str] = (),
+    evaluate: bool = True,
 ) -> None:
     """Train (or resume) the run if it is not finished, then run its missing evaluations.
 
     ``cores``/``beside``: the run's share of the machine and the runs sharing it
-    (``--side-by-side``); its children are pinned there.
+    (``--side-by-side``); its children are pinned there. ``evaluate=False``: train only.
     """
     from deepsynapse.config import load_config
 
@@ -1167,7 +1168,7 @@ def advance(
     run.state, run.detail = inspect_run(run.run_dir, expected)
     if run.state == "conflict":
         return
-    if run.state == "finished":
+    if run.state == "finished" and not run.actions:
         print(f"{run_name(run.config, run.seed)}: reused (finished earlier)", flush=True)
     if run.state in ("todo", "resumable"):
         if out_of_time():
@@ -1194,6 +1195,8 @@ def advance(
             if rc != 0:
                 run.errors.append(f"train exited with {rc} (see {run.run_dir}/{EVAL_DIR})")
             return
+    if not evaluate:
+        return
     removed = prune_checkpoints(run.run_dir)
     if removed:
         run.actions.append(f"pruned {len(removed)} checkpoint(s)")
@@ -1220,8 +1223,15 @@ def run_side_by_side(
     expected: dict[Path, dict[str, Any]],
     deadline: float | None,
 ) -> None:
-    """Seed by seed, the seed's runs at the same time, each on its own share of the cores."""
+    """Seed by seed, the seed's runs train at the same time, each on its own share of the
+    cores; then their evaluations (off every clock) run one at a time on all of them."""
     import threading
+
+    def train(run: Run, **kwargs: Any) -> None:
+        try:
+            advance(run, st, recipe, expected[run.run_dir], deadline, **kwargs)
+        except Exception as e:  # noqa: BLE001 - reported with the run, like a failed child
+            run.errors.append(f"{type(e).__name__}: {e}")
 
     for seed in st.seeds:
         group = [r for r in runs if r.seed == seed]
@@ -1229,9 +1239,13 @@ def run_side_by_side(
         names = [run_name(r.config, r.seed) for r in group]
         threads = [
             threading.Thread(
-                target=advance,
-                args=(run, st, recipe, expected[run.run_dir], deadline),
-                kwargs={"cores": share, "beside": [n for n in names if n != name]},
+                target=train,
+                args=(run,),
+                kwargs={
+                    "cores": share,
+                    "beside": [n for n in names if n != name],
+                    "evaluate": False,
+                },
                 name=name,
             )
             for run, share, name in zip(group, shares, names, strict=True)
@@ -1241,8 +1255,10 @@ def run_side_by_side(
         for t in threads:
             while t.is_alive():  # a timed join lets the main thread take Ctrl-C
                 t.join(timeout=1.0)
-        if _STOP:
-            return
+        for run in group:
+            if _STOP:
+                return
+            advance(run, st, recipe, expected[run.run_dir], deadline)
 
 
 def main(argv: list[str] | None = None) -> int:

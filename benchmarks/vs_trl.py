@@ -78,6 +78,7 @@ class Settings:
     trl_weights: str = "same"  # TRL's base weights: 'same' dtype as DeepSynapse, or 'fp32'
     trl_gradient_checkpointing: bool = False
     backend: str = "ours"  # DeepSynapse's rollout.backend (vllm needs --deepsynapse-python)
+    deepsynapse_set: tuple[str, ...] = ()  # DeepSynapse overrides on top (an A/B of a setting)
 
 
 def trl_available() -> tuple[bool, str]:
@@ -257,6 +258,7 @@ def deepsynapse_overrides(s: Settings, data: str, out: Path) -> list[str]:
         "sft.steps=0",
         "eval.limit=0",
         "rewards.weights={" + weights + "}",
+        *s.deepsynapse_set,
     ]
 
 
@@ -334,12 +336,16 @@ def _profiled_step(trainer, step: int) -> tuple[dict[str, float], dict[str, Any]
 
 
 def child_main(spec: dict[str, Any]) -> None:
+    from deepsynapse.allocator import active_allocator, reexec_with_allocator
+
     s = Settings(**spec["settings"])
     work = Path(spec["work"])
     if spec["trainer"] == "trl":
         result = child_trl(s, spec["data"], work)
-    else:
+    else:  # as `deepsynapse train` runs: on tcmalloc where the machine has it
+        reexec_with_allocator()
         result = child_deepsynapse(s, spec["data"], work, profile=spec.get("profile", False))
+    result["allocator"] = active_allocator()  # TRL: whatever the user's environment gives it
     emit_result(result)
 
 
@@ -523,6 +529,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         help="interpreter of DeepSynapse's runs, e.g. .venv-vllm/bin/python for --backend vllm "
         "(vLLM pins its own transformers, so it lives in its own venv)",
     )
+    ap.add_argument(
+        "--deepsynapse-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DeepSynapse config override on top of the shared settings (repeatable), "
+        "e.g. train.trim_memory=false",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny-random, 1 step, 1 repeat, 32 tokens")
     ap.add_argument(
         "--profile", action="store_true", help="profile DeepSynapse's last step; TRL not run"
@@ -546,6 +560,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
         trl_weights=args.trl_weights,
         trl_gradient_checkpointing=args.trl_gradient_checkpointing,
         backend=args.backend,
+        deepsynapse_set=tuple(args.deepsynapse_set),
     )
     if args.quick:
         s = Settings(

@@ -32,3 +32,11 @@ def test_train_prints_no_library_warnings(tmp_path):
     text = proc.stdout + proc.stderr
     noisy = [line for line in text.splitlines() if any(n in line for n in NOISE)]
     assert not noisy, "\n".join(noisy)
+    # The command line re-executed itself onto tcmalloc where the machine has it, and says so.
+    from deepsynapse.allocator import ENV, find_tcmalloc
+    from deepsynapse.telemetry.run_logger import read_jsonl
+
+    (start,) = [e for e in read_jsonl(tmp_path / "quiet" / "events.jsonl") if e["kind"] == "start"]
+    on_tcmalloc = find_tcmalloc() and os.environ.get(ENV, "auto") in ("auto", "tcmalloc")
+    assert start["evidence"]["allocator"] == ("tcmalloc" if on_tcmalloc else "glibc")
+    assert f"C allocator {start['evidence']['allocator']}" in proc.stdout + proc.stderr

@@ -571,5 +571,18 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted")
 
 
+def entry() -> int:
+    """The command line (console script, ``python -m deepsynapse.cli``): first onto the fast
+    C allocator (``deepsynapse.allocator``: re-executes once with tcmalloc preloaded where the
+    machine has it), then ``main``. Library callers of ``main`` keep their process."""
+    from deepsynapse.allocator import AllocatorError, reexec_with_allocator
+
+    try:
+        reexec_with_allocator()
+    except AllocatorError as exc:
+        return _fail(str(exc))
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

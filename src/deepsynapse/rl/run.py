@@ -9,6 +9,7 @@ import json
 import time
 from typing import Any
 
+from deepsynapse.allocator import active_allocator
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import save_config
 from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_grpo_steps
@@ -51,9 +52,13 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
             dtype_reason=trainer.dtype_choice.reason,
             world_size=trainer.world,
             skipped_rows=trainer.skipped_rows,
+            allocator=active_allocator(),
         )
     dtype = trainer.dtype_choice
-    trainer.say(f"{trainer.plan.describe()}; dtype {dtype.dtype} ({dtype.reason})")
+    trainer.say(
+        f"{trainer.plan.describe()}; dtype {dtype.dtype} ({dtype.reason}); "
+        f"C allocator {active_allocator()}"
+    )
     if trainer.rollout_note:
         trainer.say(trainer.rollout_note)
         trainer.event("rollout_backend", trainer.rollout_note)

@@ -17,7 +17,8 @@ raw fit mistakes for growth), and a verdict against ``--bound`` MB per 100 steps
 On glibc it also splits RSS after each step into what the C heap holds live (``heap``:
 tensors, caches, Python's large objects), its mmapped buffers, and the rest (``kept``: freed
 memory the allocator keeps, plus code and Python's small-object arenas), so growth can be
-told from allocator placement.
+told from allocator placement. It runs on the C allocator the command line would pick
+(tcmalloc where installed; ``DEEPSYNAPSE_ALLOCATOR=glibc`` for glibc), named in the summary.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepsynapse.allocator import active_allocator, reexec_with_allocator
 from deepsynapse.config import load_config
 from deepsynapse.rl.trainer import Trainer
 from deepsynapse.telemetry.run_logger import current_rss_mb, malloc_usage_mb
@@ -64,13 +66,14 @@ class SoakTrainer(Trainer):
         self.rss: list[float] = []
         self.heap: list[float] = []  # live C-heap bytes (glibc), MB
         self.kept: list[float] = []  # RSS - live heap - mmapped buffers, MB
+        self.on_glibc = active_allocator() == "glibc"  # else glibc's counts are not the heap
         self.every = every
         self.started = time.perf_counter()
 
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)  # trims the C heap at its end (train.trim_memory)
         self.rss.append(current_rss_mb())
-        usage = malloc_usage_mb()
+        usage = malloc_usage_mb() if self.on_glibc else None  # glibc's own count
         if usage is not None:
             self.heap.append(usage["in_use"])
             self.kept.append(self.rss[-1] - usage["in_use"] - usage["mmapped"])
@@ -160,6 +163,7 @@ def main() -> int:
     summary = {
         "model": args.model,
         "trim_memory": cfg.train.trim_memory,
+        "allocator": active_allocator(),
         "seconds_per_step": round(seconds_per_step, 2),
         **summarize(rss, args.bound),
     }
@@ -177,4 +181,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_allocator()  # as `deepsynapse train` runs (DEEPSYNAPSE_ALLOCATOR=glibc: glibc)
     sys.exit(main())

@@ -22,6 +22,10 @@ What stays different, by design: DeepSynapse stops a completion at ``</answer>``
 only), so compare completion tokens per second as well as steps per second; each draws the
 same set of questions in its own seeded order.
 
+DeepSynapse's child runs on the C allocator its command line picks (tcmalloc where installed,
+``deepsynapse.allocator``), TRL's on what the environment gives it (glibc unless you preload
+another: ``LD_PRELOAD=... python benchmarks/vs_trl.py --only trl``); each result names it.
+
 Each run is a fresh child process (peak RSS is the child's own ``ru_maxrss``), alternating
 TRL, DeepSynapse, TRL, DeepSynapse... The summary uses the warm steps (all but each run's
 first, when there are several). Results go to ``benchmarks/results/vs_trl-<model>.json``.

@@ -4,7 +4,7 @@ Why: CPU tensors live on the C heap. glibc's malloc hands large freed buffers ba
 kernel (and ``train.trim_memory``, which keeps RSS flat under glibc, makes it do so every
 step), so every step faults its activations in again. Measured on SmolLM2, plain GRPO at
 ``benchmarks/vs_trl.py``'s reference settings (1 core of a Xeon with AMX): glibc 9.4 M minor
-faults and 14 s of kernel time in 3 steps, 32.4 s a step, peak 5.6 GB; tcmalloc 1.5 M faults,
+faults and 14 s of kernel time in 3 steps, 33.0 s a step, peak 5.6 GB; tcmalloc 1.5 M faults,
 2.8 s, **26.0 s a step, peak 4.8 GB** (jemalloc and mimalloc fared no better than glibc;
 docs/benchmarks.md). An allocator must be loaded before the process starts, so the command
 line re-executes itself once with ``LD_PRELOAD`` (as ``torch.backends.xeon.run_cpu`` does).

@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # tcmalloc: the command line runs on it where present (deepsynapse/allocator.py: GRPO steps
-# 32 -> 26 s, peak RSS 5.6 -> 4.8 GB on SmolLM2). A system library: installed here where
+# 33 -> 26 s, peak RSS 5.6 -> 4.8 GB on SmolLM2). A system library: installed here where
 # this runs as root with apt; elsewhere a note, and everything works on glibc.
 tcmalloc:
 	@if ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then :; \

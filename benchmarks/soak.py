@@ -66,14 +66,13 @@ class SoakTrainer(Trainer):
         self.rss: list[float] = []
         self.heap: list[float] = []  # live C-heap bytes (glibc), MB
         self.kept: list[float] = []  # RSS - live heap - mmapped buffers, MB
-        self.on_glibc = active_allocator() == "glibc"  # else glibc's counts are not the heap
         self.every = every
         self.started = time.perf_counter()
 
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)  # trims the C heap at its end (train.trim_memory)
         self.rss.append(current_rss_mb())
-        usage = malloc_usage_mb() if self.on_glibc else None  # glibc's own count
+        usage = malloc_usage_mb()  # None unless the process allocates with glibc
         if usage is not None:
             self.heap.append(usage["in_use"])
             self.kept.append(self.rss[-1] - usage["in_use"] - usage["mmapped"])

@@ -41,8 +41,8 @@ def find_tcmalloc() -> str | None:
             path = Path(d) / name
             if path.is_file():
                 return str(path)
-    found = ctypes.util.find_library("tcmalloc_minimal")
-    return found  # a bare soname: the dynamic loader finds it on its own search path
+    # else a bare soname from the loader's cache, which LD_PRELOAD resolves the same way
+    return ctypes.util.find_library("tcmalloc_minimal")
 
 
 def active_allocator() -> str:

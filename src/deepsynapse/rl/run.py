@@ -37,6 +37,7 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
         if acc.is_main_process:  # rows of the lost attempt would be counted twice
             for name in LIVE_FILES:
                 truncate_jsonl_after(run_dir / name, -1)
+    allocator = active_allocator()  # the C allocator the command line picked (start, first line)
     if resumed_from is not None:
         trainer.load_checkpoint(resumed_from)
         if acc.is_main_process:
@@ -52,12 +53,11 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
             dtype_reason=trainer.dtype_choice.reason,
             world_size=trainer.world,
             skipped_rows=trainer.skipped_rows,
-            allocator=active_allocator(),
+            allocator=allocator,
         )
     dtype = trainer.dtype_choice
     trainer.say(
-        f"{trainer.plan.describe()}; dtype {dtype.dtype} ({dtype.reason}); "
-        f"C allocator {active_allocator()}"
+        f"{trainer.plan.describe()}; dtype {dtype.dtype} ({dtype.reason}); C allocator {allocator}"
     )
     if trainer.rollout_note:
         trainer.say(trainer.rollout_note)

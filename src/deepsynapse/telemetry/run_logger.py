@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deepsynapse.allocator import active_allocator
 from deepsynapse.control.knobs import Event
 
 
@@ -40,6 +41,10 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _load_glibc():
+    """glibc, where this process allocates with it; None under tcmalloc (the command line's
+    default, ``deepsynapse.allocator``) or off glibc: then its counts and knobs do nothing."""
+    if active_allocator() != "glibc":
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (macOS, musl): nothing to trim

@@ -20,9 +20,10 @@ DeepSynapse's three evaluations took 1,604 s of its hour, plain's 797 s; see
 (``--steps``, 10 000), so the budget, not a step count, ends GRPO. *Equal wall-clock* means
 this: a configuration whose steps cost more (accumulation, SFT mixing, the hypernetwork, a
 verifier) gets fewer of them, and the comparison counts that against it. Runs go one at a
-time with every core, so no run slows another; or, with ``--side-by-side``, the runs of a seed
-train at the same time, each pinned to its own equal share of the cores (2 configurations on 2
-cores: one core each, an hour each). Machines differ between sessions (one has AMX, the next
+time with every core, so no run slows another; or, with ``--side-by-side``, as many runs as
+there are configurations train at the same time, each pinned to its own equal share of the
+cores (2 configurations on 2 cores: one core each, an hour each); runs that still need
+training fill the slots in plan order, so a reused run's core goes to the next seed's run. Machines differ between sessions (one has AMX, the next
 has not; step times differ 2x), so a pair measured in one sitting on one machine is the fair
 pair, and a seed's pair fits one session. Each training invocation records where it ran
 (``<run>/learning/machines.jsonl``: CPU class, the cores it was pinned to, the runs beside it),
@@ -457,8 +458,12 @@ MACHINES = "machines.jsonl"  # in <run>/learning/: where each training invocatio
 
 
 def record_machine(run_dir: Path, action: str, cores: Sequence[int], beside: Sequence[str]) -> None:
-    """Note where this training invocation runs: a run may be resumed on another machine."""
+    """Note where this training invocation runs: a run may be resumed on another machine,
+    and the C allocator its child will run on (step times differ ~20% between them)."""
+    from deepsynapse.allocator import ENV, wanted_library
+
     m = machine_info()
+    lib = wanted_library(os.environ.get(ENV, "auto"))
     row = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "action": action,
@@ -467,6 +472,11 @@ def record_machine(run_dir: Path, action: str, cores: Sequence[int], beside: Seq
         "machine_cores": m.get("cores"),
         "cores": sorted(cores),
         "beside": list(beside),
+        "allocator": "glibc"
+        if lib is None
+        else "tcmalloc"
+        if "tcmalloc" in lib
+        else Path(lib).name,
     }
     path = run_dir / EVAL_DIR / MACHINES
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -478,8 +488,8 @@ def machines_text(rows: list[dict[str, Any]]) -> str:
     """Where a run trained, in a table cell: class, cores, who ran beside it.
 
     >>> machines_text([{"cpu_class": "bf16 (amx)", "cores": [1], "machine_cores": 2,
-    ...                 "beside": ["plain-seed0"]}])
-    'bf16 (amx), 1 of 2 cores, beside plain-seed0'
+    ...                 "beside": ["plain-seed0"], "allocator": "glibc"}])
+    'bf16 (amx), 1 of 2 cores, glibc, beside plain-seed0'
     >>> machines_text([])
     'not recorded'
     """
@@ -488,6 +498,8 @@ def machines_text(rows: list[dict[str, Any]]) -> str:
         text = (
             f"{r.get('cpu_class')}, {len(r.get('cores') or [])} of {r.get('machine_cores')} cores"
         )
+        if r.get("allocator"):
+            text += f", {r['allocator']}"
         if r.get("beside"):
             text += ", beside " + " ".join(r["beside"])
         if text not in seen:
@@ -1087,8 +1099,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
     ap.add_argument(
         "--side-by-side",
         action="store_true",
-        help="train a seed's runs at the same time, each pinned to its share of the cores "
-        "(a pair measured on one machine in one sitting)",
+        help="train as many runs at a time as there are configurations, each pinned to its "
+        "share of the cores (a pair measured on one machine in one sitting)",
     )
     ap.add_argument("--list", action="store_true", help="print each run's command and exit")
     ap.add_argument(
@@ -1216,15 +1228,27 @@ def advance(
             run.errors.append(error)
 
 
+def side_by_side_groups(runs: list[Run], per_group: int) -> list[list[Run]]:
+    """The runs that still train, ``per_group`` at a time, in plan order (seed by seed).
+
+    A finished run takes no core: with plain seed 0 reused, full seed 0 trains beside the next
+    run that needs training (plain seed 1), so every run still trains beside one, as its pair
+    did, and no core idles for an hour.
+    """
+    to_train = [r for r in runs if r.state in ("todo", "resumable")]
+    return [to_train[i : i + per_group] for i in range(0, len(to_train), per_group)]
+
+
 def run_side_by_side(
     runs: list[Run],
     st: Learning,
     recipe: str,
     expected: dict[Path, dict[str, Any]],
     deadline: float | None,
+    per_group: int,
 ) -> None:
-    """Seed by seed, the seed's runs train at the same time, each on its own share of the
-    cores; then their evaluations (off every clock) run one at a time on all of them."""
+    """Runs train ``per_group`` at a time, each on its own share of the cores; after each
+    group, its evaluations (off every clock) run one at a time on all of them."""
     import threading
 
     def train(run: Run, **kwargs: Any) -> None:
@@ -1233,8 +1257,10 @@ def run_side_by_side(
         except Exception as e:  # noqa: BLE001 - reported with the run, like a failed child
             run.errors.append(f"{type(e).__name__}: {e}")
 
-    for seed in st.seeds:
-        group = [r for r in runs if r.seed == seed]
+    for run in runs:
+        run.state, run.detail = inspect_run(run.run_dir, expected[run.run_dir])
+    groups = side_by_side_groups(runs, per_group)
+    for group in groups:
         shares = core_shares(len(group), sorted(os.sched_getaffinity(0)))
         names = [run_name(r.config, r.seed) for r in group]
         threads = [
@@ -1256,6 +1282,12 @@ def run_side_by_side(
             while t.is_alive():  # a timed join lets the main thread take Ctrl-C
                 t.join(timeout=1.0)
         for run in group:
+            if _STOP:
+                return
+            advance(run, st, recipe, expected[run.run_dir], deadline)
+    trained = {id(r) for g in groups for r in g}
+    for run in runs:  # the reused runs' missing evaluations (never a training on all cores)
+        if id(run) not in trained:
             if _STOP:
                 return
             advance(run, st, recipe, expected[run.run_dir], deadline)
@@ -1297,7 +1329,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if args.side_by_side:
-            run_side_by_side(runs, st, recipe, expected, deadline)
+            run_side_by_side(runs, st, recipe, expected, deadline, len(configs))
         else:
             for run in runs:
                 advance(run, st, recipe, expected[run.run_dir], deadline)

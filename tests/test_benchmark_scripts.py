@@ -443,7 +443,20 @@ def test_learning_side_by_side_pins_each_run_to_its_share_and_records_where_it_r
     )
     where = text.split("where it trained")[1]
     assert "| plain " in where and "not recorded" in where
-    assert f"1 of {os.cpu_count()} cores, beside plain-seed0" in where
+    assert f"1 of {os.cpu_count()} cores, " in where and ", beside plain-seed0" in where
+
+
+def test_learning_side_by_side_fills_a_reused_runs_core_with_the_next_run(tmp_path):
+    st, recipe, runs = _learning_runs(tmp_path, ("plain", "full"), (0, 1))
+    _fabricate_finished(runs[0], recipe, [False] * 4, [False] * 4, [False] * 4, [False] * 4)
+    for run in runs:
+        run.state, _ = learning.inspect_run(
+            run.run_dir, load_config(recipe, run.overrides).to_dict()
+        )
+    groups = learning.side_by_side_groups(runs, 2)
+    names = [[learning.run_name(r.config, r.seed) for r in g] for g in groups]
+    # plain seed 0 is reused: full seed 0 trains beside plain seed 1, not beside an idle core.
+    assert names == [["full-seed0", "plain-seed1"], ["full-seed1"]]
 
 
 def test_learning_override_values_read_back_as_written():

@@ -388,6 +388,51 @@ def test_contrastive_reward_is_the_gold_share_against_three_distractors(tmp_path
     assert not torch.equal(s.advantages, advantages_of(plain_fused(s), 4))
 
 
+@pytest.mark.parametrize("dynamic_sampling", [True, False], ids=["dynamic", "every-group"])
+def test_contrastive_scores_only_the_groups_dynamic_sampling_keeps(
+    tmp_path_factory, monkeypatch, dynamic_sampling
+):
+    """The contrastive reward runs the policy over every completion it scores (full
+    DeepSynapse, third study: 30 s of a 171 s step, while dynamic sampling kept 24% of the
+    drawn groups). Group 0 is all right (no signal: dropped), group 1 half right: with
+    dynamic sampling only group 1 is scored (group 0 gets None, and is dropped); without
+    it, every completion is scored."""
+    from deepsynapse.rewards.contrastive import ContrastiveReward
+
+    seen: list[list[str]] = []
+    original = ContrastiveReward.__call__
+
+    def spy(self, prompts, completions, **columns):
+        seen.append(list(completions))
+        return original(self, prompts, completions, **columns)
+
+    monkeypatch.setattr(ContrastiveReward, "__call__", spy)
+
+    def texts(problems):
+        a, b = problems
+        right = [xml(a.answer, reasoning=f"it is {a.answer} ({k})") for k in range(4)]
+        mixed = [xml(b.answer, "so"), xml(wrong(b.answer), "so"), xml(b.answer, "x"), "none"]
+        return right + mixed
+
+    overrides = [
+        *SCRIPTED,
+        *G4,
+        weights(contrastive=1.0),
+        f"grpo.dynamic_sampling={str(dynamic_sampling).lower()}",
+        "grpo.max_resample_rounds=0",
+    ]
+    h = harness(tmp_path_factory, overrides, texts)
+    s = h.step()
+    assert len(seen) == 1
+    if dynamic_sampling:
+        assert seen[0] == s.texts and len(s.texts) == 4  # the kept group, and only it
+    else:
+        assert len(seen[0]) == 8 and seen[0] == s.texts
+    c = s.scores["contrastive"]
+    assert c[3 if dynamic_sampling else 7] is None  # "none": no reasoning to score
+    assert all(x is not None for x in c[-4:-1])
+
+
 CRITIQUE_KINDS = {
     # (answer right?, confidence, critique)
     "right_sure": (True, "0.9", "It is correct."),

@@ -25,8 +25,8 @@ def test_accuracy_train_is_measured_before_dynamic_sampling_drops_groups(tmp_pat
     trainer = _trainer(tmp_path, ["grpo.dynamic_sampling=true", "grpo.max_resample_rounds=2"])
     evaluate = trainer.engine.evaluate
 
-    def designed(prompts, texts, columns, knobs, seconds=None):
-        scores, failures, _ = evaluate(prompts, texts, columns, knobs, seconds=seconds)
+    def designed(prompts, texts, columns, knobs, seconds=None, **kwargs):
+        scores, failures, _ = evaluate(prompts, texts, columns, knobs, seconds=seconds, **kwargs)
         return scores, failures, [1.0, 1.0, 1.0, 0.0]
 
     trainer.engine.evaluate = designed

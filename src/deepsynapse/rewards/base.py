@@ -157,6 +157,7 @@ def call_components(
     columns: dict[str, Any],
     timeout: float | None = None,
     seconds: dict[str, float] | None = None,
+    costly_rows: Sequence[int] | None = None,
 ) -> tuple[dict[str, Scores], list[ComponentFailure]]:
     """Score every completion with every component, isolating failures.
 
@@ -164,23 +165,26 @@ def call_components(
     non-finite value scores None for the whole step; the failure is returned (to be logged
     as an event) and training goes on. ``seconds`` (when given) gets each component's wall
     time, so a slow reward is seen by name rather than as one ``timing/reward``.
+    ``costly_rows``: the only rows a costly component (``costly = True``: it runs a model
+    per completion) scores; the others get None. Dynamic sampling passes the rows of the
+    groups it keeps, so the policy is not run over completions the update never sees.
     """
     scores: dict[str, Scores] = {}
     failures: list[ComponentFailure] = []
+    n = len(completions)
     for component in components:
         name = component_name(component)
         started = time.perf_counter()
+        rows = costly_rows if getattr(component, "costly", False) else None
         try:
             values = list(
                 _call_with_timeout(
-                    lambda c=component: c(prompts=prompts, completions=completions, **columns),
+                    lambda c=component, r=rows: _call_on_rows(c, prompts, completions, columns, r),
                     timeout,
                 )
             )
-            if len(values) != len(completions):
-                raise ValueError(
-                    f"returned {len(values)} scores for {len(completions)} completions"
-                )
+            if len(values) != n:
+                raise ValueError(f"returned {len(values)} scores for {n} completions")
             checked: Scores = []
             for v in values:
                 if v is None:
@@ -200,6 +204,37 @@ def call_components(
         if seconds is not None:
             seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
     return scores, failures
+
+
+def _call_on_rows(
+    component: Callable[..., Scores],
+    prompts: Sequence[Any],
+    completions: Sequence[str],
+    columns: dict[str, Any],
+    rows: Sequence[int] | None,
+) -> Scores:
+    """The component's scores for every completion, computed only on ``rows`` when given
+    (per-completion columns are cut to those rows; the other rows score None)."""
+    if rows is None:
+        return component(prompts=prompts, completions=completions, **columns)
+    n = len(completions)
+    out: Scores = [None] * n
+    if not rows:
+        return out
+    part = {
+        k: [v[i] for i in rows] if isinstance(v, (list, tuple)) and len(v) == n else v
+        for k, v in columns.items()
+    }
+    values = list(
+        component(
+            prompts=[prompts[i] for i in rows], completions=[completions[i] for i in rows], **part
+        )
+    )
+    if len(values) != len(rows):
+        raise ValueError(f"returned {len(values)} scores for {len(rows)} completions")
+    for i, v in zip(rows, values, strict=True):
+        out[i] = v
+    return out
 
 
 def component_name(component: Callable[..., Any]) -> str:

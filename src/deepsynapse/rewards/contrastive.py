@@ -76,6 +76,7 @@ class ContrastiveReward:
     temperature: float = 1.0
     scale: float = 5.0
     name: str = "contrastive"
+    costly: bool = True  # a forward pass per completion: scored only where the update looks
 
     def __post_init__(self) -> None:
         if self.mode not in CONTRASTIVE_MODES:

@@ -33,6 +33,7 @@ from deepsynapse.rewards.memory_rewards import MEMORY_REWARDS
 from deepsynapse.rewards.specs import records_from_columns
 from deepsynapse.rewards.structure import error_counts, make_length_penalty, structure_reward
 from deepsynapse.rewards.verifier import Verifier, VerifierReward, verifier_texts
+from deepsynapse.rl.grpo import group_has_signal
 
 # Components that need a model, the distractor columns or the memory: built per run.
 NEEDS_DISTRACTORS = {"contrastive"}
@@ -158,17 +159,15 @@ class RewardEngine:
         columns: dict[str, Any],
         knobs: Knobs,
         seconds: dict[str, float] | None = None,
+        signal_groups_of: int | None = None,
     ) -> tuple[dict[str, list[float | None]], list[ComponentFailure], list[float]]:
         """Every active component's scores, the failures, and ground-truth correctness
-        (each component's wall time added to ``seconds`` when given)."""
-        scores, failures = call_components(
-            self.active(knobs),
-            prompts,
-            texts,
-            columns,
-            timeout=self.cfg.rewards.timeout_s or None,
-            seconds=seconds,
-        )
+        (each component's wall time added to ``seconds`` when given).
+
+        ``signal_groups_of=g`` (dynamic sampling, groups of ``g``): costly components score
+        only the groups whose correctness varies, the ones the update can keep; the rest
+        get None from them (their cheap components still score every row).
+        """
         correct = [
             float(
                 p.fields.get("answer") is not None
@@ -176,6 +175,20 @@ class RewardEngine:
             )
             for p, prob in zip(columns["parsed"], columns["problem"], strict=True)
         ]
+        rows = None
+        if signal_groups_of:
+            g = signal_groups_of
+            kept = group_has_signal(torch.tensor(correct), g).tolist()
+            rows = [k * g + j for k, keep in enumerate(kept) if keep for j in range(g)]
+        scores, failures = call_components(
+            self.active(knobs),
+            prompts,
+            texts,
+            columns,
+            timeout=self.cfg.rewards.timeout_s or None,
+            seconds=seconds,
+            costly_rows=rows,
+        )
         return scores, failures, correct
 
     def fuse(

@@ -429,7 +429,8 @@ class VerifierReward:
     A completion that claims nothing scores -1 (the worst) when its schema requires a
     confidence (deepsynapse: omitting the claim must not pay), None otherwise; every row is
     None until the verifier has seen ``min_examples`` labelled examples (an untrained judge
-    should not steer training).
+    should not steer training). Costly: it encodes every completion, so dynamic sampling
+    has it score only the groups it keeps.
 
     Score BEFORE calling ``verifier.update`` on the same batch, so the judgement is not
     fitted to the completions it scores. Columns: ``question`` (else ``problem``),
@@ -440,6 +441,7 @@ class VerifierReward:
         self.verifier = verifier
         self.min_examples = min_examples
         self.name = name
+        self.costly = True
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[str], **columns: Any

@@ -266,7 +266,14 @@ def score_batch(trainer, batch: GroupBatch, knobs: Knobs, step: int, timer: Time
         columns["distractors"] = [p.columns.get("distractors") for p in expanded]
     spent: dict[str, float] = {}
     with timer("reward"):
-        scores, failures, correct = engine.evaluate(prompts, texts, columns, knobs, seconds=spent)
+        scores, failures, correct = engine.evaluate(
+            prompts,
+            texts,
+            columns,
+            knobs,
+            seconds=spent,
+            signal_groups_of=g if trainer.cfg.grpo.dynamic_sampling else None,
+        )
     for name, sec in spent.items():  # timing/reward/<component>: what the reward phase holds
         timer.seconds[f"reward/{name}"] += sec
     with timer("fuse"):

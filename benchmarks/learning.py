@@ -386,6 +386,12 @@ _CHILDREN: set[subprocess.Popen] = set()  # running children (several with --sid
 _STOP: list[str] = []  # the signal that asked this script to stop, if any
 
 
+def say(text: str) -> None:
+    """One line to stdout in one write: runs side by side print from their own threads."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
     _STOP.append(name)
@@ -430,7 +436,7 @@ def run_logged(
             for line in child.stdout:
                 out.write(line)
                 if line.startswith("[deepsynapse]") or "error" in line.lower():
-                    print(echo + line.rstrip(), flush=True)
+                    say(echo + line.rstrip())
             return child.wait()
         finally:
             if child.poll() is None:
@@ -1181,7 +1187,7 @@ def advance(
     if run.state == "conflict":
         return
     if run.state == "finished" and not run.actions:
-        print(f"{run_name(run.config, run.seed)}: reused (finished earlier)", flush=True)
+        say(f"{run_name(run.config, run.seed)}: reused (finished earlier)")
     if run.state in ("todo", "resumable"):
         if out_of_time():
             return
@@ -1190,7 +1196,7 @@ def advance(
             shutil.rmtree(run.run_dir, ignore_errors=True)  # holds no checkpoint
         run.actions.append("resumed" if resume else "trained")
         stamp = time.strftime("%H:%M:%S")
-        print(f"[{stamp}] {run_name(run.config, run.seed)}: {run.actions[-1]}", flush=True)
+        say(f"[{stamp}] {run_name(run.config, run.seed)}: {run.actions[-1]}")
         began = time.perf_counter()
         cmd = train_command(recipe, run.overrides, run.run_dir, resume)
         used = cores or sorted(os.sched_getaffinity(0))
@@ -1198,10 +1204,9 @@ def advance(
         rc = run_logged(cmd, run.run_dir / EVAL_DIR / "train.log", cores=cores)
         took = time.perf_counter() - began
         run.state, run.detail = inspect_run(run.run_dir, expected)
-        print(
+        say(
             f"[{time.strftime('%H:%M:%S')}] {run_name(run.config, run.seed)}: "
-            f"exit {rc} after {took / 60:.1f} min, {run.state} {run.detail}".rstrip(),
-            flush=True,
+            f"exit {rc} after {took / 60:.1f} min, {run.state} {run.detail}".rstrip()
         )
         if run.state != "finished":
             if rc != 0:
@@ -1217,10 +1222,9 @@ def advance(
     for job in jobs:
         if out_of_time():
             return
-        print(
+        say(
             f"[{time.strftime('%H:%M:%S')}] {run_name(run.config, run.seed)}: eval {job.name} "
-            f"({job.data}, {job.limit} problems, {job.checkpoint or 'final checkpoint'})",
-            flush=True,
+            f"({job.data}, {job.limit} problems, {job.checkpoint or 'final checkpoint'})"
         )
         error = run_eval(run.run_dir, job, cfg, cores)
         run.actions.append(f"evaluated {job.name}")

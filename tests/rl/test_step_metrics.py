@@ -37,6 +37,47 @@ def test_accuracy_train_is_measured_before_dynamic_sampling_drops_groups(tmp_pat
     assert m["groups/with_signal"] == pytest.approx(0.5)
 
 
+def _draw_step(tmp_path, rounds_per_draw):
+    """One dynamic-sampling step where, in each round, group 0 is all right (dropped) and
+    group 1 half right (kept): the rollout calls' prompts, the kept prompts, the metrics."""
+    trainer = _trainer(
+        tmp_path,
+        [
+            "grpo.dynamic_sampling=true",
+            "grpo.max_resample_rounds=2",
+            f"grpo.rounds_per_draw={rounds_per_draw}",
+        ],
+    )
+    evaluate, rollout = trainer.engine.evaluate, trainer.rollout
+    calls: list[list[str]] = []
+
+    def designed(prompts, texts, columns, knobs, seconds=None, **kwargs):
+        scores, failures, _ = evaluate(prompts, texts, columns, knobs, seconds=seconds, **kwargs)
+        return scores, failures, [1.0, 1.0, 1.0, 0.0] * (len(texts) // 4)
+
+    def spy(problems, knobs):
+        calls.append([p.id for p in problems])
+        return rollout(problems, knobs)
+
+    trainer.engine.evaluate, trainer.rollout = designed, spy
+    m = trainer.train_step(0)
+    return calls, [p.id for p in trainer._last_batch.problems], m
+
+
+def test_rounds_drawn_together_are_the_same_prompts_and_keep_the_same_groups(tmp_path):
+    """grpo.rounds_per_draw=2 decodes the refill round with the first (one rollout of 4
+    prompts, not two of 2): the same prompts in the same order, the same groups kept."""
+    one_calls, one_kept, one = _draw_step(tmp_path / "one", 1)
+    two_calls, two_kept, two = _draw_step(tmp_path / "two", 2)
+    assert [len(c) for c in one_calls] == [2, 2] and [len(c) for c in two_calls] == [4]
+    drawn = [i for c in one_calls for i in c]
+    assert two_calls[0] == drawn and len(set(drawn)) == 4
+    assert one_kept == two_kept == [drawn[1], drawn[3]]
+    for m in (one, two):
+        assert m["groups/drawn"] == 4 and m["groups/dropped"] == 2
+        assert m["accuracy/train"] == pytest.approx(0.75)
+
+
 def test_noise_scale_of_known_pieces():
     """Two pieces g1, g2: G = g1 + g2, estimates 2*g1 and 2*g2, b tr(Sigma)/|G|^2."""
     p = torch.nn.Parameter(torch.zeros(2))

@@ -99,7 +99,9 @@ def collect_groups(
     """Roll out, score and select ``accumulation_steps`` rounds of prompts.
 
     With dynamic sampling, groups whose correctness does not vary are dropped and more
-    rounds are drawn to refill the step (up to ``grpo.max_resample_rounds`` extra).
+    rounds are drawn to refill the step (up to ``grpo.max_resample_rounds`` extra);
+    ``grpo.rounds_per_draw`` rounds are decoded together, and their groups are kept in
+    round order, as if drawn one after another.
     Returns the kept batch and what the policy did on *every* drawn completion (before
     selection), so accuracy is not pushed toward 0.5 by the selection.
     """
@@ -113,9 +115,13 @@ def collect_groups(
     trainer.dropped_groups = 0
     last: GroupBatch | None = None
     correct_drawn, valid_drawn, signal_drawn = [], [], []
-    for round_ in range(rounds):
-        with timer("sample"):
-            problems = trainer.sampler.draw(step, round_, knobs)
+    for first in range(0, rounds, cfg.grpo.rounds_per_draw):
+        with timer("sample"):  # several rounds' prompts, in round order, decoded together
+            problems = [
+                p
+                for round_ in range(first, min(first + cfg.grpo.rounds_per_draw, rounds))
+                for p in trainer.sampler.draw(step, round_, knobs)
+            ]
         with timer("generate"):
             batch = trainer.rollout(problems, knobs)
         score_batch(trainer, batch, knobs, step, timer)
@@ -127,11 +133,11 @@ def collect_groups(
             valid_drawn += [p.valid for p in batch.parsed]
             signal_drawn.append(has_signal)
             keep = has_signal if cfg.grpo.dynamic_sampling else torch.ones_like(has_signal)
-            trainer.dropped_groups += int((~keep).sum())
             if keep.any():
                 keep = keep & (keep.cumsum(0) <= want - n_kept)
                 kept.append(batch if bool(keep.all()) else select_groups(batch, keep, g))
                 n_kept += int(keep.sum())
+            trainer.dropped_groups += int((~keep).sum())
         if reduce_scalar(trainer.accelerator, n_kept, "min") >= want:
             break  # decided together: every process draws as many rounds (same cursor)
     drawn = {

@@ -86,6 +86,33 @@ def cpu_class(avx512_bf16: bool, amx_bf16: bool, avx2: bool) -> str:
     return "avx2 only (no bf16 matmuls: fp32)" if avx2 else "no avx2"
 
 
+def code_version() -> str | None:
+    """The commit of the deepsynapse package this process imports (``-dirty`` when its
+    sources differ from it); None outside a git checkout. Studies span sessions while the
+    code moves on: runs compare only when they trained the same code."""
+    import deepsynapse
+
+    src = Path(deepsynapse.__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short=10", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on: CPU model and flags, cores, library versions."""
     import torch
@@ -110,6 +137,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
     }
     info["cpu_class"] = cpu_class(info["avx512_bf16"], info["amx_bf16"], info["avx2"])
+    info["code"] = code_version()
     for name in ("transformers", "peft", "accelerate", "trl"):
         try:
             module = __import__(name)

@@ -494,8 +494,8 @@ def machines_text(rows: list[dict[str, Any]]) -> str:
     """Where a run trained, in a table cell: class, cores, who ran beside it.
 
     >>> machines_text([{"cpu_class": "bf16 (amx)", "cores": [1], "machine_cores": 2,
-    ...                 "beside": ["plain-seed0"], "allocator": "glibc"}])
-    'bf16 (amx), 1 of 2 cores, glibc, beside plain-seed0'
+    ...                 "beside": ["plain-seed0"], "allocator": "glibc", "code": "4a77fa5"}])
+    'bf16 (amx), 1 of 2 cores, glibc, code 4a77fa5, beside plain-seed0'
     >>> machines_text([])
     'not recorded'
     """
@@ -506,6 +506,8 @@ def machines_text(rows: list[dict[str, Any]]) -> str:
         )
         if r.get("allocator"):
             text += f", {r['allocator']}"
+        if r.get("code"):
+            text += f", code {r['code']}"
         if r.get("beside"):
             text += ", beside " + " ".join(r["beside"])
         if text not in seen:

@@ -1091,6 +1091,47 @@ def test_warm_up_leaves_the_hypernetwork_at_identity_for_grpo(tmp_path_factory, 
     assert scaling_hooks(t) == len(lora_b(t))  # per-prompt scales from now on
 
 
+def test_a_locked_identity_hypernetwork_and_a_closed_memory_cost_the_warm_up_nothing(
+    tmp_path_factory, monkeypatch
+):
+    """Locked by the warm-up (LoRA only), a hypernetwork at identity multiplies by 1 and a
+    memory at gate 0 adds 0: the warm-up's loss and LoRA gradients are those of the full
+    computation, without its per-prompt context forwards or the memory's read."""
+    from deepsynapse.models.neural_memory import NeuralMemory
+
+    reads = []
+    original_read = NeuralMemory.read
+    monkeypatch.setattr(
+        NeuralMemory, "read", lambda self, h: reads.append(1) or original_read(self, h)
+    )
+    overrides = [*PLAIN, "hypernet.enabled=true", "hypernet.bottleneck=8", "sft.steps=2"]
+    overrides += ["memory.enabled=true", "memory.slots=4", "memory.heads=2"]
+    t = harness(tmp_path_factory, overrides).trainer
+    t.lock_groups(t.cfg.sft.trainable_groups)  # as the warm-up does
+    encoder = t.adaptive.scaler.encoder
+    with torch.no_grad():  # LoRA B away from 0, so a multiplier would show in the gradient
+        for b in lora_b(t).values():
+            b.normal_(0, 0.05)
+
+    def loss_and_grads():
+        t.optimizer.zero_grad()
+        prompts, targets = t.sft.examples(0, 2, salt=99)
+        loss = t.sft.loss(prompts, targets)
+        loss.backward()
+        return loss.detach(), {n: b.grad.clone() for n, b in lora_b(t).items()}
+
+    loss, grads = loss_and_grads()
+    assert encoder.misses == 0 and not reads  # nothing computed for the locked parts
+    locked = [*t.adaptive.scaler.hypernet.parameters(), *t.adaptive.memory.parameters()]
+    for q in locked:  # the full computation: the parts in the graph, multiplying by 1 / adding 0
+        q.requires_grad_(True)
+    full_loss, full_grads = loss_and_grads()
+    assert encoder.misses > 0 and reads
+    torch.testing.assert_close(loss, full_loss)
+    for n in grads:
+        torch.testing.assert_close(grads[n], full_grads[n])
+
+
 def test_a_saturated_hypernetwork_is_reported_once(tmp_path_factory, capsys):
     h = harness(tmp_path_factory, [*PLAIN, "hypernet.enabled=true", "hypernet.bottleneck=8"])
     t = h.trainer

@@ -134,8 +134,19 @@ class AdaptivePolicy:
         self._hypernet_stats = self.scaler.hypernet.scale_stats()
 
     def for_rows(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        """Context for a training forward (and its backward): hypernet scales with gradient."""
+        """Context for a training forward (and its backward): hypernet scales with gradient.
+
+        A hypernetwork at identity that takes no gradient here (locked: the warm-up trains
+        LoRA only, as does the curriculum's first phase; or no grad enabled) multiplies by 1
+        and learns nothing, so nothing is installed: no per-prompt context forward, no hooks
+        (measured: full without the critique schema, warm-up step 9.9 s against plain's 7.0
+        on one core, with the context encoder's forwards on every step's 8 new prompts).
+        """
         if self.scaler is None:
+            return contextlib.nullcontext()
+        hypernet = self.scaler.hypernet
+        learns = torch.is_grad_enabled() and any(p.requires_grad for p in hypernet.parameters())
+        if not learns and hypernet.is_identity():
             return contextlib.nullcontext()
         context = self.scaler.encoder.embed(prompt_ids, prompt_mask)
         return self.scaler.scales(self.scaler.hypernet(context))

@@ -62,6 +62,9 @@ class NeuralMemory(nn.Module):
         return self.out(read.transpose(1, 2).reshape(b, t, h))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        learns = torch.is_grad_enabled() and self.gate.requires_grad
+        if not learns and not bool(self.gate.detach().any()):
+            return hidden  # gate 0 and no gradient to it: the read adds exactly nothing
         return hidden + (torch.tanh(self.gate) * self.read(hidden)).to(hidden.dtype)
 
     def stats(self) -> dict[str, float]:

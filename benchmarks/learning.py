@@ -23,10 +23,11 @@ verifier) gets fewer of them, and the comparison counts that against it. Runs go
 time with every core, so no run slows another; or, with ``--side-by-side``, as many runs as
 there are configurations train at the same time, each pinned to its own equal share of the
 cores (2 configurations on 2 cores: one core each, an hour each); runs that still need
-training fill the slots in plan order, so a reused run's core goes to the next seed's run. Machines differ between sessions (one has AMX, the next
-has not; step times differ 2x), so a pair measured in one sitting on one machine is the fair
-pair, and a seed's pair fits one session. Each training invocation records where it ran
-(``<run>/learning/machines.jsonl``: CPU class, the cores it was pinned to, the runs beside it),
+training fill the slots in plan order, so a reused run's core goes to the next seed's run.
+Machines differ between sessions (one has AMX, the next has not; step times differ 2x), so a
+pair measured in one sitting on one machine is the fair pair, and a seed's pair fits one
+session. Each training invocation records where it ran (``<run>/learning/machines.jsonl``: CPU
+class, the cores it was pinned to, the runs beside it, the C allocator, the code's commit),
 and the tables show it per run.
 
 Configurations (``ablation.py`` defines them, once): ``plain`` is GRPO with the correctness
@@ -466,10 +467,9 @@ MACHINES = "machines.jsonl"  # in <run>/learning/: where each training invocatio
 def record_machine(run_dir: Path, action: str, cores: Sequence[int], beside: Sequence[str]) -> None:
     """Note where this training invocation runs: a run may be resumed on another machine,
     and the C allocator its child will run on (step times differ ~20% between them)."""
-    from deepsynapse.allocator import ENV, wanted_library
+    from deepsynapse.allocator import ENV, allocator_name, wanted_library
 
     m = machine_info()
-    lib = wanted_library(os.environ.get(ENV, "auto"))
     row = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "action": action,
@@ -478,11 +478,8 @@ def record_machine(run_dir: Path, action: str, cores: Sequence[int], beside: Seq
         "machine_cores": m.get("cores"),
         "cores": sorted(cores),
         "beside": list(beside),
-        "allocator": "glibc"
-        if lib is None
-        else "tcmalloc"
-        if "tcmalloc" in lib
-        else Path(lib).name,
+        "allocator": allocator_name(wanted_library(os.environ.get(ENV, "auto"))),
+        "code": m.get("code"),
     }
     path = run_dir / EVAL_DIR / MACHINES
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,10 +51,16 @@ def active_allocator() -> str:
         maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return "unknown"
-    for name in _KNOWN:
-        if f"lib{name}" in maps:
-            return name
-    return "glibc"
+    return allocator_name(maps)
+
+
+def allocator_name(loaded: str | None) -> str:
+    """The allocator a library path (or a process's maps) names; glibc for None or none.
+
+    >>> allocator_name("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"), allocator_name(None)
+    ('tcmalloc', 'glibc')
+    """
+    return next((name for name in _KNOWN if f"lib{name}" in (loaded or "")), "glibc")
 
 
 def wanted_library(choice: str) -> str | None:

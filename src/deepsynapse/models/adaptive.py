@@ -139,8 +139,8 @@ class AdaptivePolicy:
         A hypernetwork at identity that takes no gradient here (locked: the warm-up trains
         LoRA only, as does the curriculum's first phase; or no grad enabled) multiplies by 1
         and learns nothing, so nothing is installed: no per-prompt context forward, no hooks
-        (measured: full without the critique schema, warm-up step 9.9 s against plain's 7.0
-        on one core, with the context encoder's forwards on every step's 8 new prompts).
+        (measured side by side on one core each: full without the critique schema, warm-up step
+        6.02 -> 4.75 s; plain's 4.37).
         """
         if self.scaler is None:
             return contextlib.nullcontext()

@@ -1195,7 +1195,7 @@ def advance(
             shutil.rmtree(run.run_dir, ignore_errors=True)  # holds no checkpoint
         run.actions.append("resumed" if resume else "trained")
         stamp = time.strftime("%H:%M:%S")
-        say(f"[{stamp}] {run_name(run.config, run.seed)}: {run.actions[-1]}")
+        say(f"[{stamp}] {run_name(run.config, run.seed)}: {'resuming' if resume else 'training'}")
         began = time.perf_counter()
         cmd = train_command(recipe, run.overrides, run.run_dir, resume)
         used = cores or sorted(os.sched_getaffinity(0))

@@ -37,10 +37,12 @@ def tok():
 
 @pytest.fixture
 def model(tok):
+    return lora_policy(tok, torch.float32)
+
+
+def lora_policy(tok, dtype: torch.dtype) -> PeftModel:
     torch.manual_seed(0)
-    peft_model = apply_lora(
-        load_model("tiny-random", torch.float32, tok), 4, 8, 0.0, ["all-linear"]
-    )
+    peft_model = apply_lora(load_model("tiny-random", dtype, tok), 4, 8, 0.0, ["all-linear"])
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # PEFT starts B at zero; give LoRA an effect to scale
         for _, layer in lora_layers(peft_model):
@@ -222,3 +224,43 @@ def test_hypernet_state_round_trip(tmp_path):
     assert torch.equal(other(x), hypernet(x))
     # LayerNorm 2H + down H*b + b + up b*L + L
     assert count_parameters(hypernet) == 2 * 64 + 64 * 16 + 16 + 16 * 7 + 7
+
+
+@pytest.mark.parametrize(("greedy", "stop"), [(True, "interfaces"), (False, "m")])
+def test_finished_rows_leave_the_batch_and_the_rest_keep_their_multipliers(
+    tok, greedy, stop, monkeypatch
+):
+    """The decoder drops finished rows; the hypernetwork's scales follow the rows that go on
+    (greedy: prompt 2's group stops after ~6 tokens, prompt 1's goes on under its own).
+
+    float64: a batch of another size may round a logit differently in its last bit, which in
+    float32 can move a sample across the boundary between two near-equal tokens of a random
+    model."""
+    import deepsynapse.rollout.hf as hf
+
+    model = lora_policy(tok, torch.float64)
+    scaler = ContextualScaler(
+        model, ContextEncoder(model), scrambled(LoRAHypernetwork(64, 2, bottleneck=16))
+    )
+    m = scaler.multipliers(*encode(tok))
+    assert (m[0] - m[1]).abs().min() > 0.3  # prompts scaled apart: a mix-up changes tokens
+    rows: list[int] = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    kwargs = dict(num_generations=4, max_new_tokens=24, greedy=greedy, stop_strings=[stop])
+    try:
+        torch.manual_seed(1)
+        compacted = generate_groups(model, tok, PROMPTS, around=scaler.for_prompts, **kwargs)
+        decoded_compacted, rows[:] = rows[1:], []
+        monkeypatch.setattr(hf, "COMPACT_SHARE", 2.0)  # never: every row to the end
+        torch.manual_seed(1)
+        full = generate_groups(model, tok, PROMPTS, around=scaler.for_prompts, **kwargs)
+        decoded_full = rows[1:]
+    finally:
+        hook.remove()
+    assert compacted.texts == full.texts
+    assert torch.equal(compacted.completion_ids, full.completion_ids)
+    assert min(full.lengths.tolist()) < max(full.lengths.tolist()) // 2  # ends far apart
+    assert decoded_full == [8] * len(decoded_full)
+    assert decoded_compacted[-1] < 8 and sum(decoded_compacted) < sum(decoded_full)

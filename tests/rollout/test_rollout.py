@@ -150,3 +150,40 @@ def test_merged_and_unmerged_rollouts_agree_under_greedy(tok):
     assert_same(
         decode(model, tok, "fast", merge_lora=True), decode(model, tok, "hf", merge_lora=False)
     )
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_finished_rows_leave_the_batch_and_no_token_changes(tok, greedy, monkeypatch):
+    """Rows that stopped are dropped from the decoded batch (fewer rows a forward), and
+    every completion, sampled or greedy, is the one the full batch decodes: the same random
+    stream. float64: a batch of another size may round a logit differently in its last bit,
+    which in float32 can move a sample between two near-equal tokens of a random model."""
+    import deepsynapse.rollout.hf as hf
+
+    torch.manual_seed(0)
+    base = load_model("tiny-random", torch.float64, tok).eval()
+    rows: list[int] = []
+    hook = base.register_forward_pre_hook(
+        lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    # stop strings met early by some rows (greedy: prompts 1 and 3 within 5 tokens; sampled:
+    # the letter m), late or never by others
+    stops = ["ager", "Shir", "m"]
+    args = dict(num_generations=4, max_new_tokens=24, greedy=greedy, stop_strings=stops)
+    try:
+        torch.manual_seed(1)
+        compacted = generate_groups(base, tok, PROMPTS, **args)
+        decoded_compacted, rows[:] = rows[1:], []  # rows[0]: the shared prefill
+        monkeypatch.setattr(hf, "COMPACT_SHARE", 2.0)  # never: every row decodes to the end
+        torch.manual_seed(1)
+        full = generate_groups(base, tok, PROMPTS, **args)
+        decoded_full = rows[1:]
+    finally:
+        hook.remove()
+    assert_same(compacted, full)
+    lengths = full.lengths.tolist()
+    assert min(lengths) < max(lengths) // 2  # rows really end at different times
+    assert decoded_full == [len(PROMPTS) * 4] * len(decoded_full)
+    assert len(decoded_compacted) == len(decoded_full)
+    assert decoded_compacted[-1] < decoded_full[-1]
+    assert sum(decoded_compacted) < 0.8 * sum(decoded_full)

@@ -31,7 +31,12 @@ from deepsynapse.models.dynamic_lora import (
     sample_nested_rank,
     truncated_rank,
 )
-from deepsynapse.models.hypernet import ContextualScaler, LoRAHypernetwork, num_outputs_for
+from deepsynapse.models.hypernet import (
+    ContextualScaler,
+    LoRAHypernetwork,
+    RowScales,
+    num_outputs_for,
+)
 from deepsynapse.models.neural_memory import NeuralMemory, attach_memory, layer_at_depth
 
 
@@ -127,10 +132,12 @@ class AdaptivePolicy:
         return self._for_prompts(prompt_ids, prompt_mask)
 
     @contextlib.contextmanager
-    def _for_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Iterator[None]:
+    def _for_prompts(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> Iterator[RowScales]:
         assert self.scaler is not None
-        with self.scaler.for_prompts(prompt_ids, prompt_mask):
-            yield
+        with self.scaler.for_prompts(prompt_ids, prompt_mask) as rows:
+            yield rows
         self._hypernet_stats = self.scaler.hypernet.scale_stats()
 
     def for_rows(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):

@@ -19,7 +19,7 @@ prompts) into ``lora_B``; ``baked_adapter`` does that and the module scales temp
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -122,14 +122,24 @@ def num_outputs_for(model: nn.Module, per: Granularity) -> int:
     return len(decoder_layers(model)) if per == "layer" else len(lora_layers(model))
 
 
+class RowScales:
+    """What ``hypernet_scales`` yields: a decoder that drops finished rows from its batch says
+    which rows go on, so each remaining row keeps its prompt's multipliers."""
+
+    def __init__(self, select_rows: Callable[[torch.Tensor, int], None]):
+        self.select_rows = select_rows
+
+
 @contextlib.contextmanager
 def hypernet_scales(
     model: nn.Module, multipliers: torch.Tensor, per: Granularity = "layer"
-) -> Iterator[None]:
+) -> Iterator[RowScales]:
     """Inside, each LoRA update of row i in layer l is multiplied by ``multipliers[i, l]``.
 
     Gradients flow into ``multipliers`` (and the hypernetwork behind them). With gradient
     checkpointing, run the backward inside the context too (the recomputation needs the hooks).
+    ``select_rows(keep, rows)`` on what it yields: of a ``rows``-row batch, only rows ``keep``
+    are forwarded from now on.
     """
     adapter = active_adapter(model)
     columns = _columns(model, multipliers.shape[1], per)
@@ -150,8 +160,14 @@ def hypernet_scales(
             return out * m.view(-1, *([1] * (out.dim() - 1))).to(out.dtype)
 
         handles.append(layer.lora_B[adapter].register_forward_hook(scale))
+
+    def select_rows(keep: torch.Tensor, rows: int) -> None:
+        nonlocal multipliers
+        multipliers = _expand_rows(multipliers, rows).index_select(0, keep)
+        cached.clear()
+
     try:
-        yield
+        yield RowScales(select_rows)
     finally:
         for h in handles:
             h.remove()
@@ -255,12 +271,14 @@ class ContextualScaler:
         return hypernet_scales(self.model, multipliers, self.per)
 
     @contextlib.contextmanager
-    def for_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Iterator[None]:
+    def for_prompts(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
+    ) -> Iterator[RowScales]:
         """Generation: multipliers from the prompts (no grad), applied to every forward inside."""
         with torch.no_grad():
             m = self.multipliers(prompt_ids, prompt_mask)
-        with hypernet_scales(self.model, m, self.per):
-            yield
+        with hypernet_scales(self.model, m, self.per) as rows:
+            yield rows
 
     @torch.no_grad()
     def mean_multipliers(

@@ -10,9 +10,12 @@ the model's forward: the KV cache is allocated once for the whole completion
 (``PreallocatedLayer``: transformers' ``DynamicLayer`` concatenates at every token, which
 copies the whole cache each step and was half of the rollout time on CPU) and sampling draws
 one uniform per row against the cumulative distribution (``torch.multinomial`` draws one
-exponential per vocabulary entry, a quarter of the rollout time for a 49k vocabulary). ``hf``
-calls ``model.generate``: the reference, and the fallback for models the loop does not know.
-Both give the same tokens under greedy decoding (tested).
+exponential per vocabulary entry, a quarter of the rollout time for a 49k vocabulary), and
+rows that have finished leave the batch once they are a quarter of it (``COMPACT_SHARE``:
+completions end at very different lengths, and one row cut at ``max_new_tokens`` would
+otherwise keep every finished row decoding padding to the end). ``hf`` calls
+``model.generate``: the reference, and the fallback for models the loop does not know. Both
+give the same tokens under greedy decoding (tested).
 """
 
 from __future__ import annotations
@@ -133,18 +136,30 @@ def generate_groups(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    with (
-        around(ids, mask) if around is not None else contextlib.nullcontext(),
-        merged_lora(model) if merge_lora else contextlib.nullcontext(),
-    ):
+    per_prompt = around(ids, mask) if around is not None else contextlib.nullcontext()
+    with per_prompt as row_state, merged_lora(model) if merge_lora else contextlib.nullcontext():
+        # finished rows may leave the batch where the per-prompt context has no per-row state
+        # or can follow the rows that go on (the hypernetwork's ``RowScales``)
+        if isinstance(per_prompt, contextlib.nullcontext):
+            select_rows = _no_row_state
+        else:
+            select_rows = getattr(row_state, "select_rows", None)
         completion = DECODERS[decoder](
-            model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing
+            model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing, select_rows
         )
     ids_g = ids.repeat_interleave(g, 0)
     mask_g = mask.repeat_interleave(g, 0)
     return finish_completions(
         tokenizer, ids_g, mask_g, completion, stop_strings or [], max_new_tokens
     )
+
+
+RowSelector = Callable[[torch.Tensor, int], None]
+"""``select_rows(keep, rows)``: of a ``rows``-row batch only rows ``keep`` are decoded on."""
+
+
+def _no_row_state(keep: torch.Tensor, rows: int) -> None:
+    """The model holds no per-row state besides the KV cache."""
 
 
 def _prefill(model, ids, mask, g, prefix_sharing):
@@ -171,9 +186,9 @@ def _prefill(model, ids, mask, g, prefix_sharing):
 
 
 def _generate_hf(
-    model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing
+    model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing, select_rows=None
 ) -> torch.Tensor:
-    """Completion token ids [B*G, T] from ``model.generate``."""
+    """Completion token ids [B*G, T] from ``model.generate`` (which keeps every row)."""
     from transformers import StoppingCriteriaList
 
     ids_g = ids.repeat_interleave(g, 0)
@@ -222,6 +237,10 @@ def preallocated_layer_class() -> type:
             self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+
     return PreallocatedLayer
 
 
@@ -240,10 +259,13 @@ def _preallocate(cache, extra: int) -> bool:
     return True
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_p: float, uniform: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row of ``logits`` [N, V]: one uniform per row against the CDF.
 
     Why not ``torch.multinomial``: on CPU it draws an exponential for every vocabulary entry.
+    ``uniform`` [N, 1]: the draws to use (default: fresh ones).
     """
     logits = logits.float()
     if temperature != 1.0:
@@ -256,21 +278,40 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch
         drop = (cdf - sorted_w) > top_p * cdf[:, -1:]
         sorted_w = sorted_w.masked_fill(drop, 0.0)
         cdf = sorted_w.cumsum(-1)
-        u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+        u = _uniform(uniform, cdf) * cdf[:, -1:]
         pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
         return order.gather(-1, pick).squeeze(-1)
     cdf = weights.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    u = _uniform(uniform, cdf) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1).squeeze(-1)
 
 
+def _uniform(uniform: torch.Tensor | None, cdf: torch.Tensor) -> torch.Tensor:
+    return torch.rand(cdf.shape[0], 1, device=cdf.device) if uniform is None else uniform
+
+
+COMPACT_SHARE = 0.25
+"""Finished rows leave the decoded batch once they are this share of it: selecting the rows
+of the KV cache copies it, so rows leave a few at a time, not one by one."""
+
+
 def _generate_fast(
-    model, tokenizer, ids, mask, g, gen_config, stop_strings, prefix_sharing
+    model,
+    tokenizer,
+    ids,
+    mask,
+    g,
+    gen_config,
+    stop_strings,
+    prefix_sharing,
+    select_rows: RowSelector | None = _no_row_state,
 ) -> torch.Tensor:
     """Completion token ids [B*G, T]: our own decode loop over a preallocated KV cache.
 
     Same contract as ``generate``: rows that finished (EOS or a stop string) are padded with
-    the pad token from then on; decoding ends when every row has finished.
+    the pad token from then on; decoding ends when every row has finished. Finished rows
+    leave the decoded batch (``COMPACT_SHARE``) unless ``select_rows`` is None (a per-row
+    state outside the cache that cannot follow).
     """
     max_new = gen_config.max_new_tokens
     ids_g = ids.repeat_interleave(g, 0)
@@ -288,6 +329,8 @@ def _generate_fast(
     eos_ids = gen_config.eos_token_id
     eos = torch.as_tensor(-1 if eos_ids is None else eos_ids, device=ids.device)  # built once
     finished = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    # the rows still decoded (indices into the n rows); attn and position hold only theirs
+    live = torch.arange(n, device=ids.device)
     step_input = ids_g[:, -1:] if ids.shape[1] > 1 else ids_g
     step_pos = position if ids.shape[1] > 1 else position_ids_from_mask(mask_g)
     length = p
@@ -302,21 +345,43 @@ def _generate_fast(
         )
         cache = out.cache if "cache" in out else out.past_key_values
         logits = out.logits[:, -1]
+        everyone = len(live) == n
         if gen_config.do_sample:
-            token = sample_next(logits, gen_config.temperature, gen_config.top_p)
+            # every row draws, decoded or not: the same random stream, so the same samples,
+            # as without compaction
+            uniform = torch.rand(n, 1, device=logits.device)
+            live_token = sample_next(
+                logits,
+                gen_config.temperature,
+                gen_config.top_p,
+                uniform if everyone else uniform[live],
+            )
         else:
-            token = logits.argmax(-1)
+            live_token = logits.argmax(-1)
+        if everyone:
+            token = live_token
+        else:
+            token = seq.new_full((n,), gen_config.pad_token_id)
+            token[live] = live_token
         token = token.masked_fill(finished, gen_config.pad_token_id)
         seq[:, p + t] = token
         length = p + t + 1
         done = torch.isin(token, eos)
         if stop is not None:
-            done |= stop(seq[:, :length], None).to(done.device)
+            if everyone:
+                done |= stop(seq[:, :length], None).to(done.device)
+            else:
+                done[live] |= stop(seq[live, :length], None).to(done.device)
         finished |= done
         if bool(finished.all()):
             break
-        step_input = token.unsqueeze(1)
         position = position + 1
+        if select_rows is not None and int(finished[live].sum()) >= COMPACT_SHARE * len(live):
+            keep = (~finished[live]).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            select_rows(keep, len(live))
+            live, attn, position = live[keep], attn[keep], position[keep]
+        step_input = token[live].unsqueeze(1)
         step_pos = position
     return seq[:, p:length]
 

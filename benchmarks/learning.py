@@ -924,7 +924,10 @@ def markdown(report: dict[str, Any]) -> str:
         )
     )
     for title, key in (
-        ("Full vs plain, paired per seed (full minus plain, final evaluations)", "full_vs_plain"),
+        (
+            "Full (or full minus a part) vs plain, paired per seed (final evaluations)",
+            "full_vs_plain",
+        ),
         ("Ablation: full minus each part or family vs full (minus - full)", "ablation"),
     ):
         rows = []
@@ -1035,9 +1038,12 @@ def build_report(
     """Everything the tables and the plot show, from the finished runs' folders."""
     results = sorted(results, key=lambda r: (r.seed, configs.index(r.config)))
     names = {r.config for r in results}
-    full_vs_plain = {}
-    if {"plain", "full"} <= names:
-        full_vs_plain["full - plain"] = compare(results, "plain", "full")
+    # full, and full minus a part (a study may run full-critique without full), each vs plain
+    full_vs_plain = {
+        f"{c} - plain": compare(results, "plain", c)
+        for c in configs
+        if (c == "full" or c.startswith("full-")) and {"plain", c} <= names
+    }
     ablation = {
         f"{c} - full": compare(results, "full", c)
         for c in configs

@@ -399,7 +399,7 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     assert seeds["heldout_final"]["per_seed"] == [0.75, 0.5]
     assert seeds["heldout_gain_strict"]["mean"] == pytest.approx(0.5)
     text = learning.markdown(report)
-    for heading in ("Per run, held-out", "GSM8K test transfer", "Across seeds", "Full vs plain"):
+    for heading in ("Per run, held-out", "GSM8K test transfer", "Across seeds", "vs plain, paired"):
         assert heading in text
     saw = text.split("what its GRPO steps saw")[1]  # format valid, truncated, ...: means
     assert re.search(r"\| plain +\| 0 +\| - +\| 0\.38 +\| - +\|", saw)
@@ -415,6 +415,15 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     report = learning.build_report(st, recipe, configs, more, ["x: train"], "", machine)
     abl = report["ablation"]["full-adaptive_policy - full"]
     assert abl["per_seed"][0]["heldout"]["strict"]["delta"] == -0.25
+    # full minus a part is also paired against plain (a study may run it without full)
+    assert report["full_vs_plain"]["full-adaptive_policy - plain"]["per_seed"][0]["heldout"][
+        "strict"
+    ]["delta"] == pytest.approx(0.0)  # both end at 2 of 4, the same problems
+    alone = learning.build_report(
+        st, recipe, ["plain", "full-adaptive_policy"], [results[0], more[-1]], [], "", machine
+    )
+    assert list(alone["full_vs_plain"]) == ["full-adaptive_policy - plain"]
+    assert "| full-adaptive_policy - plain | 0" in learning.markdown(alone)
     assert "Ablation" in learning.markdown(report) and "**Partial:**" in learning.markdown(report)
 
 

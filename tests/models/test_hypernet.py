@@ -24,6 +24,7 @@ from deepsynapse.models.hypernet import (
     num_outputs_for,
 )
 from deepsynapse.models.loading import load_model, load_tokenizer
+from deepsynapse.models.neural_memory import NeuralMemory, attach_memory, layer_at_depth
 from deepsynapse.models.policy import apply_lora
 from deepsynapse.rollout.hf import generate_groups
 
@@ -226,12 +227,16 @@ def test_hypernet_state_round_trip(tmp_path):
     assert count_parameters(hypernet) == 2 * 64 + 64 * 16 + 16 + 16 * 7 + 7
 
 
-@pytest.mark.parametrize(("greedy", "stop"), [(True, "interfaces"), (False, "m")])
+@pytest.mark.parametrize(
+    ("greedy", "stop", "memory"),
+    [(True, "interfaces", False), (False, "m", False), (False, "m", True)],
+)
 def test_finished_rows_leave_the_batch_and_the_rest_keep_their_multipliers(
-    tok, greedy, stop, monkeypatch
+    tok, greedy, stop, memory, monkeypatch
 ):
     """The decoder drops finished rows; the hypernetwork's scales follow the rows that go on
-    (greedy: prompt 2's group stops after ~6 tokens, prompt 1's goes on under its own).
+    (greedy: prompt 2's group stops after ~6 tokens, prompt 1's goes on under its own); an
+    open neural memory, as full's GRPO has once its gate moves, reads each row alone.
 
     float64: a batch of another size may round a logit differently in its last bit, which in
     float32 can move a sample across the boundary between two near-equal tokens of a random
@@ -244,6 +249,12 @@ def test_finished_rows_leave_the_batch_and_the_rest_keep_their_multipliers(
     )
     m = scaler.multipliers(*encode(tok))
     assert (m[0] - m[1]).abs().min() > 0.3  # prompts scaled apart: a mix-up changes tokens
+    if memory:  # after the check: the read moves the context the multipliers come from
+        torch.manual_seed(2)
+        read = NeuralMemory(64, num_slots=8, num_heads=4).to(torch.float64)
+        with torch.no_grad():
+            read.gate.fill_(0.5)
+        attach_memory(model, layer_at_depth(model, 0.5), read)
     rows: list[int] = []
     hook = model.register_forward_pre_hook(
         lambda _, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True

@@ -44,6 +44,7 @@ def model(tok):
 def lora_policy(tok, dtype: torch.dtype) -> PeftModel:
     torch.manual_seed(0)
     peft_model = apply_lora(load_model("tiny-random", dtype, tok), 4, 8, 0.0, ["all-linear"])
+    peft_model.to(dtype)  # PEFT keeps adapters in fp32; float64 tests want them exact too
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # PEFT starts B at zero; give LoRA an effect to scale
         for _, layer in lora_layers(peft_model):
@@ -156,6 +157,45 @@ def test_each_row_gets_its_own_multipliers(tok, model):
     torch.testing.assert_close(grouped[1::2], mixed, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="cannot scale"), hypernet_scales(model, m):
         logits(model, ids[:1].repeat(3, 1), mask[:1].repeat(3, 1))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_decoding_swaps_peft_forward_for_the_same_function(tok, nested):
+    """``fused``: plain LoRA layers compute base + row-scaled update in their own forward
+    (module scales folded in), never calling PEFT's ``lora_B``; the result is the hooks'. A
+    nested-rank truncation (a pre-hook on B) keeps a layer on the hooks; nothing merges."""
+    from deepsynapse.models.dynamic_lora import merged_lora, module_scales, truncated_rank
+
+    model = lora_policy(tok, torch.float64)
+    add_module_scales(model)
+    with torch.no_grad():
+        module_scales(model).scales.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+    ids, mask = encode(tok)
+    m = torch.tensor([[1.7, 0.4], [0.2, 1.3]], dtype=torch.float64)
+    layers = [layer for _, layer in lora_layers(model)]
+    b_ids = {id(layer.lora_B["default"]) for layer in layers}
+    calls: list[int] = []
+    # a global hook: one on lora_B itself would make the layer not plain LoRA
+    spy = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, *_: calls.append(1) if id(module) in b_ids else None
+    )
+    with truncated_rank(model, 2) if nested else torch.no_grad():
+        with hypernet_scales(model, m):
+            hooked = logits(model, ids, mask)
+        hook_calls, calls[:] = len(calls), []
+        with torch.no_grad(), hypernet_scales(model, m, fused=True):
+            swapped = [layer for layer in layers if "forward" in vars(layer)]
+            fused = logits(model, ids, mask)
+            with merged_lora(model) as merged:
+                assert not merged  # a swapped forward is not plain PEFT: no LoRA counted twice
+    spy.remove()
+    assert hook_calls == len(layers)
+    assert len(swapped) == (0 if nested else len(layers)) and len(calls) == len(layers) - len(
+        swapped
+    )
+    assert not any("forward" in vars(layer) for layer in layers)  # PEFT's forward is back
+    torch.testing.assert_close(fused, hooked, atol=1e-10, rtol=0)
+    assert not torch.allclose(fused, logits(model, ids, mask), atol=1e-4)  # the scales act
 
 
 def test_prefix_shared_rollout_uses_the_prompt_rows(tok, model):

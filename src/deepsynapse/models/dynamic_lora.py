@@ -288,11 +288,13 @@ def truncated_rank(model: nn.Module, k: int) -> Iterator[None]:
 # ------------------------------------------------------------------ merged for generation
 
 
-def _mergeable(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
-    """Plain LoRA on a plain ``nn.Linear``, with no hooks but module scales' on its A and B."""
+def plain_lora(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
+    """Plain LoRA on a plain ``nn.Linear``, with no hooks but module scales' on its A and B,
+    and PEFT's own forward (not one swapped in for decoding, as ``hypernet_scales`` does)."""
     a, b = layer.lora_A[adapter], layer.lora_B[adapter]
     return (
         type(layer.base_layer) is nn.Linear
+        and "forward" not in vars(layer)
         and not layer.merged
         and not getattr(layer, "use_dora", {}).get(adapter, False)
         and b.bias is None
@@ -316,16 +318,15 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
     """
     layers = lora_layers(model) if hasattr(model, "get_base_model") else []
     adapter = active_adapter(model) if layers else ""
-    scales = module_scales(model)
-    allowed = {h.id for h in scales._handles} if scales is not None else set()
+    allowed = module_scale_hooks(model)
     if (
         not layers
         or any(layer.disable_adapters for _, layer in layers)
-        or not all(_mergeable(layer, adapter, allowed) for _, layer in layers)
+        or not all(plain_lora(layer, adapter, allowed) for _, layer in layers)
     ):
         yield False
         return
-    factor = dict(zip(scales.names, scales.scales.detach().tolist(), strict=True)) if scales else {}
+    factor = module_scale_factors(model)
     originals = []
     try:
         with torch.no_grad():
@@ -360,6 +361,20 @@ class ModuleScales(nn.Module):
 
     def extra_repr(self) -> str:
         return f"modules={len(self.names)}"
+
+
+def module_scale_factors(model: nn.Module) -> dict[str, float]:
+    """Each LoRA module's current output scale by name (empty without module scales)."""
+    scales = module_scales(model)
+    if scales is None:
+        return {}
+    return dict(zip(scales.names, scales.scales.detach().tolist(), strict=True))
+
+
+def module_scale_hooks(model: nn.Module) -> set[int]:
+    """The ids of the module scales' hooks on ``lora_B`` (what ``plain_lora`` allows)."""
+    scales = module_scales(model)
+    return {h.id for h in scales._handles} if scales is not None else set()
 
 
 def module_scales(model: nn.Module) -> ModuleScales | None:

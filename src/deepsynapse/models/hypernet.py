@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -33,7 +33,10 @@ from deepsynapse.models.dynamic_lora import (
     decoder_layers,
     lora_layer_indices,
     lora_layers,
+    module_scale_factors,
+    module_scale_hooks,
     module_scales,
+    plain_lora,
     remove_module_scales,
 )
 
@@ -132,7 +135,7 @@ class RowScales:
 
 @contextlib.contextmanager
 def hypernet_scales(
-    model: nn.Module, multipliers: torch.Tensor, per: Granularity = "layer"
+    model: nn.Module, multipliers: torch.Tensor, per: Granularity = "layer", fused: bool = False
 ) -> Iterator[RowScales]:
     """Inside, each LoRA update of row i in layer l is multiplied by ``multipliers[i, l]``.
 
@@ -140,6 +143,12 @@ def hypernet_scales(
     checkpointing, run the backward inside the context too (the recomputation needs the hooks).
     ``select_rows(keep, rows)`` on what it yields: of a ``rows``-row batch, only rows ``keep``
     are forwarded from now on.
+
+    ``fused`` (decoding: no gradient, dropout off): each plain LoRA layer's forward is swapped
+    for ``base(x) + ((x A^T) * m) (s B)^T``, the LoRA scaling and module scale folded into B
+    once. Per-row scales keep LoRA from being merged into the weights, and at a decode
+    step's few rows PEFT's forward (dropout, A, B and hook calls, then scaling) costs more
+    than its matmuls; this is the same function in four operations.
     """
     adapter = active_adapter(model)
     columns = _columns(model, multipliers.shape[1], per)
@@ -153,7 +162,14 @@ def hypernet_scales(
         return cached[n]
 
     handles = []
-    for col, (_, layer) in zip(columns, lora_layers(model, adapter), strict=True):
+    swapped: list[nn.Module] = []
+    allowed = module_scale_hooks(model)
+    factor = module_scale_factors(model) if fused else {}
+    for col, (name, layer) in zip(columns, lora_layers(model, adapter), strict=True):
+        if fused and _fusible(layer, adapter, allowed):
+            layer.forward = _row_scaled_forward(layer, adapter, col, rows_for, factor.get(name))
+            swapped.append(layer)
+            continue
 
         def scale(module: nn.Module, args: tuple, out: torch.Tensor, col: int = col):
             m = rows_for(out.shape[0])[col]
@@ -171,6 +187,41 @@ def hypernet_scales(
     finally:
         for h in handles:
             h.remove()
+        for layer in swapped:
+            del layer.forward  # PEFT's own again
+
+
+def _fusible(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
+    drop = layer.lora_dropout[adapter]
+    return plain_lora(layer, adapter, allowed_hooks) and (
+        isinstance(drop, nn.Identity) or not drop.training
+    )
+
+
+def _row_scaled_forward(
+    layer: nn.Module,
+    adapter: str,
+    col: int,
+    rows_for: Callable[[int], torch.Tensor],
+    module_scale: float | None,
+) -> Callable[..., torch.Tensor]:
+    """``layer``'s forward with its LoRA update scaled per row by ``rows_for(n)[col]``."""
+    base = layer.base_layer
+    a = layer.lora_A[adapter].weight
+    b = layer.lora_B[adapter].weight
+    scale = layer.scaling[adapter] * (1.0 if module_scale is None else module_scale)
+    b_scaled = (b * scale).detach()
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = base(x, *args, **kwargs)
+        if layer.disable_adapters:
+            return out
+        h = nn.functional.linear(x.to(a.dtype), a)
+        m = rows_for(h.shape[0])[col].to(h.dtype)
+        h = h * m.view(-1, *([1] * (h.dim() - 1)))
+        return out + nn.functional.linear(h, b_scaled).to(out.dtype)
+
+    return forward
 
 
 @torch.no_grad()
@@ -277,7 +328,7 @@ class ContextualScaler:
         """Generation: multipliers from the prompts (no grad), applied to every forward inside."""
         with torch.no_grad():
             m = self.multipliers(prompt_ids, prompt_mask)
-        with hypernet_scales(self.model, m, self.per) as rows:
+        with hypernet_scales(self.model, m, self.per, fused=not torch.is_grad_enabled()) as rows:
             yield rows
 
     @torch.no_grad()

@@ -56,11 +56,12 @@ import torch
 from deepsynapse.models.dynamic_lora import (
     ADAPTIVE_ATTR,
     MODULE_SCALES,
-    _mergeable,
     active_adapter,
     causal_lm,
     lora_layers,
-    module_scales,
+    module_scale_factors,
+    module_scale_hooks,
+    plain_lora,
 )
 from deepsynapse.models.policy import SEQUENCE_MULTIPLE, pad_to_multiple
 from deepsynapse.rollout.hf import RolloutOutput, encode_prompts, finish_completions
@@ -126,10 +127,9 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     if any(layer.disable_adapters for _, layer in layers):
         return "the adapters are disabled (the reference policy): sample from the base instead"
     adapter = active_adapter(model)
-    scales = module_scales(model)
-    allowed = {h.id for h in scales._handles} if scales is not None else set()
+    allowed = module_scale_hooks(model)
     for name, layer in layers:
-        if not _mergeable(layer, adapter, allowed):
+        if not plain_lora(layer, adapter, allowed):
             return (
                 f"LoRA layer {name} is not plain LoRA on nn.Linear (DoRA, a nested-rank "
                 "truncation, per-prompt hooks or an already merged adapter)"
@@ -148,8 +148,7 @@ def merged_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     lm = causal_lm(model)
     layers = dict(lora_layers(model)) if hasattr(model, "get_base_model") else {}
     adapter = active_adapter(model) if layers else ""
-    scales = module_scales(model)
-    factor = dict(zip(scales.names, scales.scales.detach().tolist(), strict=True)) if scales else {}
+    factor = module_scale_factors(model)
     with torch.no_grad():
         for name, tensor in lm.state_dict().items():
             if name.startswith(ADAPTIVE_ATTR + ".") or ".lora_" in name:

@@ -525,6 +525,20 @@ def test_part_costs_quick_times_each_configuration(tmp_path):
     assert data["results"]["full"]["costliest_reward"] is not None
 
 
+def test_hypernet_decode_quick_times_the_three_ways(tmp_path):
+    out = tmp_path / "hypernet-decode.json"
+    proc = _run_script("hypernet_decode.py", "--quick", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["decoding"].split(",")[-1].strip() for r in rows] == [
+        "LoRA merged (plain GRPO)",
+        "hooks on lora_B",
+        "swapped forward",
+    ]
+    assert all(r["tokens"] > 0 and r["best_s"] > 0 for r in rows)
+    assert rows[0]["vs_merged"] == 1.0 and "| per-row scales, swapped forward" in proc.stdout
+
+
 def test_from_start_reach_pairs_greedy_with_samples_and_counts_the_headroom():
     greedy = {"records": [{"id": i, "correct": c} for i, c in enumerate([1, 0, 0, 1])]}
     samples = [[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]

@@ -89,8 +89,8 @@ def parts_for(max_new_tokens: int) -> list[Part]:
         Part("curriculum", "3 phases (3.5/3.15)", ("control.curriculum.enabled=true",)),
         Part(
             "dynamic_lora",
-            "LoRA rank 8 -> 12 -> 16 at phase changes (3.1)",
-            ("control.curriculum.default_ranks=[8, 12, 16]", "lora.r=8", "lora.alpha=16"),
+            "LoRA rank 16 -> 24 -> 32 at phase changes (3.1), from plain's rank",
+            ("control.curriculum.default_ranks=[16, 24, 32]", "lora.r=16", "lora.alpha=32"),
             requires="curriculum",
         ),
         Part("kl_temperature", "KL-temperature co-regulation (3.3)", _kl()),

@@ -69,8 +69,20 @@ def test_batch_plan_refuses_and_suggests():
 
 
 def test_shipped_recipes_load():
-    for name in ("configs/demo-cpu.yaml", "configs/gsm8k-gpu.yaml"):
+    for name in ("configs/demo-cpu.yaml", "configs/hour-cpu.yaml", "configs/gsm8k-gpu.yaml"):
         load_config(Path(__file__).resolve().parents[1] / name)
+
+
+def test_default_ranks_beside_explicit_phases_must_agree():
+    """default_ranks shapes only the derived phases: beside explicit ones it would be ignored."""
+    recipe = Path(__file__).resolve().parents[1] / "configs/hour-cpu.yaml"
+    load_config(recipe, ["control.curriculum.default_ranks=[16, 24, 32]"])  # the phases' ranks
+    with pytest.raises(
+        ConfigError,
+        match=r"default_ranks: \[8, 12, 16\] applies to the default phases.*"
+        r"lora_rank \[16, 24, 32\]",
+    ):
+        load_config(recipe, ["control.curriculum.default_ranks=[8, 12, 16]"])
 
 
 def test_config_is_frozen_after_validation():

@@ -400,6 +400,14 @@ class CurriculumConfig:
             raise ValueError(
                 f"curriculum.default_ranks: got {self.default_ranks}, expected three ranks"
             )
+        asked = [p.lora_rank for p in self.phases]
+        if self.default_ranks and self.phases and asked != list(self.default_ranks):
+            # the ranks would be ignored: explicit phases carry their own
+            raise ValueError(
+                f"curriculum.default_ranks: {self.default_ranks} applies to the default phases, "
+                f"but curriculum.phases is given with lora_rank {asked}; set the ranks in the "
+                "phases or make the two agree"
+            )
 
 
 # ---------------------------------------------------------------- the controller

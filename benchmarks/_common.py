@@ -33,6 +33,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def matmul_gflops(dtype: Any, rows: int, k: int, n: int, windows: int = 5) -> float:
+    """GFLOP/s of a ``rows x k @ k x n`` matmul in torch ``dtype``: the rate a compute floor
+    divides by. Best of ``windows`` 0.3 s windows: other processes only ever slow it down."""
+    import torch
+
+    a = torch.randn(rows, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(windows):
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.3:
+            a @ b
+            count += 1
+        best = max(best, 2.0 * rows * k * n * count / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def emit_result(result: dict[str, Any]) -> None:
     """The child's last line: what the parent reads back."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)
@@ -191,6 +210,12 @@ def save_json(path: Path, obj: Any) -> Path:
     tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def save_report(stem: Path, report: Any, text: str) -> None:
+    """A benchmark's results: ``stem.json`` (the numbers) and ``stem.md`` (the table)."""
+    save_json(stem.with_suffix(".json"), report)
+    stem.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
 
 
 def write_gsm8k_jsonl(problems: Sequence[Any], path: Path) -> Path:

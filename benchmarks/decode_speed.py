@@ -43,6 +43,7 @@ from _common import (  # noqa: E402
     emit_result,
     machine_info,
     markdown_table,
+    matmul_gflops,
     peak_rss_mb,
     run_child,
     save_json,
@@ -78,25 +79,6 @@ def _workload(spec: dict[str, Any]):
         stop_strings=stop_strings(BASE_SCHEMA),
     )
     return tok, prompts, policy, params, kw
-
-
-def _matmul_gflops(dtype_name: str, rows: int, k: int, n: int, windows: int = 5) -> float:
-    """Best of ``windows`` 0.3 s windows: other processes on the cores only ever slow it down."""
-    import torch
-
-    dtype = getattr(torch, DTYPES[dtype_name])
-    a = torch.randn(rows, k).to(dtype)
-    b = torch.randn(k, n).to(dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(windows):
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 0.3:
-            a @ b
-            count += 1
-        best = max(best, 2.0 * rows * k * n * count / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def _timed(call, repeats: int) -> dict[str, Any]:
@@ -158,10 +140,10 @@ def child(spec: dict[str, Any]) -> None:
         ]
         result["greedy_rows_equal"] = f"{sum(same)}/{len(same)}"
         engine.close()
-    result["matmul_gflops_decode"] = _matmul_gflops(
-        spec["dtype"], spec["prompts"] * spec["generations"], 576, 1536
-    )
-    result["matmul_gflops_peak"] = _matmul_gflops(spec["dtype"], 1024, 1024, 1024)
+    dtype = getattr(torch, DTYPES[spec["dtype"]])
+    rows = spec["prompts"] * spec["generations"]
+    result["matmul_gflops_decode"] = matmul_gflops(dtype, rows, 576, 1536)
+    result["matmul_gflops_peak"] = matmul_gflops(dtype, 1024, 1024, 1024)
     result["peak_rss_mb"] = peak_rss_mb()
     emit_result(result)
 

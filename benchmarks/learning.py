@@ -89,7 +89,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import RESULTS_DIR, child_env, machine_info, markdown_table, mean_std, save_json
+from _common import RESULTS_DIR, child_env, machine_info, markdown_table, mean_std, save_report
 from ablation import ABLATE, Study, active_parts, common_overrides, config_names, parts_for
 from ablation import part_overrides as ablation_part_overrides
 
@@ -1370,8 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(report)
     print("\n" + text, flush=True)
     stem = args.results or RESULTS_DIR / ("learning-quick" if args.quick else "learning")
-    save_json(stem.with_suffix(".json"), report)
-    stem.with_suffix(".md").write_text(text + "\n", encoding="utf-8")
+    save_report(stem, report, text)
     png = plot(report, stem.with_suffix(".png"))
     print(f"\nsaved {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {png}")
     if left:

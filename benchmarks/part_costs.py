@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS_DIR, child_env, fmt, machine_info, markdown_table, save_json
+from _common import RESULTS_DIR, child_env, fmt, machine_info, markdown_table, save_report
 from learning import QUICK, RECIPE, REPO, Learning, resolve, run_overrides
 
 DEFAULT_CONFIGS = (
@@ -212,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
     }
     stem = args.results or RESULTS_DIR / ("part-costs-quick" if args.quick else "part-costs")
-    save_json(stem.with_suffix(".json"), report)
     text = markdown(report)
-    stem.with_suffix(".md").write_text(text)
+    save_report(stem, report, text)
     print(text)
     return 0
 

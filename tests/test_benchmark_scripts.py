@@ -575,3 +575,16 @@ def test_from_start_quick_branches_a_run_and_reports_its_reach(tmp_path):
     assert [r["step"] for r in grpo] == [1, 2]  # the source's GRPO step replaced, not kept
     reach = json.loads((dest / "reach.json").read_text())
     assert reach["start"]["checkpoint"] == "step-0" and reach["end"]["checkpoint"] == "step-2"
+
+
+def test_sft_step_quick_times_our_step_beside_a_bare_one_on_the_same_examples(tmp_path):
+    stem = tmp_path / "sft-step"
+    proc = _run_script("sft_step.py", "--quick", "--results", str(stem))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(stem.with_suffix(".json").read_text())["results"]["plain"]
+    # the same model and examples, LoRA's B still zero: the first losses agree
+    assert r["first_loss"]["ours"] == pytest.approx(r["first_loss"]["bare"], rel=1e-3)
+    assert len(r["ours_steps_s"]) == len(r["bare_steps_s"]) == 3
+    assert r["tokens"] > r["target_tokens"] > 0 and r["floor_s"] > 0
+    assert r["padded_ours"] >= r["tokens"] and r["padded_bare"] >= r["tokens"]
+    assert "| plain " in stem.with_suffix(".md").read_text()

@@ -159,6 +159,26 @@ def check_answer_lengths(trainer) -> dict[str, float] | None:
     return found
 
 
+def warmup_step(trainer, k: int) -> tuple[list[str], float, float]:
+    """Warm-up step ``k``: its examples, the learning rate's ramp, one optimizer step.
+
+    Returns this process's targets, the loss (mean over processes) and the gradient norm;
+    ``benchmarks/sft_step.py`` times this against a bare transformers + PEFT step.
+    """
+    cfg, acc = trainer.cfg, trainer.accelerator
+    prompts, targets = trainer.sft.examples(k, cfg.sft.batch_size, salt=99)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = (
+            cfg.sft.lr * min(1.0, (k + 1) / max(1, cfg.sft.steps // 10)) * group.get("lr_mult", 1.0)
+        )
+    loss = trainer.sft.loss(prompts, targets)
+    acc.backward(loss)
+    norm = trainer.clip_and_step()
+    if trainer.world > 1:
+        return targets, float(acc.reduce(loss.detach(), reduction="mean")), norm
+    return targets, float(loss.detach()), norm
+
+
 def run_warmup(trainer) -> bool:
     """Supervised steps on gold solutions rewritten into the XML format (cold start).
 
@@ -178,22 +198,8 @@ def run_warmup(trainer) -> bool:
     trainer.lock_groups(cfg.sft.trainable_groups)
     while trainer.sft_step < planned_sft_steps(trainer) and not trainer.stop.requested():
         k = trainer.sft_step
-        prompts, targets = trainer.sft.examples(k, cfg.sft.batch_size, salt=99)
-        for group in trainer.optimizer.param_groups:
-            group["lr"] = (
-                cfg.sft.lr
-                * min(1.0, (k + 1) / max(1, cfg.sft.steps // 10))
-                * group.get("lr_mult", 1.0)
-            )
         start = time.perf_counter()
-        loss = trainer.sft.loss(prompts, targets)
-        acc.backward(loss)
-        norm = trainer.clip_and_step()
-        loss_value = (
-            float(acc.reduce(loss.detach(), reduction="mean"))
-            if trainer.world > 1
-            else float(loss.detach())
-        )
+        targets, loss_value, norm = warmup_step(trainer, k)
         trainer.log.metrics(
             0,
             {

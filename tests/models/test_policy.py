@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from deepsynapse.models.dynamic_lora import lora_layers
+from deepsynapse.models.dynamic_lora import addmm_lora, lora_layers
 from deepsynapse.models.loading import load_model, load_tokenizer
 from deepsynapse.models.policy import PolicyModule, apply_lora, pad_to_multiple
 
@@ -117,3 +119,74 @@ def test_a_frozen_reference_is_the_policy_then_through_updates_and_rank_growth()
         torch.testing.assert_close(anchored, start, rtol=1e-5, atol=1e-5)
         assert all(p.data_ptr() == live[n] for n, p in policy.adapter_parameters().items())
         torch.testing.assert_close(policy(ids, attn, cmask).logp, moved)
+
+
+def _forward_backward(
+    policy: PolicyModule, monkeypatch, fuse: bool
+) -> tuple[torch.Tensor, dict, list]:
+    """The policy's log-probs and trainable gradients, with or without ``addmm_lora``, and
+    how many layers each forward swapped."""
+    from deepsynapse.models import policy as policy_module
+
+    swapped: list[int] = []
+
+    @contextlib.contextmanager
+    def counted(model):
+        if not fuse:
+            swapped.append(0)
+            yield 0
+            return
+        with addmm_lora(model) as n:
+            swapped.append(n)
+            yield n
+
+    monkeypatch.setattr(policy_module, "addmm_lora", counted)
+    policy.zero_grad(set_to_none=True)
+    ids, attn, cmask = batch()
+    logp = policy(ids, attn, cmask).logp
+    (logp * torch.linspace(0.5, 1.5, logp.numel()).view_as(logp)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+    return logp.detach(), grads, swapped
+
+
+def test_addmm_lora_is_peft_forward_with_the_same_gradients(monkeypatch):
+    policy = build(torch.float64)
+    ref, ref_grads, none = _forward_backward(policy, monkeypatch, fuse=False)
+    out, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    assert none == [0] and swapped == [len(lora_layers(policy.peft_model))]
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-9, atol=1e-12), name
+    assert any(g.abs().sum() > 0 for g in grads.values())
+    assert all("forward" not in vars(layer) for _, layer in lora_layers(policy.peft_model))
+
+
+def test_addmm_lora_on_a_bf16_base_computes_in_bf16(monkeypatch):
+    policy = build(torch.bfloat16)
+    ref, ref_grads, _ = _forward_backward(policy, monkeypatch, fuse=False)
+    out, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    assert swapped[0] > 0 and out.dtype == torch.float32
+    assert torch.allclose(out, ref, atol=0.05), (out - ref).abs().max()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_grads[name].flatten(), 0)
+        assert cos > 0.99 or ref_grads[name].abs().max() < 1e-6, (name, cos)
+
+
+def test_layers_with_module_scales_or_checkpointing_keep_pefts_forward(monkeypatch):
+    from deepsynapse.models.dynamic_lora import add_module_scales
+
+    policy = build(torch.float64)
+    (scales,) = add_module_scales(policy.peft_model)
+    _, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    assert swapped == [0]  # each scale's gradient comes through its hook on lora_B
+    assert scales.grad is not None and scales.grad.abs().sum() > 0
+
+    policy = build(torch.float64)
+    policy.causal_lm.gradient_checkpointing_enable({"use_reentrant": False})
+    policy.train()
+    ref, ref_grads, _ = _forward_backward(policy, monkeypatch, fuse=False)
+    out, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    assert swapped == []  # the replay in backward runs PEFT's forward: nothing swapped
+    assert torch.equal(out, ref)

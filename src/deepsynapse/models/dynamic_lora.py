@@ -347,6 +347,61 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
             layer.merged_adapters = []
 
 
+@contextlib.contextmanager
+def addmm_lora(model: nn.Module) -> Iterator[int]:
+    """Inside, each plain LoRA layer (no hooks, no dropout) computes ``base(x) + s (x A^T)
+    B^T`` with the scaling and the add inside one ``addmm``. Yields how many it swapped.
+
+    Why: PEFT's forward multiplies the update by its scaling at the output's full width and
+    adds it in a second pass, and backward repeats the multiply, on every adapted layer: in
+    a warm-up step on one AMX core those element-wise passes cost about as much as the
+    base's matmuls. ``addmm`` scales the rank-wide product instead and adds in the kernel;
+    the function and its gradients are the same. Layers with hooks (module scales, the
+    hypernetwork's rows, nested ranks) keep PEFT's forward, since their scale must reach
+    its parameter's gradient.
+    """
+    layers = lora_layers(model) if hasattr(model, "get_base_model") else []
+    adapter = active_adapter(model) if layers else ""
+    swapped = []
+    try:
+        for _, layer in layers:
+            drop = layer.lora_dropout[adapter]
+            idle_dropout = isinstance(drop, nn.Identity) or not drop.training
+            if plain_lora(layer, adapter, set()) and idle_dropout:
+                layer.forward = _addmm_forward(layer, adapter)
+                swapped.append(layer)
+        yield len(swapped)
+    finally:
+        for layer in swapped:
+            del layer.forward  # PEFT's own again
+
+
+def _addmm_forward(layer: nn.Module, adapter: str):
+    base = layer.base_layer
+    a = layer.lora_A[adapter].weight  # [r, in]
+    b = layer.lora_B[adapter].weight  # [out, r]
+    scale = layer.scaling[adapter]
+    peft_forward = type(layer).forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if (
+            layer.disable_adapters
+            or adapter not in layer.active_adapters
+            or kwargs.get("adapter_names") is not None
+            or not (autocast or x.dtype == a.dtype == base.weight.dtype)
+        ):
+            return peft_forward(layer, x, *args, **kwargs)
+        out = base(x, *args, **kwargs)
+        h = nn.functional.linear(x, a)
+        flat = torch.addmm(
+            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale
+        )
+        return flat.view(out.shape)
+
+    return forward
+
+
 # ------------------------------------------------------------------ per-module scales
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deepsynapse.models.dynamic_lora import ADAPTIVE_ATTR
+from deepsynapse.models.dynamic_lora import ADAPTIVE_ATTR, addmm_lora
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,9 +41,15 @@ def shares_prompts(body: nn.Module, rows: int, group_size: int) -> bool:
     """
     if group_size < 2 or rows % group_size:
         return False
+    return not replayed_in_backward(body)
+
+
+def replayed_in_backward(body: nn.Module) -> bool:
+    """Whether a forward with gradients replays its layers in backward (gradient
+    checkpointing): the replay must run the same code, so nothing swapped for one call."""
     if torch.is_grad_enabled() and body.training:
-        return not any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
-    return True
+        return any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
+    return False
 
 
 @functools.cache
@@ -240,7 +246,10 @@ class PolicyModule(nn.Module):
         lm = self.causal_lm
         t = completion_mask.shape[1]
         body = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-        with self.low_precision_adapters():
+        fused = (
+            contextlib.nullcontext() if replayed_in_backward(body) else addmm_lora(self.peft_model)
+        )
+        with self.low_precision_adapters(), fused:
             hidden = None
             if group_size > 1:
                 hidden = self._shared_prompt_states(body, input_ids, attention_mask, t, group_size)

@@ -174,19 +174,36 @@ def test_addmm_lora_on_a_bf16_base_computes_in_bf16(monkeypatch):
         assert cos > 0.99 or ref_grads[name].abs().max() < 1e-6, (name, cos)
 
 
-def test_layers_with_module_scales_or_checkpointing_keep_pefts_forward(monkeypatch):
+def test_addmm_lora_moves_module_scales_onto_the_rank_wide_product(monkeypatch):
     from deepsynapse.models.dynamic_lora import add_module_scales
 
     policy = build(torch.float64)
     (scales,) = add_module_scales(policy.peft_model)
-    _, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
-    assert swapped == [0]  # each scale's gradient comes through its hook on lora_B
-    assert scales.grad is not None and scales.grad.abs().sum() > 0
+    with torch.no_grad():
+        scales.copy_(torch.linspace(0.5, 1.5, scales.numel()))
+    ref, ref_grads, _ = _forward_backward(policy, monkeypatch, fuse=False)
+    out, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    assert swapped == [len(lora_layers(policy.peft_model))]
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    scale_grads = [g for n, g in grads.items() if "module_scales" in n]
+    assert len(scale_grads) == 1 and scale_grads[0].abs().min() > 0  # every scale learns
+    for name, g in grads.items():
+        assert torch.allclose(g, ref_grads[name], rtol=1e-9, atol=1e-12), name
+
+
+def test_hypernet_rows_or_checkpointing_keep_pefts_forward(monkeypatch):
+    from deepsynapse.models.hypernet import hypernet_scales
+
+    policy = build(torch.float64)
+    rows = torch.full((3, 2), 1.1, dtype=torch.float64, requires_grad=True)
+    with hypernet_scales(policy.peft_model, rows):  # per-row hooks on lora_B, with gradients
+        _, _, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    assert swapped == [0] and rows.grad is not None and rows.grad.abs().sum() > 0
 
     policy = build(torch.float64)
     policy.causal_lm.gradient_checkpointing_enable({"use_reentrant": False})
     policy.train()
-    ref, ref_grads, _ = _forward_backward(policy, monkeypatch, fuse=False)
-    out, grads, swapped = _forward_backward(policy, monkeypatch, fuse=True)
+    ref, _, _ = _forward_backward(policy, monkeypatch, fuse=False)
+    out, _, swapped = _forward_backward(policy, monkeypatch, fuse=True)
     assert swapped == []  # the replay in backward runs PEFT's forward: nothing swapped
     assert torch.equal(out, ref)

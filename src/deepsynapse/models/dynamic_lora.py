@@ -356,19 +356,24 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
     adds it in a second pass, and backward repeats the multiply, on every adapted layer: in
     a warm-up step on one AMX core those element-wise passes cost about as much as the
     base's matmuls. ``addmm`` scales the rank-wide product instead and adds in the kernel;
-    the function and its gradients are the same. Layers with hooks (module scales, the
-    hypernetwork's rows, nested ranks) keep PEFT's forward, since their scale must reach
-    its parameter's gradient.
+    the function and its gradients are the same. A module scale moves onto the rank-wide
+    product too (its gradient unchanged); layers with other hooks (the hypernetwork's rows,
+    nested ranks) keep PEFT's forward.
     """
     layers = lora_layers(model) if hasattr(model, "get_base_model") else []
     adapter = active_adapter(model) if layers else ""
+    scales = module_scales(model) if layers else None
+    column = {name: i for i, name in enumerate(scales.names)} if scales is not None else {}
+    allowed = module_scale_hooks(model) if layers else set()
     swapped = []
     try:
-        for _, layer in layers:
+        for name, layer in layers:
             drop = layer.lora_dropout[adapter]
             idle_dropout = isinstance(drop, nn.Identity) or not drop.training
-            if plain_lora(layer, adapter, set()) and idle_dropout:
-                layer.forward = _addmm_forward(layer, adapter)
+            if plain_lora(layer, adapter, allowed) and idle_dropout:
+                own = scales is not None and name in column
+                scale = (scales.scales, column[name]) if own else None
+                layer.forward = _addmm_forward(layer, adapter, scale)
                 swapped.append(layer)
         yield len(swapped)
     finally:
@@ -376,7 +381,9 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
             del layer.forward  # PEFT's own again
 
 
-def _addmm_forward(layer: nn.Module, adapter: str):
+def _addmm_forward(layer: nn.Module, adapter: str, module_scale: tuple[torch.Tensor, int] | None):
+    """``module_scale`` (the scales' vector, this layer's index): its scale multiplies the
+    rank-wide product, where its hook on ``lora_B`` would multiply the full-width output."""
     base = layer.base_layer
     a = layer.lora_A[adapter].weight  # [r, in]
     b = layer.lora_B[adapter].weight  # [out, r]
@@ -394,6 +401,9 @@ def _addmm_forward(layer: nn.Module, adapter: str):
             return peft_forward(layer, x, *args, **kwargs)
         out = base(x, *args, **kwargs)
         h = nn.functional.linear(x, a)
+        if module_scale is not None:
+            vector, i = module_scale
+            h = h * vector[i].to(h.dtype)
         flat = torch.addmm(
             out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale
         )

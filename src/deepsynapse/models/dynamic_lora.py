@@ -349,8 +349,9 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
 
 @contextlib.contextmanager
 def addmm_lora(model: nn.Module) -> Iterator[int]:
-    """Inside, each plain LoRA layer (no hooks, no dropout) computes ``base(x) + s (x A^T)
-    B^T`` with the scaling and the add inside one ``addmm``. Yields how many it swapped.
+    """Inside, each plain LoRA layer (no hook but a module scale's, no dropout) computes
+    ``base(x) + s (x A^T) B^T`` with the scaling and the add inside one ``addmm``. Yields how
+    many layers it swapped.
 
     Why: PEFT's forward multiplies the update by its scaling at the output's full width and
     adds it in a second pass, and backward repeats the multiply, on every adapted layer: in
@@ -372,8 +373,8 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
             idle_dropout = isinstance(drop, nn.Identity) or not drop.training
             if plain_lora(layer, adapter, allowed) and idle_dropout:
                 own = scales is not None and name in column
-                scale = (scales.scales, column[name]) if own else None
-                layer.forward = _addmm_forward(layer, adapter, scale)
+                module_scale = (scales.scales, column[name]) if own else None
+                layer.forward = _addmm_forward(layer, adapter, module_scale)
                 swapped.append(layer)
         yield len(swapped)
     finally:

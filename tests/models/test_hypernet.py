@@ -315,3 +315,35 @@ def test_finished_rows_leave_the_batch_and_the_rest_keep_their_multipliers(
     assert min(full.lengths.tolist()) < max(full.lengths.tolist()) // 2  # ends far apart
     assert decoded_full == [8] * len(decoded_full)
     assert decoded_compacted[-1] < 8 and sum(decoded_compacted) < sum(decoded_full)
+
+
+def test_training_swap_is_the_hooks_function_with_the_same_gradients(tok):
+    """``addmm``: rows' and module scales multiply the rank-wide product inside the layer's own
+    forward; log-probs and gradients (A, B, module scales, multipliers) equal the hooks'."""
+    from deepsynapse.models.dynamic_lora import module_scales
+
+    model = lora_policy(tok, torch.float64)
+    add_module_scales(model)
+    with torch.no_grad():
+        module_scales(model).scales.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(3))
+    ids, mask = encode(tok)
+    layers = [layer for _, layer in lora_layers(model)]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    found = {}
+    for addmm in (False, True):
+        model.zero_grad(set_to_none=True)
+        m = torch.tensor([[1.7, 0.4], [0.2, 1.3]], dtype=torch.float64, requires_grad=True)
+        with hypernet_scales(model, m, addmm=addmm):
+            swapped = sum("forward" in vars(layer) for layer in layers)
+            out = model(input_ids=ids, attention_mask=mask).logits
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
+        found[addmm] = (swapped, out.detach(), grads, m.grad.clone())
+    (none, hooked, hook_grads, hook_m), (n, out, grads, m_grad) = found[False], found[True]
+    assert none == 0 and n == len(layers)
+    assert not any("forward" in vars(layer) for layer in layers)  # PEFT's forward is back
+    torch.testing.assert_close(out, hooked, atol=1e-10, rtol=0)
+    torch.testing.assert_close(m_grad, hook_m, atol=1e-9, rtol=1e-9)
+    assert grads.keys() == hook_grads.keys() and any("module_scales" in k for k in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, hook_grads[name], atol=1e-9, rtol=1e-9, msg=name)

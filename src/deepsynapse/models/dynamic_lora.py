@@ -347,6 +347,23 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
             layer.merged_adapters = []
 
 
+def replayed_in_backward(model: nn.Module) -> bool:
+    """Whether a forward with gradients replays its layers in backward (gradient
+    checkpointing): the replay must run the same code, so nothing swapped for one call."""
+    if torch.is_grad_enabled() and model.training:
+        return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    return False
+
+
+def module_scale_columns(model: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each LoRA module's (scales vector, its index) by name (empty without module scales):
+    what a swapped forward multiplies by, with the scale's gradient."""
+    scales = module_scales(model)
+    if scales is None:
+        return {}
+    return {name: (scales.scales, i) for i, name in enumerate(scales.names)}
+
+
 @contextlib.contextmanager
 def addmm_lora(model: nn.Module) -> Iterator[int]:
     """Inside, each plain LoRA layer (no hook but a module scale's, no dropout) computes
@@ -363,8 +380,7 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
     """
     layers = lora_layers(model) if hasattr(model, "get_base_model") else []
     adapter = active_adapter(model) if layers else ""
-    scales = module_scales(model) if layers else None
-    column = {name: i for i, name in enumerate(scales.names)} if scales is not None else {}
+    columns = module_scale_columns(model) if layers else {}
     allowed = module_scale_hooks(model) if layers else set()
     swapped = []
     try:
@@ -372,9 +388,7 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
             drop = layer.lora_dropout[adapter]
             idle_dropout = isinstance(drop, nn.Identity) or not drop.training
             if plain_lora(layer, adapter, allowed) and idle_dropout:
-                own = scales is not None and name in column
-                module_scale = (scales.scales, column[name]) if own else None
-                layer.forward = _addmm_forward(layer, adapter, module_scale)
+                layer.forward = _addmm_forward(layer, adapter, columns.get(name))
                 swapped.append(layer)
         yield len(swapped)
     finally:

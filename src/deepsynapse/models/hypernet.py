@@ -30,14 +30,17 @@ from deepsynapse.models.dynamic_lora import (
     active_adapter,
     add_module_scales,
     bake_module_scales,
+    causal_lm,
     decoder_layers,
     lora_layer_indices,
     lora_layers,
+    module_scale_columns,
     module_scale_factors,
     module_scale_hooks,
     module_scales,
     plain_lora,
     remove_module_scales,
+    replayed_in_backward,
 )
 
 Granularity = Literal["layer", "module"]
@@ -135,7 +138,11 @@ class RowScales:
 
 @contextlib.contextmanager
 def hypernet_scales(
-    model: nn.Module, multipliers: torch.Tensor, per: Granularity = "layer", fused: bool = False
+    model: nn.Module,
+    multipliers: torch.Tensor,
+    per: Granularity = "layer",
+    fused: bool = False,
+    addmm: bool = False,
 ) -> Iterator[RowScales]:
     """Inside, each LoRA update of row i in layer l is multiplied by ``multipliers[i, l]``.
 
@@ -149,6 +156,12 @@ def hypernet_scales(
     once. Per-row scales keep LoRA from being merged into the weights, and at a decode
     step's few rows PEFT's forward (dropout, A, B and hook calls, then scaling) costs more
     than its matmuls; this is the same function in four operations.
+
+    ``addmm`` (training: gradients flow): the same swap with gradients to A, B, the module
+    scale and the multipliers, ``addmm(base(x), (x A^T) * m * ms, B^T, alpha=s)``: the rows'
+    and the module's scales multiply the rank-wide product, not the full-width output as the
+    hooks do, forward and backward. Not under gradient checkpointing (the replay in backward
+    must run the same code).
     """
     adapter = active_adapter(model)
     columns = _columns(model, multipliers.shape[1], per)
@@ -165,9 +178,15 @@ def hypernet_scales(
     swapped: list[nn.Module] = []
     allowed = module_scale_hooks(model)
     factor = module_scale_factors(model) if fused else {}
+    addmm = addmm and not fused and not replayed_in_backward(causal_lm(model))
+    own_scales = module_scale_columns(model) if addmm else {}
     for col, (name, layer) in zip(columns, lora_layers(model, adapter), strict=True):
         if fused and _fusible(layer, adapter, allowed):
             layer.forward = _row_scaled_forward(layer, adapter, col, rows_for, factor.get(name))
+            swapped.append(layer)
+            continue
+        if addmm and _fusible(layer, adapter, allowed):
+            layer.forward = _row_scaled_addmm(layer, adapter, col, rows_for, own_scales.get(name))
             swapped.append(layer)
             continue
 
@@ -220,6 +239,40 @@ def _row_scaled_forward(
         m = rows_for(h.shape[0])[col].to(h.dtype)
         h = h * m.view(-1, *([1] * (h.dim() - 1)))
         return out + nn.functional.linear(h, b_scaled).to(out.dtype)
+
+    return forward
+
+
+def _row_scaled_addmm(
+    layer: nn.Module,
+    adapter: str,
+    col: int,
+    rows_for: Callable[[int], torch.Tensor],
+    module_scale: tuple[torch.Tensor, int] | None,
+) -> Callable[..., torch.Tensor]:
+    """``layer``'s forward with its LoRA update scaled per row, gradients to every factor."""
+    base = layer.base_layer
+    a = layer.lora_A[adapter].weight
+    b = layer.lora_B[adapter].weight
+    scaling = layer.scaling[adapter]
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = base(x, *args, **kwargs)
+        if layer.disable_adapters:
+            return out
+        autocast = torch.is_autocast_enabled(x.device.type)
+        h = nn.functional.linear(x if autocast else x.to(a.dtype), a)
+        m = rows_for(h.shape[0])[col].to(h.dtype)
+        h = h * m.view(-1, *([1] * (h.dim() - 1)))
+        if module_scale is not None:
+            vector, i = module_scale
+            h = h * vector[i].to(h.dtype)
+        if autocast or h.dtype == out.dtype:
+            flat = torch.addmm(
+                out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling
+            )
+            return flat.view(out.shape)
+        return out + (nn.functional.linear(h, b) * scaling).to(out.dtype)
 
     return forward
 
@@ -319,7 +372,7 @@ class ContextualScaler:
         return self.hypernet(self.encoder.embed(prompt_ids, prompt_mask))
 
     def scales(self, multipliers: torch.Tensor) -> contextlib.AbstractContextManager:
-        return hypernet_scales(self.model, multipliers, self.per)
+        return hypernet_scales(self.model, multipliers, self.per, addmm=True)
 
     @contextlib.contextmanager
     def for_prompts(

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deepsynapse.models.dynamic_lora import ADAPTIVE_ATTR, addmm_lora
+from deepsynapse.models.dynamic_lora import ADAPTIVE_ATTR, addmm_lora, replayed_in_backward
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -42,14 +42,6 @@ def shares_prompts(body: nn.Module, rows: int, group_size: int) -> bool:
     if group_size < 2 or rows % group_size:
         return False
     return not replayed_in_backward(body)
-
-
-def replayed_in_backward(body: nn.Module) -> bool:
-    """Whether a forward with gradients replays its layers in backward (gradient
-    checkpointing): the replay must run the same code, so nothing swapped for one call."""
-    if torch.is_grad_enabled() and body.training:
-        return any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
-    return False
 
 
 @functools.cache

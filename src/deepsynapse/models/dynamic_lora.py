@@ -36,7 +36,7 @@ import contextlib
 import math
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -305,6 +305,15 @@ def plain_lora(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
     )
 
 
+def swappable_lora(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
+    """Plain LoRA whose dropout does nothing: its forward can be replaced by the same
+    function in fewer operations (``addmm_forward``, the hypernetwork's decoding forward)."""
+    drop = layer.lora_dropout[adapter]
+    return plain_lora(layer, adapter, allowed_hooks) and (
+        isinstance(drop, nn.Identity) or not drop.training
+    )
+
+
 @contextlib.contextmanager
 def merged_lora(model: nn.Module) -> Iterator[bool]:
     """Inside, each LoRA update is folded into a copy of its base weight and the adapter is
@@ -385,10 +394,8 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
     swapped = []
     try:
         for name, layer in layers:
-            drop = layer.lora_dropout[adapter]
-            idle_dropout = isinstance(drop, nn.Identity) or not drop.training
-            if plain_lora(layer, adapter, allowed) and idle_dropout:
-                layer.forward = _addmm_forward(layer, adapter, columns.get(name))
+            if swappable_lora(layer, adapter, allowed):
+                layer.forward = addmm_forward(layer, adapter, columns.get(name))
                 swapped.append(layer)
         yield len(swapped)
     finally:
@@ -396,31 +403,41 @@ def addmm_lora(model: nn.Module) -> Iterator[int]:
             del layer.forward  # PEFT's own again
 
 
-def _addmm_forward(layer: nn.Module, adapter: str, module_scale: tuple[torch.Tensor, int] | None):
-    """``module_scale`` (the scales' vector, this layer's index): its scale multiplies the
-    rank-wide product, where its hook on ``lora_B`` would multiply the full-width output."""
+def addmm_forward(
+    layer: nn.Module,
+    adapter: str,
+    module_scale: tuple[torch.Tensor, int] | None = None,
+    row_scale: Callable[[int], torch.Tensor] | None = None,
+) -> Callable[..., torch.Tensor]:
+    """``layer``'s forward as ``base(x) + s ((x A^T) * rows * ms) B^T``, gradients to every
+    factor: the scales multiply the rank-wide product, not the full-width output as their
+    hooks on ``lora_B`` would. ``module_scale``: (the scales' vector, this layer's index);
+    ``row_scale(n)``: the [n] multipliers of an n-row batch (the hypernetwork's)."""
     base = layer.base_layer
     a = layer.lora_A[adapter].weight  # [r, in]
     b = layer.lora_B[adapter].weight  # [out, r]
-    scale = layer.scaling[adapter]
+    scaling = layer.scaling[adapter]
     peft_forward = type(layer).forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
         if (
             layer.disable_adapters
             or adapter not in layer.active_adapters
             or kwargs.get("adapter_names") is not None
-            or not (autocast or x.dtype == a.dtype == base.weight.dtype)
         ):
             return peft_forward(layer, x, *args, **kwargs)
         out = base(x, *args, **kwargs)
-        h = nn.functional.linear(x, a)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        h = nn.functional.linear(x if autocast else x.to(a.dtype), a)
+        if row_scale is not None:
+            h = h * row_scale(h.shape[0]).to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
         if module_scale is not None:
             vector, i = module_scale
             h = h * vector[i].to(h.dtype)
+        if not (autocast or h.dtype == out.dtype):  # fp32 adapters on a bf16 base, no autocast
+            return out + nn.functional.linear(h * scaling, b).to(out.dtype)
         flat = torch.addmm(
-            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale
+            out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling
         )
         return flat.view(out.shape)
 

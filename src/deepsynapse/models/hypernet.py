@@ -29,6 +29,7 @@ from deepsynapse.models.context import ContextEncoder
 from deepsynapse.models.dynamic_lora import (
     active_adapter,
     add_module_scales,
+    addmm_forward,
     bake_module_scales,
     causal_lm,
     decoder_layers,
@@ -38,9 +39,9 @@ from deepsynapse.models.dynamic_lora import (
     module_scale_factors,
     module_scale_hooks,
     module_scales,
-    plain_lora,
     remove_module_scales,
     replayed_in_backward,
+    swappable_lora,
 )
 
 Granularity = Literal["layer", "module"]
@@ -181,12 +182,15 @@ def hypernet_scales(
     addmm = addmm and not fused and not replayed_in_backward(causal_lm(model))
     own_scales = module_scale_columns(model) if addmm else {}
     for col, (name, layer) in zip(columns, lora_layers(model, adapter), strict=True):
-        if fused and _fusible(layer, adapter, allowed):
-            layer.forward = _row_scaled_forward(layer, adapter, col, rows_for, factor.get(name))
-            swapped.append(layer)
-            continue
-        if addmm and _fusible(layer, adapter, allowed):
-            layer.forward = _row_scaled_addmm(layer, adapter, col, rows_for, own_scales.get(name))
+        if (fused or addmm) and swappable_lora(layer, adapter, allowed):
+            if fused:
+                layer.forward = _row_scaled_forward(layer, adapter, col, rows_for, factor.get(name))
+            else:
+
+                def rows(n: int, col: int = col) -> torch.Tensor:
+                    return rows_for(n)[col]
+
+                layer.forward = addmm_forward(layer, adapter, own_scales.get(name), rows)
             swapped.append(layer)
             continue
 
@@ -208,13 +212,6 @@ def hypernet_scales(
             h.remove()
         for layer in swapped:
             del layer.forward  # PEFT's own again
-
-
-def _fusible(layer: nn.Module, adapter: str, allowed_hooks: set[int]) -> bool:
-    drop = layer.lora_dropout[adapter]
-    return plain_lora(layer, adapter, allowed_hooks) and (
-        isinstance(drop, nn.Identity) or not drop.training
-    )
 
 
 def _row_scaled_forward(
@@ -239,40 +236,6 @@ def _row_scaled_forward(
         m = rows_for(h.shape[0])[col].to(h.dtype)
         h = h * m.view(-1, *([1] * (h.dim() - 1)))
         return out + nn.functional.linear(h, b_scaled).to(out.dtype)
-
-    return forward
-
-
-def _row_scaled_addmm(
-    layer: nn.Module,
-    adapter: str,
-    col: int,
-    rows_for: Callable[[int], torch.Tensor],
-    module_scale: tuple[torch.Tensor, int] | None,
-) -> Callable[..., torch.Tensor]:
-    """``layer``'s forward with its LoRA update scaled per row, gradients to every factor."""
-    base = layer.base_layer
-    a = layer.lora_A[adapter].weight
-    b = layer.lora_B[adapter].weight
-    scaling = layer.scaling[adapter]
-
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = base(x, *args, **kwargs)
-        if layer.disable_adapters:
-            return out
-        autocast = torch.is_autocast_enabled(x.device.type)
-        h = nn.functional.linear(x if autocast else x.to(a.dtype), a)
-        m = rows_for(h.shape[0])[col].to(h.dtype)
-        h = h * m.view(-1, *([1] * (h.dim() - 1)))
-        if module_scale is not None:
-            vector, i = module_scale
-            h = h * vector[i].to(h.dtype)
-        if autocast or h.dtype == out.dtype:
-            flat = torch.addmm(
-                out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling
-            )
-            return flat.view(out.shape)
-        return out + (nn.functional.linear(h, b) * scaling).to(out.dtype)
 
     return forward
 

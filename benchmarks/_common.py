@@ -156,6 +156,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
     }
     info["cpu_class"] = cpu_class(info["avx512_bf16"], info["amx_bf16"], info["avx2"])
+    if torch.cuda.is_available():  # the trainer then runs on cuda:0 (Accelerate's default)
+        info["gpu"] = torch.cuda.get_device_name(0)
     info["code"] = code_version()
     for name in ("transformers", "peft", "accelerate", "trl"):
         try:

@@ -143,7 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     return "\n".join(
         [
-            f"## Part costs at `{report['recipe']}` ({m.get('cpu_class')}, {m.get('cores')} cores)",
+            f"## Part costs at `{report['recipe']}` ({m.get('gpu') or m.get('cpu_class')}, "
+            f"{m.get('cores')} cores)",
             "",
             f"{report['sft_steps']} warm-up and {report['grpo_steps']} GRPO steps a configuration, "
             "medians of all but the first; seconds. *rounds*: rollout rounds per GRPO step "

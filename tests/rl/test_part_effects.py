@@ -890,6 +890,49 @@ def test_data_curriculum_samples_unexplored_buckets_and_rests_failed_problems(tm
     assert first.problems + second.problems != plain_order
 
 
+@pytest.mark.parametrize("dynamic_sampling", [True, False], ids=["dynamic", "every-group"])
+def test_data_curriculum_scores_buckets_by_the_advantage_the_update_sees(
+    tmp_path_factory, dynamic_sampling
+):
+    """Difficulty 1: one right and one wrong answer (correctness varies). Difficulty 3: both
+    wrong, one in format and one not (only the format rewards vary). With dynamic sampling
+    the difficulty-3 group is dropped, so its bucket scores zero and difficulty 1 is
+    likelier; scoring it by its fused advantage (what the update would never see) made the
+    two buckets equal. Without dynamic sampling the update trains on it, and it scores."""
+
+    def texts(problems):
+        return [
+            t
+            for p in problems
+            for t in (
+                (xml(p.answer), xml(wrong(p.answer)))
+                if p.difficulty == 1
+                else (xml(wrong(p.answer)), f"The answer is {wrong(p.answer)}.")
+            )
+        ]
+
+    overrides = [
+        *SCRIPTED,
+        "data.synthetic_size=6",
+        "control.data_curriculum.enabled=true",
+        "control.data_curriculum.rest_steps=0",
+        f"grpo.dynamic_sampling={str(dynamic_sampling).lower()}",
+        "grpo.max_resample_rounds=0",
+    ]
+    h = harness(tmp_path_factory, overrides, texts)
+    first = h.step()
+    trained = sorted(p.difficulty for p in first.batch.problems)  # one group of each drawn
+    assert trained == ([1] if dynamic_sampling else [1, 3])
+    m = first.metrics
+    assert m["data/bucket_1/mean_abs_adv"] > 0.5
+    if dynamic_sampling:
+        assert m["data/bucket_3/mean_abs_adv"] == 0.0
+        second = h.step()
+        assert second.metrics["data/bucket_1/p"] > second.metrics["data/bucket_3/p"]
+    else:
+        assert m["data/bucket_3/mean_abs_adv"] > 0.5
+
+
 # ------------------------------------------------------------------ SFT
 
 

@@ -3,7 +3,9 @@
 Problems fall into buckets by ``Problem.difficulty`` (synthetic: the number of arithmetic
 steps; GSM8K: the number of solution steps). The mean absolute advantage of a bucket's recent
 groups measures how much the policy can still learn from it (DUMP, Wang et al. 2025: a
-bucket whose groups all score alike gives zero advantage, hence no gradient). Each bucket
+bucket whose groups all score alike gives zero advantage, hence no gradient; the trainer
+counts a group dynamic sampling drops, its correctness uniform, as zero too, since the update
+never sees it: ``rl.collect.observe_data_curriculum``). Each bucket
 gets the UCB score ``mean|A|_b + c * sqrt(ln(total) / n_b)`` over the groups observed
 (``n_b`` per bucket, ``total`` overall); a bucket never observed is explored first (one slot
 each), the other slots are drawn from ``softmax(score / tau)``.

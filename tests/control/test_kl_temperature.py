@@ -58,8 +58,8 @@ def test_cosine_start_middle_end():
     assert all(a >= b for a, b in zip(temps, temps[1:], strict=False))
 
 
-def test_overshoot_lowers_temperature_first_then_raises_beta():
-    rows = drive(controller(schedule="constant"), [2 * TARGET] * 10)
+def test_coupled_overshoot_lowers_temperature_first_then_raises_beta():
+    rows = drive(controller(schedule="constant", couple=True), [2 * TARGET] * 10)
     temps, betas, kinds = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
     # four coupled steps take the temperature from 1.0 to the floor 0.6, beta untouched
     assert kinds[:4] == [["temperature_lowered"]] * 4
@@ -73,13 +73,22 @@ def test_overshoot_lowers_temperature_first_then_raises_beta():
     assert (ev.evidence["old"], ev.evidence["new"]) == pytest.approx((1.0, 0.9))
 
 
-def test_undershoot_restores_temperature_first_then_lowers_beta():
-    ctl = controller(schedule="constant")
+def test_coupled_undershoot_restores_temperature_first_then_lowers_beta():
+    ctl = controller(schedule="constant", couple=True)
     drive(ctl, [2 * TARGET] * 2)  # temperature cut to 0.8
     rows = drive(ctl, [0.5 * TARGET] * 4, start=2)
     assert [r[2] for r in rows] == [["temperature_raised"]] * 2 + [["beta_lowered"]] * 2
     assert [r[0] for r in rows] == pytest.approx([0.8, 0.9, 1.0, 1.0])
     assert rows[3][1] == pytest.approx(0.04 * 0.98)
+
+
+def test_by_default_beta_alone_answers_the_kl_and_the_temperature_keeps_its_schedule():
+    """A temperature cut raises the KL the trainer reads (log-probs at the sampling
+    temperature), so by default only beta acts on it, both ways."""
+    rows = drive(controller(schedule="constant"), [2 * TARGET] * 5 + [0.5 * TARGET] * 5)
+    assert [r[0] for r in rows] == [1.0] * 10
+    assert [r[2] for r in rows] == [["beta_raised"]] * 5 + [["beta_lowered"]] * 5
+    assert rows[5][1] == pytest.approx(0.04 * 1.02**5)
 
 
 def test_within_tolerance_nothing_changes():
@@ -99,7 +108,9 @@ def test_beta_bounds_are_respected_and_quiet_at_the_bound():
 
 
 def test_adaptive_beta_off_leaves_beta_to_others():
-    rows = drive(controller(schedule="constant", adaptive_beta=False), [5 * TARGET] * 8)
+    rows = drive(
+        controller(schedule="constant", adaptive_beta=False, couple=True), [5 * TARGET] * 8
+    )
     assert all(r[1] == 0.04 for r in rows)  # knobs() default, never written
     assert [r[0] for r in rows][-1] == pytest.approx(0.6)
 
@@ -146,9 +157,9 @@ def test_config_validation():
 
 def test_state_round_trip_continues_identically():
     stream = [2 * TARGET] * 6 + [0.3 * TARGET] * 3 + [TARGET * 1.5] * 6
-    a = controller(total_steps=30)
+    a = controller(total_steps=30, couple=True)  # the cut is state too
     drive(a, stream[:7])
-    b = controller(total_steps=30)
+    b = controller(total_steps=30, couple=True)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     ra, rb = drive(a, stream[7:], start=7), drive(b, stream[7:], start=7)
     assert [r[:3] for r in ra] == [r[:3] for r in rb]
@@ -179,7 +190,12 @@ def test_kl_as_a_reward_objective_keeps_the_loss_beta_at_zero():
     base = Knobs(temperature=1.0, beta=0.0, reward_weights={}, max_new_tokens=8)
     cur = PhaseCurriculum(phases, base, total_steps=20)
     cfg = KLTemperatureConfig(
-        enabled=True, schedule="constant", kl_target=TARGET, temperature_step=0.1, beta_min=1e-3
+        enabled=True,
+        schedule="constant",
+        kl_target=TARGET,
+        temperature_step=0.1,
+        beta_min=1e-3,
+        couple=True,
     )
     ctl = KLTemperatureController(
         cfg, base_beta=0.0, base_temperature=1.0, total_steps=20, phases=cur, kl_in_loss=False

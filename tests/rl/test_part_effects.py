@@ -781,14 +781,15 @@ def test_curriculum_phase_length_budget_reaches_the_length_penalty(tmp_path_fact
 def test_kl_temperature_lowers_beta_under_target_then_cools_sampling_over_it(
     tmp_path_factory, generate_calls, loss_betas
 ):
-    """Constant schedule: only the measured KL moves the knobs. Step 1 has KL 0 (policy ==
-    reference), under any target: beta falls. Step 2 has KL > 0, over a 1e-9 target:
-    the temperature is cut before beta is touched."""
+    """Constant schedule, coupled: only the measured KL moves the knobs. Step 1 has KL 0
+    (policy == reference), under any target: beta falls. Step 2 has KL > 0, over a 1e-9
+    target: the temperature is cut before beta is touched."""
     overrides = [
         *PLAIN,
         "control.kl_temperature.enabled=true",
         "control.kl_temperature.schedule=constant",
         "control.kl_temperature.kl_target=1e-9",
+        "control.kl_temperature.couple=true",
     ]
     h = harness(tmp_path_factory, overrides)
     steps, seen = per_step(h, 3, loss_betas)
@@ -801,6 +802,26 @@ def test_kl_temperature_lowers_beta_under_target_then_cools_sampling_over_it(
     assert temps[2] == pytest.approx(0.95)  # KL over target: cooler sampling first ...
     assert betas[2] == betas[1]  # ... beta unchanged
     assert steps[2].metrics["knobs/temperature"] == pytest.approx(0.95)
+
+
+def test_kl_temperature_by_default_answers_kl_with_beta_and_keeps_the_temperature(
+    tmp_path_factory, generate_calls, loss_betas
+):
+    """The default (``couple=false``): the KL over its target raises the loss's beta at
+    once; sampling stays at the schedule's temperature (a cut would raise the KL read)."""
+    overrides = [
+        *PLAIN,
+        "control.kl_temperature.enabled=true",
+        "control.kl_temperature.schedule=constant",
+        "control.kl_temperature.kl_target=1e-9",
+    ]
+    h = harness(tmp_path_factory, overrides)
+    steps, seen = per_step(h, 3, loss_betas)
+    betas = [s.knobs.beta for s in steps]
+    assert seen == [{b} for b in betas]
+    assert steps[1].metrics["kl/mean"] > 1e-9
+    assert [c["temperature"] for c in generate_calls][:3] == [1.0, 1.0, 1.0]
+    assert betas[1] < betas[0] == 0.04 and betas[2] > betas[1]  # under, then over target
 
 
 def test_kl_temperature_run_schedule_cools_sampling_over_the_run(tmp_path_factory):
@@ -826,6 +847,7 @@ def test_kl_temperature_keeps_beta_zero_when_kl_is_a_reward(tmp_path_factory, lo
         "rewards.kl_mode=reward",
         weights(kl=1.0),
         "control.kl_temperature.enabled=true",
+        "control.kl_temperature.couple=true",
     ]
     h = harness(tmp_path_factory, overrides, varied_g2)
     steps, seen = per_step(h, 2, loss_betas)

@@ -20,7 +20,9 @@ the end (``deepsynapse eval --mode majority``) and pairs them with the greedy ev
 sample accuracy, pass@8, majority vote, and the problems greedy decoding gets wrong but some
 sample gets right, the headroom an RL that sharpens what the model can already sample can
 convert (first measured: 15 of 96 after plain's warm-up, seed 0).
-Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
+The variant resumes the source's resolved ``config.yaml``, which pins every key: a default
+changed since the source ran does not reach it (pass the key as an override, e.g.
+``control.kl_temperature.couple=false``). Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
 same command again.
 """
 

@@ -177,6 +177,11 @@ class GRPOConfig:
         " (epsilon_low/high) never applies and only the ratio's gradient (-A) matters",
     )
     beta: float = _f(0.04, "KL coefficient (k3 estimator, to the policy grpo.reference names)")
+    kl_clamp: float = _f(
+        10.0,
+        "upper bound of a token's k3 KL in the loss and its metric (0 = none): a token the "
+        "reference finds far likelier than the policy otherwise dominates the step (as verl)",
+    )
     reference: Literal["start", "base"] = _f(
         "start",
         "the KL's reference policy: start = the policy as GRPO starts (after the SFT warm-up; "
@@ -226,6 +231,8 @@ class GRPOConfig:
             object.__setattr__(self, "epsilon_low", low)  # frozen: resolved once, here
         if self.epsilon_high is None:
             object.__setattr__(self, "epsilon_high", high)
+        if not self.kl_clamp >= 0:
+            raise ValueError(f"grpo.kl_clamp: got {self.kl_clamp}, expected >= 0 (0 = none)")
 
 
 @dataclass(frozen=True)

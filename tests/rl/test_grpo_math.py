@@ -59,6 +59,19 @@ def test_kl_k3_by_hand():
     assert kl_k3(ref, ref).item() == 0.0
 
 
+def test_kl_k3_clamp_bounds_a_token_and_its_gradient():
+    """One token the reference finds e^8 times likelier scores ~2972; clamped at 10 it
+    scores 10 and gives no gradient, while tokens under the bound are untouched."""
+    logp = torch.tensor([-9.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-1.0, -0.9])
+    raw = kl_k3(logp, ref)
+    assert raw[0].item() == pytest.approx(math.exp(8) - 9)
+    k = kl_k3(logp, ref, clamp=10.0)
+    assert k[0].item() == 10.0 and k[1].item() == pytest.approx(raw[1].item())
+    k.sum().backward()
+    assert logp.grad[0].item() == 0.0 and logp.grad[1].item() != 0.0
+
+
 def test_clip_higher_bounds():
     ratio = torch.tensor([[1.5, 0.5, 1.1]])
     # positive advantage: clipped above at 1 + eps_high = 1.28 ; below untouched (min picks 0.5)

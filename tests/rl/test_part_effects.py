@@ -804,6 +804,26 @@ def test_kl_temperature_lowers_beta_under_target_then_cools_sampling_over_it(
     assert steps[2].metrics["knobs/temperature"] == pytest.approx(0.95)
 
 
+def test_kl_clamp_bounds_what_the_kl_term_adds_to_the_gradient(tmp_path_factory, baseline):
+    """Step 2 (policy moved off the reference): the KL term acts (beta 0.04, the default
+    clamp 10, not reached: gradients differ from beta 0), and a clamp below every token's
+    KL takes it out of the gradient (the same gradients as beta 0) and out of ``kl/mean``."""
+    free = harness(tmp_path_factory, [*PLAIN, "grpo.beta=0"], name="beta0")
+    free_steps = [free.step(), free.step()]
+    tight = harness(tmp_path_factory, [*PLAIN, "grpo.kl_clamp=1e-12"], name="tight")
+    tight_steps = [tight.step(), tight.step()]
+    assert baseline[1].metrics["kl/mean"] > 1e-6
+    assert tight_steps[1].metrics["kl/mean"] <= 1e-12
+    moved = [n for n, g in baseline[1].grads.items() if g is not None and nonzero(g)]
+
+    def gap(a: Step, b: Step) -> float:
+        return max(float((a.grads[n] - b.grads[n]).abs().max()) for n in moved)
+
+    # the KL term moves the gradient; clamped, what is left is the gradient of the tokens
+    # whose KL is under the bound (float32 rounds a tiny KL to ~0): 1% of the term's here
+    assert gap(tight_steps[1], free_steps[1]) < 0.05 * gap(baseline[1], free_steps[1])
+
+
 def test_kl_temperature_by_default_answers_kl_with_beta_and_keeps_the_temperature(
     tmp_path_factory, generate_calls, loss_betas
 ):

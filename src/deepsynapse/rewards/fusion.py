@@ -132,15 +132,17 @@ def rank_in_groups(values: Scores, group_size: int) -> Scores:
     return out
 
 
-def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> list[float]:
+def sequence_kl(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, clamp: float = 0.0
+) -> list[float]:
     """Per-completion KL to the reference: mean over its tokens of the k3 estimate.
 
     [N, T] log-probs of the sampled tokens under the policy and the reference, [N, T] mask
     -> N floats. The mean (not the sum) keeps long completions from dominating, matching
-    the token-level KL term of the loss.
+    the token-level KL term of the loss, and ``clamp`` bounds each token as there.
     """
     mask = mask.float()
-    per_token = kl_k3(logp.float(), ref_logp.float()) * mask
+    per_token = kl_k3(logp.float(), ref_logp.float(), clamp) * mask
     return (per_token.sum(1) / mask.sum(1).clamp(min=1.0)).tolist()
 
 

@@ -299,7 +299,8 @@ def score_batch(trainer, batch: GroupBatch, knobs: Knobs, step: int, timer: Time
         kl = None
         if not engine.fusion.kl_in_loss:
             logp, batch.ref_logp = policy_and_reference_logp(trainer, batch, knobs)
-            kl = sequence_kl(logp, batch.ref_logp, batch.rollout.completion_mask.to(logp.device))
+            mask = batch.rollout.completion_mask.to(logp.device)
+            kl = sequence_kl(logp, batch.ref_logp, mask, trainer.cfg.grpo.kl_clamp)
         scored = fuse_over_ranks(
             trainer.accelerator,
             engine,

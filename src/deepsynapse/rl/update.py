@@ -166,6 +166,7 @@ def grpo_update(
                         epsilon_high=cfg.grpo.epsilon_high,
                         beta=knobs.beta if trainer.engine.fusion.kl_in_loss else 0.0,
                         importance_sampling=cfg.grpo.importance_sampling,
+                        kl_clamp=cfg.grpo.kl_clamp,
                     )
                     w = weights[rows, tcols] * ((1.0 - mu) if live else 0.0)
                     loss = (terms["loss"] * w).sum()

@@ -905,21 +905,23 @@ def test_accumulation_changes_the_rollout_batches_of_a_step(
     assert math.isfinite(steps[0].metrics["grad/microbatch_cosine"])
 
 
+def by_difficulty(easy, hard):
+    """Scripted completions of a group: ``easy(problem)`` at difficulty 1, else ``hard``."""
+
+    def texts(problems):
+        return [t for p in problems for t in (easy(p) if p.difficulty == 1 else hard(p))]
+
+    return texts
+
+
 def test_data_curriculum_samples_unexplored_buckets_and_rests_failed_problems(tmp_path_factory):
     """Synthetic problems of difficulty 1 and 3: one slot per unexplored bucket first; a
     problem whose group all failed rests; the bucket with signal is then likelier."""
 
-    def texts(problems):
-        return [
-            t
-            for p in problems
-            for t in (
-                (xml(p.answer), xml(wrong(p.answer)))
-                if p.difficulty == 1
-                else (xml(wrong(p.answer)),) * 2
-            )
-        ]
-
+    texts = by_difficulty(
+        easy=lambda p: (xml(p.answer), xml(wrong(p.answer))),
+        hard=lambda p: (xml(wrong(p.answer)),) * 2,
+    )
     overrides = [*SCRIPTED, "data.synthetic_size=6", "control.data_curriculum.enabled=true"]
     h = harness(tmp_path_factory, overrides, texts)
     t = h.trainer
@@ -942,17 +944,10 @@ def test_data_curriculum_scores_buckets_by_the_advantage_the_update_sees(
     likelier; scoring it by its fused advantage (what the update would never see) made the
     two buckets equal. Without dynamic sampling the update trains on it, and it scores."""
 
-    def texts(problems):
-        return [
-            t
-            for p in problems
-            for t in (
-                (xml(p.answer), xml(wrong(p.answer)))
-                if p.difficulty == 1
-                else (xml(wrong(p.answer)), f"The answer is {wrong(p.answer)}.")
-            )
-        ]
-
+    texts = by_difficulty(
+        easy=lambda p: (xml(p.answer), xml(wrong(p.answer))),
+        hard=lambda p: (xml(wrong(p.answer)), f"The answer is {wrong(p.answer)}."),
+    )
     overrides = [
         *SCRIPTED,
         "data.synthetic_size=6",

@@ -16,7 +16,16 @@
 #
 # Wheels under .whl/ (pure Python, e.g. the peft/accelerate versions the CPU suite runs) are
 # installed first into /tmp/site; .gpu/cache, when present, is the model cache. Logs and
-# results go to $OUT (the device tool's folder) or runs/gpu-check.
+# results go to $OUT (the device tool's folder) or runs/gpu-check. Preparing both here, once
+# (both git-ignored through .git/info/exclude; after `make setup`, which converts the GGUF):
+#   echo /.whl/ >>.git/info/exclude; echo /.gpu/ >>.git/info/exclude
+#   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl \
+#     peft==0.21.2 accelerate==1.16.0 gguf==0.19.0
+#   m=.gpu/cache/models/smollm2-135m-instruct; mkdir -p $m
+#   cp ~/.cache/deepsynapse/models/smollm2-135m-instruct/{*.json,*.jinja} $m/
+# then, through the device tool: run(command="SUITE_S=180 STEPS_S=170 bash
+# benchmarks/gpu_check.sh", carry=[".whl", ".gpu"], timeout_s=420).
 set -u -o pipefail
 OUT=${OUT:-runs/gpu-check}
 mkdir -p "$OUT"

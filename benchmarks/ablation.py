@@ -222,7 +222,9 @@ def active_parts(config: str, parts: list[Part]) -> list[Part]:
     """The parts a configuration switches on (dependants leave with their parent).
 
     ``full-<x>`` accepts a part or a family name whatever the study's ``--ablate``, so
-    ``--configs`` can mix them.
+    ``--configs`` can mix them; ``full-<x>-<y>`` removes both (names use underscores), so
+    an ablation can start from a configuration that is itself full minus a part:
+    ``full-critique-schedule`` is full-critique without the schedule family.
     """
     if config == "plain":
         return []
@@ -231,10 +233,12 @@ def active_parts(config: str, parts: list[Part]) -> list[Part]:
     valid = ["plain", "full", *(f"full-{n}" for n in [*FAMILIES, *(p.name for p in parts)])]
     if not config.startswith("full-"):
         raise ValueError(f"unknown configuration {config!r}; valid: {valid}")
-    name = config[len("full-") :]
-    removed = FAMILIES.get(name) or ((name,) if name in {p.name for p in parts} else None)
-    if removed is None:
-        raise ValueError(f"unknown part or family {name!r} in {config!r}; valid: {valid}")
+    removed: set[str] = set()
+    for name in config[len("full-") :].split("-"):
+        members = FAMILIES.get(name) or ((name,) if name in {p.name for p in parts} else None)
+        if members is None:
+            raise ValueError(f"unknown part or family {name!r} in {config!r}; valid: {valid}")
+        removed.update(members)
     kept = [p for p in parts if p.name not in removed]
     names = {p.name for p in kept}
     return [p for p in kept if p.requires is None or p.requires in names]

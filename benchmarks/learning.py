@@ -32,7 +32,11 @@ and the tables show it per run.
 
 Configurations (``ablation.py`` defines them, once): ``plain`` is GRPO with the correctness
 and two format rewards at static weights, no DeepSynapse part; ``full`` switches every part
-on; ``--ablate family`` (or ``part``) adds ``full-<x>``, full without ``x``. On top of the
+on; ``--ablate family`` (or ``part``) adds ``full-<x>``, full without ``x``. Removals
+chain (``full-critique-schedule``: full-critique without the schedule family), and each is
+paired with the configuration it extends, so ``--configs plain full-critique
+full-critique-schedule full-critique-optimisation ...`` is the ablation taken against
+full-critique, the configuration the hour studies compare with plain. On top of the
 recipe, every part's switch is first set to plain's value, then the configuration's parts
 are switched on, so a recipe that turns parts on does not leak them into ``plain``. The
 parts' schedules are shares of the run (SFT mixing's ``decay_share``; the default
@@ -928,7 +932,7 @@ def markdown(report: dict[str, Any]) -> str:
             "Full (or full minus a part) vs plain, paired per seed (final evaluations)",
             "full_vs_plain",
         ),
-        ("Ablation: full minus each part or family vs full (minus - full)", "ablation"),
+        ("Ablation: each part or family removed vs where it was removed from", "ablation"),
     ):
         rows = []
         for name, comp in (report.get(key) or {}).items():
@@ -1044,10 +1048,13 @@ def build_report(
         for c in configs
         if (c == "full" or c.startswith("full-")) and {"plain", c} <= names
     }
+    # each removal against the configuration it was removed from: full-x against full,
+    # full-critique-x against full-critique (the one-hour ablation's reference)
+    parents = {c: c.rsplit("-", 1)[0] for c in configs if c.startswith("full-")}
     ablation = {
-        f"{c} - full": compare(results, "full", c)
-        for c in configs
-        if c.startswith("full-") and "full" in names and c in names
+        f"{c} - {parent}": compare(results, parent, c)
+        for c, parent in parents.items()
+        if {parent, c} <= names
     }
     heldout_n = {r.numbers["heldout"]["problems"] for r in results}
     return {

@@ -82,6 +82,14 @@ def test_plain_is_grpo_only_and_each_minus_config_differs_from_full():
     }
     with pytest.raises(ValueError, match="unknown part or family 'nothing'"):
         ablation.active_parts("full-nothing", ablation.parts_for(64))
+    # Removals chain: the one-hour ablation is taken against full-critique.
+    parts = ablation.parts_for(64)
+    both = {p.name for p in ablation.active_parts("full-critique-schedule", parts)}
+    minus_critique = {p.name for p in ablation.active_parts("full-critique", parts)}
+    assert both == minus_critique - set(ablation.FAMILIES["schedule"])
+    assert "critique" not in both and both < minus_critique
+    with pytest.raises(ValueError, match="unknown part or family 'nothing'"):
+        ablation.active_parts("full-critique-nothing", parts)
 
 
 def test_the_default_study_removes_each_family_and_every_part_has_one():
@@ -425,6 +433,16 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     assert list(alone["full_vs_plain"]) == ["full-adaptive_policy - plain"]
     assert "| full-adaptive_policy - plain | 0" in learning.markdown(alone)
     assert "Ablation" in learning.markdown(report) and "**Partial:**" in learning.markdown(report)
+    # A chained removal is paired against the configuration it was removed from.
+    _, _, chained = _learning_runs(tmp_path / "c", ("full-adaptive_policy-schedule",), (0,))
+    _fabricate_finished(chained[0], recipe, [F] * 4, [T, T, T, F], [F] * 4, [F] * 4)
+    configs = [*configs, "full-adaptive_policy-schedule"]
+    report = learning.build_report(
+        st, recipe, configs, [*more, learning.read_run(chained[0], st)], [], "", machine
+    )
+    abl = report["ablation"]["full-adaptive_policy-schedule - full-adaptive_policy"]
+    assert abl["per_seed"][0]["heldout"]["strict"]["delta"] == 0.25  # 3 of 4 against 2 of 4
+    assert "full-adaptive_policy-schedule - full" not in report["ablation"]
 
 
 def test_learning_side_by_side_pins_each_run_to_its_share_and_records_where_it_ran(tmp_path):

@@ -63,7 +63,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 0.0) -> tor
     verl's ``low_var_kl`` does at 10: the estimate grows as exp(d), and one sampled token the
     reference finds e^8 times likelier than the policy scores ~3000. Full-critique, GRPO from
     seed 3's start, step 56: the step's mean KL 1.43 (0.02-0.14 around it), gradient norm
-    38.9, clipped to 1: the whole update was that token's KL.
+    38.9, clipped to 1: the update was a few tokens' KL.
     """
     d = ref_logp - logp
     k3 = torch.exp(d) - d - 1.0

@@ -68,6 +68,12 @@ hour stays an hour across stops); evaluations are cached in ``<run>/learning/``.
 ``--max-minutes`` (default 60) nothing new starts: runs are ordered seed by seed, so a cut
 leaves every configuration with the same number of seeds, and the script prints what is
 left. A stop (Ctrl-C, SIGTERM) is passed to the running child, which checkpoints and exits.
+Machines change between sessions and take ``runs/`` with them, so each finished and fully
+evaluated run also leaves its record beside the results (``<results>.runs/<run>/``: config,
+evaluations, metrics and its budget's clock, gzip, no checkpoint; commit it): on a machine
+without the run folder, the record restores it as finished, checked against the command's
+settings like any folder. A restored run has no checkpoint, so an evaluation it lacks (a
+larger ``--gsm8k-limit``) is reported, not run.
 
 Runtime: 3 seeds x 2 configurations x 1 h = 6 h of training, plus ~2 GSM8K evaluations
 per run (minutes each on 2 cores at 200 problems), so about seven hourly slices; each
@@ -358,12 +364,90 @@ def budget_elapsed(run_dir: Path) -> float | None:
     from deepsynapse.checkpoint import latest_checkpoint, load_tree
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:  # a run restored from its record keeps the clock there
+        elapsed = (read_json(run_dir / RESTORED) or {}).get("budget_elapsed_s")
+        return float(elapsed) if isinstance(elapsed, (int, float)) else None
     try:
-        state = load_tree(ckpt, "trainer_state") if ckpt else {}
+        state = load_tree(ckpt, "trainer_state")
     except Exception:
         return None
     elapsed = (state.get("budget") or {}).get("elapsed")
     return float(elapsed) if isinstance(elapsed, (int, float)) else None
+
+
+# A finished run's record: what ``read_run`` reads, without the checkpoints. Machines change
+# between sessions and take ``runs/`` with them; the record, committed beside the results,
+# lets the next session's slice reuse the run (its tables, pairing and curves) on a fresh one.
+RECORD_FILES = (
+    "config.yaml",
+    "summary.json",
+    "eval_before.json",
+    "eval_after_sft.json",
+    "eval_after.json",
+    "metrics.jsonl",
+    f"{EVAL_DIR}/gsm8k_start.json",
+    f"{EVAL_DIR}/gsm8k_final.json",
+    f"{EVAL_DIR}/machines.jsonl",
+)
+RESTORED = f"{EVAL_DIR}/restored.json"  # in a restored run: where from, its budget's clock
+
+
+def archive_run(run_dir: Path, record_dir: Path) -> bool:
+    """Keep a finished, fully evaluated run's record as gzip files; True if it changed.
+
+    The bytes depend on the content only (gzip without a time stamp), so archiving the same
+    run again leaves git nothing to commit.
+    """
+    import gzip
+
+    files = {name: run_dir / name for name in RECORD_FILES if (run_dir / name).is_file()}
+    elapsed = budget_elapsed(run_dir)
+    meta = json.dumps({"budget_elapsed_s": elapsed, "files": sorted(files)}, indent=1) + "\n"
+    wanted = {
+        name + ".gz": gzip.compress(path.read_bytes(), mtime=0) for name, path in files.items()
+    }
+    wanted["record.json"] = meta.encode()
+    old = (
+        {
+            str(p.relative_to(record_dir)): p.read_bytes()
+            for p in record_dir.rglob("*")
+            if p.is_file()
+        }
+        if record_dir.is_dir()
+        else {}
+    )
+    if old == wanted:
+        return False
+    tmp = record_dir.with_name(record_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name, data in wanted.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+    shutil.rmtree(record_dir, ignore_errors=True)
+    tmp.rename(record_dir)
+    return True
+
+
+def restore_run(record_dir: Path, run_dir: Path) -> bool:
+    """Rebuild a run folder from its record where the folder has no run; True if it did.
+
+    The restored folder reads as finished (``summary.json``) and is checked against the
+    command's settings like any other; it holds no checkpoint, so an evaluation the record
+    lacks cannot be added (the report says which).
+    """
+    import gzip
+
+    meta = read_json(record_dir / "record.json")
+    if meta is None or (run_dir / "config.yaml").exists():
+        return False
+    for name in meta.get("files") or []:
+        out = run_dir / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(gzip.decompress((record_dir / (name + ".gz")).read_bytes()))
+    restored = {"from": str(record_dir), "budget_elapsed_s": meta.get("budget_elapsed_s")}
+    (run_dir / RESTORED).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESTORED).write_text(json.dumps(restored, indent=1) + "\n", encoding="utf-8")
+    return True
 
 
 def start_checkpoint(run_dir: Path) -> tuple[str | None, str]:
@@ -371,6 +455,8 @@ def start_checkpoint(run_dir: Path) -> tuple[str | None, str]:
     from deepsynapse.checkpoint import load_tree
 
     folder = run_dir / "checkpoints" / "step-0"
+    if (run_dir / RESTORED).is_file() and not folder.is_dir():
+        return None, "restored from its record, without checkpoints"
     if not (folder / "COMPLETE").is_file():
         return None, "step-0 was not kept (checkpoint rotation)"
     try:
@@ -562,6 +648,12 @@ def eval_jobs(st: Learning, run_dir: Path, cfg: Any) -> tuple[list[EvalJob], lis
     start, why = start_checkpoint(run_dir)
     n_gsm8k = st.gsm8k_limit or GSM8K_TEST_SIZE
     wanted = [EvalJob("gsm8k_final.json", None, "gsm8k", n_gsm8k)]
+    if (run_dir / RESTORED).is_file() and not (run_dir / "checkpoints").is_dir():
+        for job in wanted:
+            cached = read_json(run_dir / EVAL_DIR / job.name)
+            if cached is None or len(cached.get("records") or []) != job.limit:
+                notes.append(f"{job.name} at {job.limit} problems: restored, no checkpoint")
+        return [], notes
     if start:
         wanted.append(EvalJob("gsm8k_start.json", start, "gsm8k", n_gsm8k))
     else:
@@ -1322,6 +1414,12 @@ def main(argv: list[str] | None = None) -> int:
     recipe_cfg = load_config(recipe_path(recipe), list(st.extra))
     st = resolve(st, recipe_cfg)
     runs = plan_runs(st, configs, out_dir, recipe_cfg)
+    stem = args.results or RESULTS_DIR / ("learning-quick" if args.quick else "learning")
+    records = stem.with_name(stem.name + ".runs")  # committed: a fresh machine reuses them
+    if not args.quick:
+        for run in runs:
+            if restore_run(records / run.run_dir.name, run.run_dir):
+                print(f"{run.run_dir.name}: restored from {records / run.run_dir.name}")
     expected = {}
     for run in runs:  # every configuration must load before anything runs
         expected[run.run_dir] = load_config(recipe_path(recipe), run.overrides).to_dict()
@@ -1361,6 +1459,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs, _ = eval_jobs(st, run.run_dir, load_config(run.run_dir / "config.yaml"))
             if jobs:
                 left.append(left_text(run, st, jobs))
+            elif not args.quick and archive_run(run.run_dir, records / run.run_dir.name):
+                run.actions.append(f"record kept in {records / run.run_dir.name}")
         else:
             left.append(left_text(run, st))
     report = build_report(st, recipe, configs, results, left, note, machine_info())
@@ -1376,7 +1476,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = markdown(report)
     print("\n" + text, flush=True)
-    stem = args.results or RESULTS_DIR / ("learning-quick" if args.quick else "learning")
     save_report(stem, report, text)
     png = plot(report, stem.with_suffix(".png"))
     print(f"\nsaved {stem.with_suffix('.json')}, {stem.with_suffix('.md')}, {png}")

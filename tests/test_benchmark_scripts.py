@@ -371,6 +371,38 @@ def test_learning_keeps_the_start_point_and_asks_only_for_missing_evaluations(tm
     assert any("step-0 was not kept" in n for n in notes)
 
 
+def test_a_finished_runs_record_restores_it_on_a_machine_without_the_folder(tmp_path):
+    """Machines change between sessions and take runs/ along: the committed record must let
+    the next slice read, pair and time the run as if its folder were still there."""
+    from deepsynapse.checkpoint import save_tree
+
+    st, recipe, runs = _learning_runs(tmp_path / "runs", ("plain",), (0,))
+    (run,) = runs
+    _fabricate_finished(run, recipe, [True, False], [True, True], [False] * 4, [True] * 4)
+    ckpt = run.run_dir / "checkpoints" / "step-2"
+    save_tree({"sft_done": True, "step": 2, "budget": {"elapsed": 3599.5}}, ckpt, "trainer_state")
+    before = learning.read_run(run, st).numbers
+    record = tmp_path / "results" / "study.runs" / run.run_dir.name
+    assert learning.archive_run(run.run_dir, record)
+    assert not learning.archive_run(run.run_dir, record)  # same bytes: nothing to commit
+    assert not any(p.name.startswith("step-") for p in record.rglob("*"))  # no checkpoints
+
+    shutil.rmtree(run.run_dir)  # the fresh machine
+    assert learning.restore_run(record, run.run_dir)
+    assert not learning.restore_run(record, run.run_dir)  # never over a run folder
+    expected = load_config(recipe, run.overrides).to_dict()
+    assert learning.inspect_run(run.run_dir, expected)[0] == "finished"
+    after = learning.read_run(run, st).numbers
+    assert after["budget_elapsed_s"] == 3599.5
+    for key in ("heldout", "gsm8k", "curve", "training", "grpo_steps", "sft_s"):
+        assert after[key] == before[key], key
+    cfg = load_config(run.run_dir / "config.yaml")
+    assert learning.eval_jobs(st, run.run_dir, cfg) == ([], [])
+    jobs, notes = learning.eval_jobs(learning.replace(st, gsm8k_limit=8), run.run_dir, cfg)
+    assert jobs == [] and "restored, no checkpoint" in notes[0]  # cannot evaluate: says so
+    assert not learning.archive_run(run.run_dir, record)  # the restored run is the same record
+
+
 def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     st, recipe, runs = _learning_runs(tmp_path, ("plain", "full"), (0, 1))
     T, F = True, False

@@ -4,6 +4,8 @@
         rollout.num_generations=8 grpo.num_iterations=2          # GRPO again, G=8, 2 updates a batch
     python benchmarks/from_start.py runs/learning/plain-seed0 g8-mu2 --reach 96 ...
                                                                  # + sampled reach at start and end
+    python benchmarks/from_start.py runs/learning/full-critique-seed4 optimisation \\
+        --as full-critique-optimisation                          # a family's GRPO ablation
     python benchmarks/from_start.py --quick                      # smoke check: tiny model, ~1 min
 
 The hour study's warm-up takes a quarter of the hour and is the same whatever GRPO does
@@ -20,6 +22,12 @@ the end (``deepsynapse eval --mode majority``) and pairs them with the greedy ev
 sample accuracy, pass@8, majority vote, and the problems greedy decoding gets wrong but some
 sample gets right, the headroom an RL that sharpens what the model can already sample can
 convert (first measured: 15 of 96 after plain's warm-up, seed 0).
+``--as CONFIG`` switches the parts as ``learning.py``'s configuration CONFIG does, from a
+source that ``learning.py`` made (checked): the GRPO-phase ablation from a shared start, e.g.
+``full-critique-optimisation`` from ``full-critique-seed4``. The variant is that run but for
+its warm-up, which is the source's, so its end pairs with the source's end with the warm-ups'
+noise taken out. A part that changes the warm-up (module scales) is refused: it needs its own
+run.
 The variant resumes the source's resolved ``config.yaml``, which pins every key: a default
 changed since the source ran does not reach it (pass the key as an override, e.g.
 ``control.kl_temperature.couple=false``). Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
@@ -62,6 +70,60 @@ def branch(source: Path, dest: Path) -> None:
     for name in COPIED + LOGS:
         if (source / name).is_file():
             shutil.copy2(source / name, dest / name)
+
+
+WARM_UP_KEYS = ("model.", "lora.", "sft.")  # what the warm-up trained with, in the checkpoint
+
+
+def as_learning_config(
+    source: Path, config: str, st: Any = None, recipe: str = RECIPE
+) -> list[str]:
+    """Overrides that make the variant ``learning.py``'s ``config`` at the source's seed.
+
+    The GRPO-phase ablation from a shared start: ``--as full-critique-optimisation`` from
+    ``full-critique-seed4`` is that ablation's run, except that it inherits the source's
+    warm-up instead of training its own, so its end pairs with the source's end and start
+    without the two warm-ups' noise. Only for a source that ``learning.py`` made with the
+    settings ``st`` (default: its defaults; checked against the configuration its folder
+    names) and only for a configuration with the same warm-up (model, LoRA and SFT keys);
+    a part that changes the warm-up (module scales) needs a run of its own.
+    """
+    from ablation import parts_for
+    from learning import Learning, config_diff, plain_reset, recipe_path, resolve, run_overrides
+
+    from deepsynapse.config import load_config
+
+    base, sep, seed_text = source.name.rpartition("-seed")
+    if not sep or not seed_text.isdigit():
+        raise SystemExit(f"--as: {source.name} is not a learning.py run folder (<config>-seed<N>)")
+    seed = int(seed_text)
+    st = st or Learning()
+    recipe_cfg = load_config(recipe_path(recipe), list(st.extra))
+    st = resolve(st, recipe_cfg)
+
+    def made(name: str) -> tuple[list[str], dict[str, Any]]:
+        overrides = run_overrides(st, name, seed, source.parent, recipe_cfg)
+        return overrides, load_config(recipe_path(recipe), overrides).to_dict()
+
+    _, theirs = made(base)
+    diff = config_diff(load_config(source / "config.yaml").to_dict(), theirs)
+    if diff:
+        raise SystemExit(
+            f"--as: {source} is not learning.py's {base} at seed {seed} with these settings "
+            f"({'; '.join(diff[:3])})"
+        )
+    overrides, ours = made(config)
+    warm = [d for d in config_diff(theirs, ours) if d.startswith(WARM_UP_KEYS)]
+    if warm:
+        raise SystemExit(
+            f"--as {config}: changes the warm-up ({'; '.join(warm[:3])}): train it with "
+            "learning.py instead"
+        )
+    # The source's parts' keys hold its values, not the recipe's: reset every one to plain's
+    # before the configuration's own (learning.py resets only where the recipe differs).
+    reset = plain_reset(parts_for(recipe_cfg.rollout.max_new_tokens), recipe_cfg, every_key=True)
+    kept = [o for o in overrides if not o.startswith(("train.run_name=", "train.output_dir="))]
+    return [*reset, *kept]
 
 
 def train(dest: Path, overrides: list[str]) -> None:
@@ -110,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("source", nargs="?", type=Path, help="a finished run with a warm-up")
     ap.add_argument("name", nargs="?", help="the variant's name")
     ap.add_argument("overrides", nargs="*", help="config overrides of the variant")
+    ap.add_argument(
+        "--as",
+        dest="as_config",
+        metavar="CONFIG",
+        help="switch the parts as learning.py's CONFIG (e.g. full-critique-optimisation)",
+    )
     ap.add_argument("--reach", type=int, default=0, help="sample the first K held-out x 8")
     ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "from-start")
     ap.add_argument("--quick", action="store_true", help="a tiny source run, then one variant")
@@ -127,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         args.reach = args.reach or 3
     if args.source is None or args.name is None:
         ap.error("give a source run and a name (or --quick)")
+    if args.as_config:  # the configuration's switches first: the overrides given win
+        args.overrides = [*as_learning_config(args.source, args.as_config), *args.overrides]
     dest = args.out_dir / f"{args.source.name}-{args.name}"
     if not dest.exists():
         branch(args.source, dest)

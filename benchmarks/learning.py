@@ -228,11 +228,13 @@ def _lookup(tree: dict[str, Any], key: str) -> Any:
 RECIPE_BUDGETS = ("rollout.max_new_tokens",)
 
 
-def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
+def plain_reset(parts: Sequence[Any], recipe_cfg: Any, every_key: bool = False) -> list[str]:
     """Each key a part sets that the recipe holds at another value than plain's.
 
     Plain's values are ablation's plain (the defaults, LoRA r16). Why: a recipe may switch
     parts on (the demo recipe does); without this, ``plain`` on top of it would not be plain.
+    ``every_key``: every key any part sets, for a config that is not the recipe (another
+    configuration's, whose parts' keys must all be reset).
     """
     from deepsynapse.config import load_config
 
@@ -241,7 +243,9 @@ def plain_reset(parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
     keys = dict.fromkeys(o.split("=", 1)[0] for p in parts for o in p.overrides)
     keys = [k for k in keys if k not in RECIPE_BUDGETS]
     return [
-        override_text(k, _lookup(ours, k)) for k in keys if _lookup(ours, k) != _lookup(theirs, k)
+        override_text(k, _lookup(ours, k))
+        for k in keys
+        if every_key or _lookup(ours, k) != _lookup(theirs, k)
     ]
 
 

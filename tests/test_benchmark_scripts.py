@@ -8,6 +8,7 @@ subprocess (tiny random model) and check the printed table and the JSON written.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -610,6 +611,31 @@ def test_from_start_reach_pairs_greedy_with_samples_and_counts_the_headroom():
 def test_from_start_refuses_a_source_without_a_start_of_grpo_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no complete start-of-GRPO checkpoint"):
         from_start.branch(tmp_path / "src", tmp_path / "dest")
+
+
+def test_from_start_as_a_learning_config_is_that_configuration_from_the_sources_warm_up(tmp_path):
+    """``--as``: the variant's settings are exactly the ablation run's, and nothing that the
+    warm-up trained with may differ (its checkpoint holds that warm-up)."""
+    from deepsynapse.config import save_config
+
+    st, recipe, (source,) = _learning_runs(tmp_path, ("full-critique",), (3,))
+    source.run_dir.mkdir(parents=True)
+    save_config(load_config(recipe, source.overrides), source.run_dir / "config.yaml")
+    as_ = functools.partial(from_start.as_learning_config, st=st, recipe=str(recipe))
+
+    overrides = as_(source.run_dir, "full-critique-optimisation")
+    variant = load_config(source.run_dir / "config.yaml", overrides).to_dict()
+    _, _, (target,) = _learning_runs(tmp_path, ("full-critique-optimisation",), (3,))
+    assert learning.config_diff(variant, load_config(recipe, target.overrides).to_dict()) == []
+    assert learning.config_diff(variant, load_config(recipe, source.overrides).to_dict())
+    assert not any(o.startswith(("train.run_name=", "train.output_dir=")) for o in overrides)
+
+    with pytest.raises(SystemExit, match="changes the warm-up.*lora.module_scales"):
+        as_(source.run_dir, "full-critique-adaptive_policy")
+    stray = load_config(recipe, [*source.overrides, "grpo.beta=0.5"])
+    save_config(stray, source.run_dir / "config.yaml")
+    with pytest.raises(SystemExit, match="not learning.py's full-critique at seed 3.*grpo.beta"):
+        as_(source.run_dir, "full-critique-optimisation")
 
 
 @pytest.mark.slow

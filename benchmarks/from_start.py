@@ -126,6 +126,56 @@ def as_learning_config(
     return [*reset, *kept]
 
 
+def against_source(source: Path, dest: Path) -> dict[str, Any]:
+    """The variant's end paired with its start and with the source's end (same problems).
+
+    What a variant is for: the source's GRPO and the variant's start from the same
+    checkpoint, so their ends differ by the settings (and the sampling's chance) alone.
+    """
+    from learning import accuracy, paired, read_json, read_jsonl
+
+    start = read_json(dest / "eval_after_sft.json")
+    end, source_end = read_json(dest / "eval_after.json"), read_json(source / "eval_after.json")
+    steps = {}
+    for name, run in (("variant", dest), ("source", source)):
+        rows = [r for r in read_jsonl(run / "metrics.jsonl") if "timing/step" in r]
+        steps[name] = {"grpo_steps": len(rows), "grpo_s": sum(r["timing/step"] for r in rows)}
+    return {
+        "paths": {"source": str(source), "variant": str(dest)},
+        "start": accuracy(start),
+        "end": accuracy(end),
+        "source_end": accuracy(source_end),
+        "gain": paired(start, end),
+        "vs_source": paired(source_end, end),
+        "source_gain": paired(start, source_end),
+        **steps,
+    }
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    from deepsynapse.eval.stats import format_interval
+
+    lines = []
+    for key, label in (
+        ("source_gain", "source's GRPO gave"),
+        ("gain", "variant's GRPO gave"),
+        ("vs_source", "variant - source, end"),
+    ):
+        for kind in ("strict", "lenient"):
+            c = (result.get(key) or {}).get(kind)
+            if c:
+                lines.append(
+                    f"  {label} ({kind}): {format_interval(c['delta'], c['delta_ci'])} "
+                    f"({c['fixed']} fixed, {c['broken']} broken, McNemar p={c['p_value']:.2g})"
+                )
+    v, s = result["variant"], result["source"]
+    lines.append(
+        f"  GRPO steps: variant {v['grpo_steps']} ({v['grpo_s']:.0f} s), "
+        f"source {s['grpo_steps']} ({s['grpo_s']:.0f} s)"
+    )
+    return lines
+
+
 def train(dest: Path, overrides: list[str]) -> None:
     cmd = [*DEEPSYNAPSE, "train", "--resume", str(dest), "--quiet"]
     cmd += [*overrides, f"train.output_dir={dest.parent}", f"train.run_name={dest.name}"]
@@ -202,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         branch(args.source, dest)
     if not (dest / "eval_after.json").is_file():
         train(dest, args.overrides)
+    if (dest / "eval_after.json").is_file() and (args.source / "eval_after.json").is_file():
+        result = against_source(args.source, dest)
+        save_json(dest / "from_start.json", result)
+        print(f"\n{dest.name} against {args.source.name} (same start):")
+        print("\n".join(summary_lines(result)))
     if args.reach:
         points = {
             "start": (json.loads((dest / "eval_after_sft.json").read_text()), START),

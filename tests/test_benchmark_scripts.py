@@ -608,6 +608,22 @@ def test_from_start_reach_pairs_greedy_with_samples_and_counts_the_headroom():
         from_start.reach({"records": []}, sampled)
 
 
+def test_from_start_pairs_the_variants_end_with_the_sources_end(tmp_path):
+    st, recipe, (source,) = _learning_runs(tmp_path / "a", ("plain",), (0,))
+    _, _, (variant,) = _learning_runs(tmp_path / "b", ("plain",), (0,))
+    start = [True, False, False, True]
+    _fabricate_finished(source, recipe, start, [True, True, False, True], [False], [False])
+    _fabricate_finished(variant, recipe, start, [False, True, True, True], [False], [False])
+    result = from_start.against_source(source.run_dir, variant.run_dir)
+    assert result["source_gain"]["strict"]["delta"] == 0.25
+    assert result["gain"]["strict"]["delta"] == 0.25
+    vs = result["vs_source"]["strict"]
+    assert (vs["delta"], vs["fixed"], vs["broken"]) == (0.0, 1, 1)
+    assert result["variant"] == {"grpo_steps": 2, "grpo_s": 10.0}
+    text = "\n".join(from_start.summary_lines(result))
+    assert "variant - source, end (strict): +0.0 pts" in text and "1 fixed, 1 broken" in text
+
+
 def test_from_start_refuses_a_source_without_a_start_of_grpo_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no complete start-of-GRPO checkpoint"):
         from_start.branch(tmp_path / "src", tmp_path / "dest")

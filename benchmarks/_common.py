@@ -156,6 +156,13 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
     }
     info["cpu_class"] = cpu_class(info["avx512_bf16"], info["amx_bf16"], info["avx2"])
+    from deepsynapse.models.loading import onednn_cap_below_bf16
+
+    cap = onednn_cap_below_bf16()
+    if cap:  # a bf16 CPU standing in for the AVX2 class: its numbers are that class's, emulated
+        info["onednn_max_cpu_isa"] = cap
+        info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["cpu_class"] = f"avx2 only, emulated (oneDNN capped at {cap}; {info['cpu_class']})"
     if torch.cuda.is_available():  # the trainer then runs on cuda:0 (Accelerate's default)
         info["gpu"] = torch.cuda.get_device_name(0)
     info["code"] = code_version()

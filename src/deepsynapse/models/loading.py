@@ -43,13 +43,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DEEPSYNAPSE_CACHE", Path.home() / ".cache" / "deepsynapse"))
 
 
+# oneDNN ISA caps (``ONEDNN_MAX_CPU_ISA``) under which its bf16 matmuls are still native.
+_BF16_ISAS = {
+    "ALL",
+    "DEFAULT",
+    "AVX512_CORE_BF16",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512",
+    "AVX512_CORE_AMX",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX_FP16",
+}
+
+
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is ~4x faster."""
+    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is ~4x faster.
+
+    A cap on oneDNN's instruction set (``ONEDNN_MAX_CPU_ISA=AVX2``, or the older
+    ``DNNL_MAX_CPU_ISA``) below AVX512-BF16 makes its bf16 matmuls emulated (1.1 GFLOP/s
+    against fp32's 64 on one AMX core, measured): then the answer is False, as on an
+    AVX2-only CPU, which is also how this machine stands in for that class.
+    """
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
+    if onednn_cap_below_bf16():
+        return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def onednn_cap_below_bf16() -> str | None:
+    """The oneDNN ISA cap in force when it rules out native bf16 matmuls, else None."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return cap if cap and cap.strip().upper() not in _BF16_ISAS else None
 
 
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
@@ -65,6 +93,9 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
         return DtypeChoice(torch.float32, "auto: GPU lacks bf16")
     if cpu_supports_bf16():
         return DtypeChoice(torch.bfloat16, "auto: CPU has AVX512-BF16/AMX")
+    cap = onednn_cap_below_bf16()
+    if cap:
+        return DtypeChoice(torch.float32, f"auto: oneDNN capped at {cap}, using fp32")
     return DtypeChoice(torch.float32, "auto: CPU lacks native bf16, using fp32")
 
 

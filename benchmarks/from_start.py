@@ -17,6 +17,10 @@ weights, optimizer state, random stream and budget clock where its GRPO began, a
 held-out evaluation is paired with the source's ``eval_after_sft.json`` on the same problems
 (the trainer's summary prints "GRPO gave" with its interval).
 
+A finished variant is paired with the source's end and start (strict and lenient, with
+intervals: ``<variant>/from_start.json``, printed), and that result and the variant's record
+(``learning.py``'s, no checkpoint) are kept in ``benchmarks/results/from-start/``.
+
 ``--reach K`` also samples the first K held-out problems x 8 at T = 0.9 at ``step-0`` and at
 the end (``deepsynapse eval --mode majority``) and pairs them with the greedy evaluations:
 sample accuracy, pass@8, majority vote, and the problems greedy decoding gets wrong but some
@@ -44,8 +48,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import child_env, fmt, markdown_table, save_json
-from learning import DEEPSYNAPSE, QUICK, RECIPE, REPO
+from _common import RESULTS_DIR, child_env, fmt, markdown_table, save_json
+from learning import DEEPSYNAPSE, QUICK, RECIPE, REPO, archive_run
 
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.eval.stats import wilson_interval
@@ -257,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         save_json(dest / "from_start.json", result)
         print(f"\n{dest.name} against {args.source.name} (same start):")
         print("\n".join(summary_lines(result)))
+        if not args.quick:  # kept beside the results: the run folders leave with the machine
+            save_json(RESULTS_DIR / "from-start" / f"{dest.name}.json", result)
+            archive_run(dest, RESULTS_DIR / "from-start" / "runs" / dest.name)
     if args.reach:
         points = {
             "start": (json.loads((dest / "eval_after_sft.json").read_text()), START),

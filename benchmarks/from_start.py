@@ -76,6 +76,48 @@ def branch(source: Path, dest: Path) -> None:
             shutil.copy2(source / name, dest / name)
 
 
+def rebase_rewards(dest: Path, overrides: list[str]) -> str | None:
+    """Let a variant compute another set of rewards from the start of GRPO; what changed.
+
+    The checkpoint names the rewards it was made with, and the trainer refuses another set
+    on resume (rightly: mid-run, the calibration statistics, the episodic memory and the
+    verifier have learned from them). At the start of GRPO they have learned nothing
+    (checked, else refused), so the start is rewritten for the variant's set: the identity
+    and the knobs' weights take the variant's rewards, and the states sized by the old set
+    (the verifier where the variant has none, the weight allocator's) are dropped, to be
+    built fresh as a run starting GRPO would build them.
+    """
+    from deepsynapse.checkpoint import load_tree, save_tree
+    from deepsynapse.config import load_config
+
+    cfg = load_config(dest / "config.yaml", overrides)
+    folder = dest / "checkpoints" / START
+    state = load_tree(folder, "trainer_state")
+    theirs, ours = sorted(state["identity"]["rewards"]), sorted(cfg.rewards.weights)
+    if theirs == ours:
+        return None
+    rewards = state["rewards"]
+    learned = {
+        "calibration statistics": (rewards.get("fusion") or {}).get("stats"),
+        "episodic memory": (rewards.get("memory") or {}).get("problems"),
+        "verifier updates": (rewards.get("verifier") or {}).get("updates"),
+        "GRPO steps": state.get("step"),
+    }
+    learned = [name for name, value in learned.items() if value]
+    if learned:
+        raise SystemExit(
+            f"{folder}: holds {', '.join(learned)}: only the start of GRPO can change the "
+            f"rewards ({theirs} -> {ours})"
+        )
+    state["identity"]["rewards"] = ours
+    state["knobs"]["reward_weights"] = dict(cfg.rewards.weights)
+    if "verifier" not in cfg.rewards.weights:
+        rewards.pop("verifier", None)
+    state["controllers"].pop("allocator", None)
+    save_tree(state, folder, "trainer_state")
+    return f"rewards {', '.join(theirs)} -> {', '.join(ours)}"
+
+
 WARM_UP_KEYS = ("model.", "lora.", "sft.")  # what the warm-up trained with, in the checkpoint
 
 
@@ -234,6 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--reach", type=int, default=0, help="sample the first K held-out x 8")
     ap.add_argument("--out-dir", type=Path, default=REPO / "runs" / "from-start")
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR / "from-start",
+        help="where a finished variant's pairing and record are kept (committed)",
+    )
     ap.add_argument("--quick", action="store_true", help="a tiny source run, then one variant")
     args = ap.parse_args(argv)
     if args.quick:
@@ -254,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     dest = args.out_dir / f"{args.source.name}-{args.name}"
     if not dest.exists():
         branch(args.source, dest)
+        rebased = rebase_rewards(dest, args.overrides)
+        if rebased:
+            print(f"start of GRPO rebased: {rebased}", flush=True)
     if not (dest / "eval_after.json").is_file():
         train(dest, args.overrides)
     if (dest / "eval_after.json").is_file() and (args.source / "eval_after.json").is_file():
@@ -262,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{dest.name} against {args.source.name} (same start):")
         print("\n".join(summary_lines(result)))
         if not args.quick:  # kept beside the results: the run folders leave with the machine
-            save_json(RESULTS_DIR / "from-start" / f"{dest.name}.json", result)
-            archive_run(dest, RESULTS_DIR / "from-start" / "runs" / dest.name)
+            save_json(args.results_dir / f"{dest.name}.json", result)
+            archive_run(dest, args.results_dir / "runs" / dest.name)
     if args.reach:
         points = {
             "start": (json.loads((dest / "eval_after_sft.json").read_text()), START),

@@ -100,7 +100,15 @@ from typing import Any
 
 import yaml
 from _common import RESULTS_DIR, child_env, machine_info, markdown_table, mean_std, save_report
-from ablation import ABLATE, Study, active_parts, common_overrides, config_names, parts_for
+from ablation import (
+    ABLATE,
+    BASE_REWARDS,
+    Study,
+    active_parts,
+    common_overrides,
+    config_names,
+    parts_for,
+)
 from ablation import part_overrides as ablation_part_overrides
 
 from deepsynapse.rl.budget import parse_duration
@@ -249,6 +257,43 @@ def plain_reset(parts: Sequence[Any], recipe_cfg: Any, every_key: bool = False) 
     ]
 
 
+def removal_overrides(config: str, parts: Sequence[Any], recipe_cfg: Any) -> list[str]:
+    """What the recipe sets that this configuration's removals leave inconsistent, mended.
+
+    - A curriculum phase's ``reward_weights`` may name a reward of a removed part (the hour
+      recipe's structure phase weights ``structure``, the Guardian's): the trainer refuses a
+      phase naming a reward the run does not compute, so ``full-critique-reward_terms``
+      could not start. Such names are dropped from the phases.
+    - The KL-temperature loop on the recipe's ``schedule: phase`` needs the curriculum: with
+      the curriculum removed (``full-curriculum``) its cosine runs over the run instead.
+
+    Empty (the configuration's overrides unchanged) where nothing is inconsistent.
+    """
+    active = {p.name for p in active_parts(config, parts)}
+    out = []
+    curriculum = recipe_cfg.to_dict()["control"]["curriculum"]
+    if "curriculum" in active:
+        known = set(BASE_REWARDS).union(*(p.rewards for p in parts if p.name in active))
+        phases = curriculum["phases"] or []
+
+        def named(phase: dict[str, Any]) -> set[str]:
+            return set(phase.get("reward_weights") or {}) | set(phase.get("active_rewards") or [])
+
+        if not all(named(phase) <= known for phase in phases):
+            kept = []
+            for phase in phases:
+                phase = dict(phase)
+                weights = phase.get("reward_weights") or {}
+                phase["reward_weights"] = {k: v for k, v in weights.items() if k in known}
+                if phase.get("active_rewards"):
+                    phase["active_rewards"] = [k for k in phase["active_rewards"] if k in known]
+                kept.append(phase)
+            out.append(override_text("control.curriculum.phases", kept))
+    elif "kl_temperature" in active and recipe_cfg.control.kl_temperature.schedule == "phase":
+        out.append("control.kl_temperature.schedule=run")
+    return out
+
+
 def run_overrides(
     st: Learning, config: str, seed: int, out_dir: Path, recipe_cfg: Any
 ) -> list[str]:
@@ -259,6 +304,7 @@ def run_overrides(
         *st.extra,
         *plain_reset(parts, recipe_cfg),
         *ablation_part_overrides(config, parts),
+        *removal_overrides(config, parts, recipe_cfg),
         f"eval.max_new_tokens={recipe_cfg.eval.max_new_tokens + longer}",
         f"probes.max_new_tokens={recipe_cfg.probes.max_new_tokens + longer}",
         "data.eval=synthetic",  # the fixed held-out set of record

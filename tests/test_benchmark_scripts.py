@@ -63,6 +63,32 @@ def test_every_ablation_configuration_builds_its_rewards_and_controllers():
         assert engine.components, name
 
 
+def test_every_learning_configuration_on_the_hour_recipe_builds_its_controllers(tmp_path):
+    """On the recipe the hour studies run, not the ablation's common settings: its curriculum
+    phases weight rewards (``structure``) that some removals take away, and a phase naming a
+    reward the run does not compute is refused when the controllers are built."""
+    recipe = learning.recipe_path(learning.RECIPE)
+    recipe_cfg = load_config(recipe)
+    st = learning.resolve(learning.Learning(), recipe_cfg)
+    parts = ablation.parts_for(recipe_cfg.rollout.max_new_tokens)
+    names = ablation.config_names(parts, "part") + ablation.config_names(parts, "family")[2:]
+    names += [f"full-critique-{f}" for f in ablation.FAMILIES if f != "critique"]
+    problems = generate_problems(8, seed=0, difficulty=(1, 3))
+    for name in dict.fromkeys(names):
+        cfg = load_config(recipe, learning.run_overrides(st, name, 0, tmp_path, recipe_cfg))
+        knobs = Knobs(
+            temperature=1.0,
+            beta=cfg.grpo.beta,
+            reward_weights=dict(cfg.rewards.weights),
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+        build_controllers(cfg.control, base=knobs, total_steps=100, problems=problems)
+    plain = learning.run_overrides(st, "plain", 0, tmp_path, recipe_cfg)
+    assert not any(o.startswith("control.curriculum.phases=") for o in plain)  # runs unchanged
+    fixed = learning.run_overrides(st, "full-critique-reward_terms", 0, tmp_path, recipe_cfg)
+    assert any(o.startswith("control.curriculum.phases=") for o in fixed)
+
+
 def test_plain_is_grpo_only_and_each_minus_config_differs_from_full():
     plain = _ablation_config("plain")
     assert not any(getattr(plain.control, s).enabled for s in vars(plain.control))
@@ -624,6 +650,49 @@ def test_from_start_pairs_the_variants_end_with_the_sources_end(tmp_path):
     assert "variant - source, end (strict): +0.0 pts" in text and "1 fixed, 1 broken" in text
 
 
+def test_from_start_rebases_the_start_of_grpo_onto_the_variants_rewards(tmp_path):
+    """The reward families' GRPO ablation needs the start rewritten for another reward set;
+    a checkpoint whose reward side has learned anything must be refused."""
+    from deepsynapse.checkpoint import load_tree, save_tree
+    from deepsynapse.config import save_config
+
+    st, recipe, (run,) = _learning_runs(tmp_path, ("full-critique",), (0,))
+    cfg = load_config(recipe, run.overrides)
+    dest = tmp_path / "variant"
+    (dest / "checkpoints" / "step-0").mkdir(parents=True)
+    save_config(cfg, dest / "config.yaml")
+    state = {
+        "step": 0,
+        "identity": {"model": "tiny-random", "rewards": sorted(cfg.rewards.weights)},
+        "knobs": {"reward_weights": dict(cfg.rewards.weights), "temperature": 0.9},
+        "rewards": {
+            "fusion": {"stats": {}},
+            "memory": {"problems": []},
+            "verifier": {"updates": 0},
+        },
+        "controllers": {"allocator": {"batches": 0}, "curriculum": {"index": 0}},
+    }
+    save_tree(state, dest / "checkpoints" / "step-0", "trainer_state")
+    assert from_start.rebase_rewards(dest, []) is None  # same rewards: untouched
+    fewer = "rewards.weights={correctness: 1.0, strict_format: 0.3, soft_format: 0.2}"
+    assert "-> correctness, soft_format, strict_format" in from_start.rebase_rewards(dest, [fewer])
+    new = load_tree(dest / "checkpoints" / "step-0", "trainer_state")
+    assert new["identity"] == {
+        "model": "tiny-random",
+        "rewards": ["correctness", "soft_format", "strict_format"],
+    }
+    assert new["knobs"] == {
+        "reward_weights": {"correctness": 1.0, "strict_format": 0.3, "soft_format": 0.2},
+        "temperature": 0.9,
+    }
+    assert "verifier" not in new["rewards"] and list(new["controllers"]) == ["curriculum"]
+
+    state["rewards"]["memory"]["problems"] = [{"id": "p0"}]  # the reward side has learned
+    save_tree(state, dest / "checkpoints" / "step-0", "trainer_state")
+    with pytest.raises(SystemExit, match="episodic memory: only the start of GRPO"):
+        from_start.rebase_rewards(dest, [fewer])
+
+
 def test_from_start_refuses_a_source_without_a_start_of_grpo_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no complete start-of-GRPO checkpoint"):
         from_start.branch(tmp_path / "src", tmp_path / "dest")
@@ -667,6 +736,27 @@ def test_from_start_quick_branches_a_run_and_reports_its_reach(tmp_path):
     assert [r["step"] for r in grpo] == [1, 2]  # the source's GRPO step replaced, not kept
     reach = json.loads((dest / "reach.json").read_text())
     assert reach["start"]["checkpoint"] == "step-0" and reach["end"]["checkpoint"] == "step-2"
+
+    # A variant with fewer rewards from the same start: rebased, resumed, trained, paired.
+    weights = "rewards.weights={correctness: 1.0, strict_format: 0.3, soft_format: 0.2}"
+    proc = _run_script(
+        "from_start.py",
+        str(tmp_path / "quick-source"),
+        "fewer",
+        "rollout.num_generations=4",
+        "train.steps=2",
+        weights,
+        "--out-dir",
+        str(tmp_path),
+        "--results-dir",
+        str(tmp_path / "kept"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "start of GRPO rebased: rewards" in proc.stdout
+    assert "variant - source, end (strict)" in proc.stdout
+    kept = tmp_path / "kept" / "quick-source-fewer.json"
+    assert json.loads(kept.read_text())["variant"]["grpo_steps"] == 2
+    assert (tmp_path / "kept" / "runs" / "quick-source-fewer" / "record.json").is_file()
 
 
 def test_sft_step_quick_times_our_step_beside_a_bare_one_on_the_same_examples(tmp_path):

@@ -32,6 +32,17 @@ CONTROLLERS = [
 ]
 
 
+# A time budget, and one process whose clock says 6 s more have passed (a later start): each
+# plans its warm-up and GRPO steps on its own clock, and they must still run the same steps.
+BUDGET = [
+    "train.steps=500",
+    "train.time_budget=14s",
+    "train.budget_counts_evaluations=false",
+    "sft.steps=40",
+]
+CLOCK_SKEW_S = 6.0
+
+
 def fingerprint(trainer) -> dict[str, float]:
     return {
         n: p.detach().double().sum().item()
@@ -42,7 +53,7 @@ def fingerprint(trainer) -> dict[str, float]:
 
 def main(out_dir: str, mode: str = "plain") -> None:
     torch.set_num_threads(1)
-    extra = CONTROLLERS if mode == "controllers" else []
+    extra = {"controllers": CONTROLLERS, "budget": BUDGET}.get(mode, [])
     cfg = load_config(
         None,
         TINY
@@ -50,6 +61,8 @@ def main(out_dir: str, mode: str = "plain") -> None:
         + extra,
     )
     trainer = Trainer(cfg, run_dir=Path(out_dir) / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    if mode == "budget" and trainer.rank == 1:
+        trainer.budget.spent_before += CLOCK_SKEW_S
     seen: list[list[str]] = []
     steps: list[dict] = []
     original, original_step = trainer.rollout, trainer.train_step
@@ -91,6 +104,8 @@ def main(out_dir: str, mode: str = "plain") -> None:
                 "steps": steps,
                 "params": params,
                 "eval_n": summary["eval_after"]["n"] if summary.get("eval_after") else None,
+                "sft_steps": trainer.sft_step,
+                "grpo_steps": trainer.step,
             }
         )
     )

@@ -14,7 +14,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, *args: str) -> tuple[dict, dict]:
+def launch(tmp_path, *args: str, timeout: float = 600) -> tuple[dict, dict]:
     worker = Path(__file__).parent / "dist_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
@@ -29,7 +29,7 @@ def launch(tmp_path, *args: str) -> tuple[dict, dict]:
         str(tmp_path),
         *args,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tuple(json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
 
@@ -59,3 +59,15 @@ def test_two_processes_take_the_same_decisions_every_step(tmp_path):
     assert phases[0] == "structure" and phases[-1] == "reasoning"  # the curriculum moved
     assert r0["steps"][0]["knobs"]["trainable_groups"] == ["lora_mlp"]  # locking acted
     assert r0["steps"][0]["decided"]["weights/strict_format"] == 0.9  # phase weight reached
+
+
+def test_two_processes_on_clocks_apart_plan_the_same_budgeted_steps(tmp_path):
+    """A time budget is planned on each process's own clock; one started 6 s later would plan
+    fewer steps and leave the other waiting in a collective for ever. Every process runs the
+    fewest any planned, and all stop when one's clock runs out."""
+    r0, r1 = launch(tmp_path, "budget", timeout=240)
+    assert r0["sft_steps"] == r1["sft_steps"] < 40  # the budget cut the warm-up, alike
+    assert r0["grpo_steps"] == r1["grpo_steps"] < 500
+    assert len(r0["steps"]) == len(r1["steps"]) == r0["grpo_steps"]
+    for name, value in r0["params"].items():
+        assert abs(value - r1["params"][name]) < 1e-6 * max(1.0, abs(value)), name

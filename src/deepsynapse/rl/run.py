@@ -15,6 +15,7 @@ from deepsynapse.config import save_config
 from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_grpo_steps
 from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
+from deepsynapse.rl.ranks import reduce_scalar
 from deepsynapse.rl.setup import init_trackers
 from deepsynapse.rl.warmup import check_answer_lengths, run_warmup
 from deepsynapse.telemetry.report import write_report
@@ -184,6 +185,9 @@ def plan_within_budget(trainer, step_seconds: float, bar) -> None:
         return
     if budget.grpo_steps is None:
         planned = budget.plan_grpo(configured, trainer.step, step_seconds, evals_to_come(trainer))
+        # Each process measured its own clock: all run the fewest any planned, or one would
+        # wait forever in a collective the others never reach.
+        planned = budget.grpo_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
         bar.total = planned
         trainer.say(
             f"time budget: a GRPO step takes {step_seconds:.1f} s; {planned} of {configured} "
@@ -194,7 +198,10 @@ def plan_within_budget(trainer, step_seconds: float, bar) -> None:
         trainer.retarget_schedules(planned)
         return
     budget.observe_step(step_seconds)
-    if trainer.step < budget.grpo_steps and not budget.another_step_fits(evals_to_come(trainer)):
+    if trainer.step >= budget.grpo_steps:
+        return
+    fits = budget.another_step_fits(evals_to_come(trainer))
+    if not reduce_scalar(trainer.accelerator, float(fits), "min"):  # one process out: all stop
         trainer.say(
             f"time budget: ending GRPO after {trainer.step} of {budget.grpo_steps} planned steps "
             f"(the slowest step took {budget.slowest_step:.1f} s)"

@@ -22,6 +22,7 @@ from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
 from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_sft_steps
+from deepsynapse.rl.ranks import reduce_scalar
 from deepsynapse.rl.setup import build_problems, step_seed
 from deepsynapse.rollout.hf import encode_prompts
 from deepsynapse.telemetry.run_logger import release_freed_memory
@@ -220,6 +221,8 @@ def run_warmup(trainer) -> bool:
             planned = budget.plan_sft(
                 cfg.sft.steps, trainer.sft_step, time.perf_counter() - start, evals_to_come(trainer)
             )
+            # every process runs the fewest any planned on its own clock (see run.py)
+            planned = budget.sft_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
             bar.total = planned
             trainer.say(
                 f"time budget: a warm-up step takes {time.perf_counter() - start:.1f} s; "

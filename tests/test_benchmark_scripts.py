@@ -737,8 +737,12 @@ def test_from_start_quick_branches_a_run_and_reports_its_reach(tmp_path):
     reach = json.loads((dest / "reach.json").read_text())
     assert reach["start"]["checkpoint"] == "step-0" and reach["end"]["checkpoint"] == "step-2"
 
-    # A variant with fewer rewards from the same start: rebased, resumed, trained, paired.
-    weights = "rewards.weights={correctness: 1.0, strict_format: 0.3, soft_format: 0.2}"
+    # A variant with fewer rewards from the same start: rebased, resumed, trained, paired
+    # (the recipe's phases weight structure: kept).
+    weights = (
+        "rewards.weights={correctness: 1.0, strict_format: 0.3, soft_format: 0.2, "
+        "structure: 0.3, length_penalty: 0.1}"
+    )
     proc = _run_script(
         "from_start.py",
         str(tmp_path / "quick-source"),

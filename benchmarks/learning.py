@@ -271,23 +271,21 @@ def removal_overrides(config: str, parts: Sequence[Any], recipe_cfg: Any) -> lis
     """
     active = {p.name for p in active_parts(config, parts)}
     out = []
-    curriculum = recipe_cfg.to_dict()["control"]["curriculum"]
     if "curriculum" in active:
         known = set(BASE_REWARDS).union(*(p.rewards for p in parts if p.name in active))
-        phases = curriculum["phases"] or []
-
-        def named(phase: dict[str, Any]) -> set[str]:
-            return set(phase.get("reward_weights") or {}) | set(phase.get("active_rewards") or [])
-
-        if not all(named(phase) <= known for phase in phases):
-            kept = []
-            for phase in phases:
-                phase = dict(phase)
-                weights = phase.get("reward_weights") or {}
-                phase["reward_weights"] = {k: v for k, v in weights.items() if k in known}
-                if phase.get("active_rewards"):
-                    phase["active_rewards"] = [k for k in phase["active_rewards"] if k in known]
-                kept.append(phase)
+        phases = recipe_cfg.to_dict()["control"]["curriculum"]["phases"] or []
+        kept = [
+            {
+                **phase,
+                "reward_weights": {
+                    k: v for k, v in (phase.get("reward_weights") or {}).items() if k in known
+                },
+                "active_rewards": phase.get("active_rewards")
+                and [k for k in phase["active_rewards"] if k in known],
+            }
+            for phase in phases
+        ]
+        if kept != phases:
             out.append(override_text("control.curriculum.phases", kept))
     elif "kl_temperature" in active and recipe_cfg.control.kl_temperature.schedule == "phase":
         out.append("control.kl_temperature.schedule=run")
@@ -505,8 +503,6 @@ def start_checkpoint(run_dir: Path) -> tuple[str | None, str]:
     from deepsynapse.checkpoint import load_tree
 
     folder = run_dir / "checkpoints" / "step-0"
-    if (run_dir / RESTORED).is_file() and not folder.is_dir():
-        return None, "restored from its record, without checkpoints"
     if not (folder / "COMPLETE").is_file():
         return None, "step-0 was not kept (checkpoint rotation)"
     try:
@@ -698,12 +694,6 @@ def eval_jobs(st: Learning, run_dir: Path, cfg: Any) -> tuple[list[EvalJob], lis
     start, why = start_checkpoint(run_dir)
     n_gsm8k = st.gsm8k_limit or GSM8K_TEST_SIZE
     wanted = [EvalJob("gsm8k_final.json", None, "gsm8k", n_gsm8k)]
-    if (run_dir / RESTORED).is_file() and not (run_dir / "checkpoints").is_dir():
-        for job in wanted:
-            cached = read_json(run_dir / EVAL_DIR / job.name)
-            if cached is None or len(cached.get("records") or []) != job.limit:
-                notes.append(f"{job.name} at {job.limit} problems: restored, no checkpoint")
-        return [], notes
     if start:
         wanted.append(EvalJob("gsm8k_start.json", start, "gsm8k", n_gsm8k))
     else:
@@ -712,6 +702,8 @@ def eval_jobs(st: Learning, run_dir: Path, cfg: Any) -> tuple[list[EvalJob], lis
         cached = read_json(run_dir / EVAL_DIR / job.name)
         if cached is None or len(cached.get("records") or []) != job.limit:
             jobs.append(job)
+    if (run_dir / RESTORED).is_file() and not (run_dir / "checkpoints").is_dir():
+        return [], [f"{job.name} at {job.limit} problems: restored, no checkpoint" for job in jobs]
     return jobs, notes
 
 

@@ -55,6 +55,18 @@ def test_controller_writes_the_knob_and_says_when_it_is_off():
     assert events[0][1].evidence["last_sft_loss"] == 1.5
 
 
+def test_a_longer_plan_after_the_decay_ended_does_not_bring_sft_back():
+    """A time budget re-plans as it measures the pace: the decay stretches to a longer run
+    while it lasts, but SFT switched off stays off."""
+    ctl = SFTMixing(
+        SFTMixingConfig(enabled=True, mu0=0.4, decay_share=0.5, schedule="linear"), total_steps=4
+    )
+    ctl.set_total_steps(8)  # re-planned while decaying: 4 steps of decay instead of 2
+    assert [w for w, _ in drive(ctl, 5)] == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
+    ctl.set_total_steps(40)  # re-planned after it ended
+    assert [w for w, _ in drive(ctl, 3, start=5)] == [0.0, 0.0, 0.0]
+
+
 def test_state_round_trip_continues_identically():
     cfg = SFTMixingConfig(enabled=True, mu0=0.3, decay_steps=6)
     a = SFTMixing(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deepsynapse.rl.budget import TimeBudget, parse_duration
+from deepsynapse.rl.budget import PACE_WINDOW, REPLAN_EVERY, TimeBudget, parse_duration
 
 
 def test_durations_parse_and_bad_ones_name_the_key():
@@ -44,7 +44,7 @@ def test_plans_fit_the_budget_and_never_exceed_the_configuration(clock):
         left // 40
     )
     assert b.plan_grpo(configured=3, done=1, step_seconds=40, evals_to_come=1) == 3
-    b.observe_step(80)  # a slow step: one more only if 80 s still fit
+    b.observe_step(80)  # a slow recent step: one more only if 80 s still fit
     clock.now = 1000 + 600 - 60 - 79
     assert not b.another_step_fits(evals_to_come=1)
     clock.now -= 2
@@ -96,3 +96,41 @@ def test_evaluations_run_off_the_clock_only_when_asked(clock):
     again = TimeBudget(600, count_evaluations=False)
     again.load_state_dict(state)
     assert again.elapsed() == pytest.approx(80)
+
+
+def test_the_plan_follows_the_measured_pace(clock):
+    """One step's pace made the plan for the whole run: a slow second step left time unused,
+    a fast one planned steps that never fit. Re-planned at the recent mean pace, the plan
+    grows and shrinks with the steps, and the slowest step leaves the window."""
+    b = TimeBudget(300, count_evaluations=False)
+    clock.now += 20  # the second GRPO step, slow (a first phase, long completions)
+    assert b.plan_grpo(configured=1000, done=2, step_seconds=20, evals_to_come=0) == 2 + 14
+    assert not b.replan_due(done=2 + REPLAN_EVERY - 1)
+    for _ in range(REPLAN_EVERY):  # then 5 s a step
+        clock.now += 5
+        b.observe_step(5)
+    assert b.replan_due(done=2 + REPLAN_EVERY)
+    # 260 s left at the mean of (20, 5, 5, 5, 5) = 8 s: 32 more
+    assert b.replan_grpo(configured=1000, done=6, evals_to_come=0) == 6 + 32
+    assert b.pace == pytest.approx(8.0) and b.slowest_step == 20
+    for _ in range(PACE_WINDOW):
+        clock.now += 5
+        b.observe_step(5)
+    assert b.slowest_step == 5  # the slow step has left the window
+    assert b.replan_grpo(configured=1000, done=14, evals_to_come=0) == 14 + 220 // 5
+    for _ in range(PACE_WINDOW):  # slower again: fewer steps than planned
+        clock.now += 10
+        b.observe_step(10)
+    assert b.replan_grpo(configured=1000, done=22, evals_to_come=0) == 22 + 140 // 10
+    assert b.replan_grpo(configured=25, done=22, evals_to_come=0) == 25  # never past the cap
+    assert b.replan_due(done=25)  # the plan ran out: time may be left for more
+
+
+def test_a_checkpoint_before_replanning_still_resumes(clock):
+    old = {"elapsed": 100.0, "eval_seconds": 0.0, "grpo_steps": 40, "slowest_step": 12.0}
+    b = TimeBudget(600)
+    b.load_state_dict(old)
+    assert b.grpo_steps == 40 and b.slowest_step == 12.0 and b.planned_at == 0
+    again = TimeBudget(600)
+    again.load_state_dict(b.state_dict())
+    assert again.recent == [12.0]

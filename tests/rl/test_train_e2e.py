@@ -191,6 +191,37 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
     # (a generous budget plans the configured steps: tests/rl/test_budget.py)
 
 
+def test_time_budget_replans_at_the_measured_pace_and_fills_the_budget(tmp_path, tiny_overrides):
+    """The budget's clock is driven here: the second GRPO step takes 10 s, the rest 2 s. The
+    plan made at the second step (5 steps in 50 s) grows as the pace is measured, the run
+    fills its budget (19 steps: 15 s + 17 x 2 s = 49 s) instead of stopping at 5 with 29 s
+    unused, and the schedules sized to the run follow every plan."""
+    overrides = tiny_overrides + ["train.steps=100", "train.time_budget=50s"]
+    overrides += ["train.budget_counts_evaluations=false", "train.save_every=0"]
+    overrides += ["control.kl_temperature.enabled=true", "control.kl_temperature.schedule=run"]
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    now = [0.0]
+    trainer.budget.clock, trainer.budget.started = (lambda: now[0]), 0.0
+    step = trainer.train_step
+
+    def timed_step(k: int) -> dict[str, float]:
+        metrics = step(k)
+        now[0] += (5.0, 10.0)[k] if k < 2 else 2.0  # the first step: not measured
+        return metrics
+
+    trainer.train_step = timed_step
+    trainer.train()
+    assert trainer.step == 19 and trainer.budget.elapsed() == pytest.approx(49.0)
+    events = read_jsonl(tmp_path / "run" / "events.jsonl")
+    plans = [e["evidence"] for e in events if e["kind"] == "budget_plan"]
+    assert [p["grpo_steps"] for p in plans if "grpo_steps" in p] == [5]
+    replans = [e["evidence"] for e in events if e["kind"] == "budget_replan"]
+    assert [(r["step"], r["grpo_steps"]) for r in replans] == [(5, 12), (9, 16), (13, 19)]
+    (kl,) = [c for c in trainer.controllers if c.name == "kl_temperature"]
+    assert kl.total_steps == 19
+
+
 @pytest.mark.parametrize("counts", [True, False])
 def test_time_budget_leaves_evaluations_off_the_clock_when_asked(tmp_path, tiny_overrides, counts):
     """``train.budget_counts_evaluations=false``: the held-out evaluations and the probes do

@@ -133,7 +133,8 @@ class SFTMixing:
         self.finished = False
 
     def set_total_steps(self, total_steps: int) -> None:
-        """The run's GRPO steps: a ``decay_share`` decay spans its share of them."""
+        """The run's GRPO steps: a ``decay_share`` decay spans its share of them (a time
+        budget re-plans as it measures; once the weight has reached 0 it stays there)."""
         if self.cfg.decay_share is not None:
             self.decay_steps = max(1, round(self.cfg.decay_share * int(total_steps)))
 
@@ -141,7 +142,7 @@ class SFTMixing:
         return mixing_weight(step, self.cfg.mu0, self.decay_steps, self.cfg.schedule)
 
     def apply(self, knobs: Knobs) -> None:
-        knobs.sft_weight = self.weight(self.next_step)
+        knobs.sft_weight = 0.0 if self.finished else self.weight(self.next_step)
 
     def observe(self, step: int, metrics: dict[str, float]) -> list[Event]:
         self.next_step = step + 1

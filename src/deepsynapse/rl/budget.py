@@ -12,8 +12,14 @@ measures what it is about to repeat and plans to fit:
 2. after the second SFT warm-up step (the first pays one-time costs: measured 8 s against
    46 s for the same step on a busy machine), the warm-up is planned at that step's pace to
    take at most ``sft_share`` of what is left (never more steps than configured);
-3. after the second GRPO step, GRPO gets the rest; each later step checks that one more step
-   (at the slowest seen since) still fits, so long completions late in a run cannot overrun.
+3. after the second GRPO step, GRPO gets the rest at that step's pace; every
+   ``REPLAN_EVERY`` steps, and whenever the plan runs out with time left, the rest is planned
+   again at the mean pace of the last ``PACE_WINDOW`` steps, and each step checks that one more
+   (at the slowest of those) still fits, so long completions late in a run cannot overrun.
+   One measured step made the plan before: the hour study's schedule variant planned 42 steps
+   at 68.6 s and left 10 of its 47 minutes unused; the optimisation variant planned 124 at
+   23.2 s, its steps took ~39 s and it was cut at 78, so schedules sized to the plan (phase
+   shares, the SFT decay, the temperature ramp) never finished.
 
 The elapsed time survives a resume (it is part of the checkpoint state), so "train for an
 hour" means an hour of this run, however many times it was stopped.
@@ -31,11 +37,13 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = [
+    "PACE_WINDOW",
     "PLAN_AFTER",
+    "REPLAN_EVERY",
     "TimeBudget",
     "evaluating",
     "evals_to_come",
@@ -45,6 +53,8 @@ __all__ = [
 ]
 
 PLAN_AFTER = 2  # steps of a stage measured before it is planned (at the last one's pace)
+REPLAN_EVERY = 4  # GRPO steps between plans at the measured pace
+PACE_WINDOW = 8  # the last steps whose mean is the pace (and whose slowest must still fit)
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smh])")
@@ -82,7 +92,11 @@ class TimeBudget:
     """Plans the SFT warm-up and GRPO step counts so the whole run fits ``seconds``."""
 
     def __init__(
-        self, seconds: float, sft_share: float = 0.4, count_evaluations: bool = True
+        self,
+        seconds: float,
+        sft_share: float = 0.4,
+        count_evaluations: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if seconds <= 0:
             raise ValueError(f"a time budget needs seconds > 0, got {seconds}")
@@ -90,12 +104,14 @@ class TimeBudget:
             raise ValueError(f"sft_share must lie within [0, 1], got {sft_share}")
         self.seconds = seconds
         self.sft_share = sft_share
+        self.clock = clock or time.monotonic  # every duration it sees (a test drives its own)
         self.spent_before = 0.0  # by earlier invocations of this run (resume)
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.eval_seconds = 0.0  # one held-out evaluation (the one before training)
         self.sft_steps: int | None = None  # planned, once measured
         self.grpo_steps: int | None = None
-        self.slowest_step = 0.0
+        self.planned_at = 0  # the GRPO step the plan was last made after
+        self.recent: list[float] = []  # the last PACE_WINDOW GRPO steps' seconds
         self.count_evaluations = count_evaluations
         self.uncounted = 0.0  # seconds of evaluation kept off the clock (this invocation)
         self._evaluating = 0  # nesting depth: probes run a held-out slice inside
@@ -103,7 +119,7 @@ class TimeBudget:
     # ------------------------------------------------------------------ time
 
     def elapsed(self) -> float:
-        return self.spent_before + time.monotonic() - self.started - self.uncounted
+        return self.spent_before + self.clock() - self.started - self.uncounted
 
     def left(self, evals_to_come: int) -> float:
         """Seconds left for training once the evaluations still to come are paid for."""
@@ -114,14 +130,14 @@ class TimeBudget:
     def evaluating(self) -> Iterator[None]:
         """Around a held-out evaluation or probe: its time is left off the clock unless
         evaluations count."""
-        start = time.monotonic()
+        start = self.clock()
         self._evaluating += 1
         try:
             yield
         finally:
             self._evaluating -= 1
             if self._evaluating == 0 and not self.count_evaluations:
-                self.uncounted += time.monotonic() - start
+                self.uncounted += self.clock() - start
 
     def expect_completions(self, mean_tokens: float, max_new_tokens: int) -> None:
         """Scale the reserve from the untrained model's evaluation to completions of about
@@ -139,17 +155,42 @@ class TimeBudget:
 
     def plan_grpo(self, configured: int, done: int, step_seconds: float, evals_to_come: int) -> int:
         """GRPO steps to run in all, after ``done`` steps, the last taking ``step_seconds``."""
-        self.slowest_step = max(self.slowest_step, step_seconds)
-        more = int(max(0.0, self.left(evals_to_come)) // max(step_seconds, 1e-6))
+        self.observe_step(step_seconds)
+        return self._plan(configured, done, step_seconds, evals_to_come)
+
+    def replan_due(self, done: int) -> bool:
+        """Whether to plan again after ``done`` steps: every ``REPLAN_EVERY`` steps, and when
+        the plan has run out (the pace may have left time for more)."""
+        if self.grpo_steps is None:
+            return False
+        return done - self.planned_at >= REPLAN_EVERY or done >= self.grpo_steps
+
+    def replan_grpo(self, configured: int, done: int, evals_to_come: int) -> int:
+        """The rest of GRPO planned again at the mean pace of the recent steps."""
+        return self._plan(configured, done, self.pace, evals_to_come)
+
+    def _plan(self, configured: int, done: int, pace: float, evals_to_come: int) -> int:
+        more = int(max(0.0, self.left(evals_to_come)) // max(pace, 1e-6))
         self.grpo_steps = max(done, min(configured, done + more))
+        self.planned_at = done
         return self.grpo_steps
 
+    @property
+    def pace(self) -> float:
+        """Mean seconds of the recent GRPO steps (0 before any)."""
+        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+
+    @property
+    def slowest_step(self) -> float:
+        """The slowest of the recent GRPO steps: one more must fit at that pace."""
+        return max(self.recent, default=0.0)
+
     def another_step_fits(self, evals_to_come: int) -> bool:
-        """Whether one more step at the slowest pace seen still ends within the budget."""
+        """Whether one more step at the slowest recent pace still ends within the budget."""
         return self.left(evals_to_come) >= self.slowest_step
 
     def observe_step(self, step_seconds: float) -> None:
-        self.slowest_step = max(self.slowest_step, step_seconds)
+        self.recent = [*self.recent, float(step_seconds)][-PACE_WINDOW:]
 
     def describe(self) -> str:
         parts = [f"time budget {self.seconds / 60:.1f} min"]
@@ -170,16 +211,20 @@ class TimeBudget:
             "eval_seconds": self.eval_seconds,
             "sft_steps": self.sft_steps,
             "grpo_steps": self.grpo_steps,
-            "slowest_step": self.slowest_step,
+            "planned_at": self.planned_at,
+            "recent": list(self.recent),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spent_before = float(state.get("elapsed", 0.0))
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.eval_seconds = float(state.get("eval_seconds", 0.0))
         self.sft_steps = state.get("sft_steps")
         self.grpo_steps = state.get("grpo_steps")
-        self.slowest_step = float(state.get("slowest_step", 0.0))
+        self.planned_at = int(state.get("planned_at", 0))
+        # checkpoints before re-planning kept only the slowest step
+        old = [float(state["slowest_step"])] if state.get("slowest_step") else []
+        self.recent = [float(x) for x in state.get("recent", old)][-PACE_WINDOW:]
 
 
 def planned_sft_steps(trainer) -> int:

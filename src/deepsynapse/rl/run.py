@@ -152,9 +152,11 @@ def anchor_reference(trainer) -> None:
 def run_steps(trainer, stop_at: int, bar) -> None:
     """GRPO steps until ``stop_at``, the time budget or a stop request; checkpoints on schedule."""
     cfg = trainer.cfg
+    budget = trainer.budget
+    clock = budget.clock if budget is not None else time.perf_counter
     while trainer.step < min(stop_at, planned_grpo_steps(trainer)) and not trainer.stop.requested():
-        start = time.perf_counter()
-        off_clock = trainer.budget.uncounted if trainer.budget is not None else 0.0
+        start = clock()
+        off_clock = budget.uncounted if budget is not None else 0.0
         metrics = trainer.train_step(trainer.step)
         trainer.step += 1
         if cfg.probes.every and trainer.step % cfg.probes.every == 0:
@@ -169,24 +171,27 @@ def run_steps(trainer, stop_at: int, bar) -> None:
             fmt=f"{metrics['format/valid_rate']:.2f}",
             s=f"{metrics['timing/step']:.1f}",
         )
-        if trainer.budget is not None:  # probes off the clock are not the step's pace
-            off_clock = trainer.budget.uncounted - off_clock
-            plan_within_budget(trainer, time.perf_counter() - start - off_clock, bar)
+        if budget is not None:  # probes off the clock are not the step's pace
+            off_clock = budget.uncounted - off_clock
+            plan_within_budget(trainer, clock() - start - off_clock, bar)
         due = cfg.train.save_every and trainer.step % cfg.train.save_every == 0
         if due and trainer.step < planned_grpo_steps(trainer):
             trainer.save_checkpoint()
 
 
 def plan_within_budget(trainer, step_seconds: float, bar) -> None:
-    """After the second GRPO step, plan the rest to fit at its pace; after each later one, end
-    GRPO early if one more step (at the slowest pace seen) would overrun the budget."""
+    """After the second GRPO step, plan the rest to fit at its pace; every few steps (and when
+    the plan runs out with time left) plan again at the recent mean pace; after each step, end
+    GRPO early if one more (at the slowest recent pace) would overrun the budget.
+
+    Each process measured its own clock, so every decision is reduced across processes (the
+    fewest steps any planned; all stop when one is out of time), or one would wait forever in
+    a collective the others never reach. The cadence counts steps, so all decide together."""
     budget, configured = trainer.budget, trainer.cfg.train.steps
     if trainer.step < min(PLAN_AFTER, configured):  # a first step pays one-time costs
         return
     if budget.grpo_steps is None:
         planned = budget.plan_grpo(configured, trainer.step, step_seconds, evals_to_come(trainer))
-        # Each process measured its own clock: all run the fewest any planned, or one would
-        # wait forever in a collective the others never reach.
         planned = budget.grpo_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
         bar.total = planned
         trainer.say(
@@ -198,13 +203,28 @@ def plan_within_budget(trainer, step_seconds: float, bar) -> None:
         trainer.retarget_schedules(planned)
         return
     budget.observe_step(step_seconds)
+    if budget.replan_due(trainer.step):
+        before = budget.grpo_steps
+        planned = budget.replan_grpo(configured, trainer.step, evals_to_come(trainer))
+        planned = budget.grpo_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
+        if planned != before:
+            bar.total = planned
+            trainer.event(
+                "budget_replan",
+                f"{before} -> {planned} GRPO steps at {budget.pace:.1f} s a step "
+                f"(the mean of the last {len(budget.recent)})",
+                step=trainer.step,
+                grpo_steps=planned,
+                pace=budget.pace,
+            )
+            trainer.retarget_schedules(planned)
     if trainer.step >= budget.grpo_steps:
         return
     fits = budget.another_step_fits(evals_to_come(trainer))
     if not reduce_scalar(trainer.accelerator, float(fits), "min"):  # one process out: all stop
         trainer.say(
             f"time budget: ending GRPO after {trainer.step} of {budget.grpo_steps} planned steps "
-            f"(the slowest step took {budget.slowest_step:.1f} s)"
+            f"(the slowest recent step took {budget.slowest_step:.1f} s)"
         )
         trainer.event("budget_stop", budget.describe(), step=trainer.step)
         budget.grpo_steps = trainer.step

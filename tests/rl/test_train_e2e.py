@@ -191,6 +191,31 @@ def test_time_budget_plans_fewer_steps_and_the_run_still_finishes(tmp_path, tiny
     # (a generous budget plans the configured steps: tests/rl/test_budget.py)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_an_update_from_groups_without_correctness_signal_is_measured_and_said(
+    tmp_path, tiny_overrides, dynamic
+):
+    """The tiny random model answers nothing right, so every group's correctness is uniform,
+    while its length reward varies: without dynamic sampling the whole update's advantage
+    comes from groups with no signal (metric 1.0, said once); with it, no such group is
+    trained on."""
+    overrides = tiny_overrides + ["train.steps=2", f"grpo.dynamic_sampling={str(dynamic).lower()}"]
+    trainer, _ = run(tmp_path, overrides)
+    rows = [m for m in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "accuracy/train" in m]
+    assert [m["accuracy/train"] for m in rows] == [0.0, 0.0]
+    said = [
+        e
+        for e in read_jsonl(tmp_path / "run" / "events.jsonl")
+        if e["kind"] == "advantage_without_signal"
+    ]
+    if dynamic:
+        assert [m["advantage/no_signal_share"] for m in rows] == [0.0, 0.0] and not said
+    else:
+        assert all(m["advantage/abs_mean"] > 0 for m in rows)
+        assert [m["advantage/no_signal_share"] for m in rows] == [1.0, 1.0]
+        assert len(said) == 1 and said[0]["evidence"]["share"] == 1.0
+
+
 def test_time_budget_replans_at_the_measured_pace_and_fills_the_budget(tmp_path, tiny_overrides):
     """The budget's clock is driven here: the second GRPO step takes 10 s, the rest 2 s. The
     plan made at the second step (5 steps in 50 s) grows as the pace is measured, the run

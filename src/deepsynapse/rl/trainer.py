@@ -79,6 +79,7 @@ from deepsynapse.rl.warmup import SFTWarmup
 from deepsynapse.telemetry.run_logger import RunLogger, fix_malloc_thresholds, release_freed_memory
 
 SATURATED_WARN_SHARE = 0.5  # warn when this share of hypernetwork multipliers is saturated
+NO_SIGNAL_WARN_SHARE = 0.5  # warn when this share of an update's advantage has no signal
 
 # The knobs the loop reads (a knob a controller writes must be one of them: check_knob_owners).
 KNOB_READS = frozenset(
@@ -236,6 +237,7 @@ class Trainer:
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
         self.saturation_reported = False  # hypernet_saturated is said once a process
+        self.no_signal_reported = False  # advantage_without_signal likewise
         self.stop = StopRequest(self.accelerator, self.say)
         seconds = parse_duration(cfg.train.time_budget)
         self.budget = (
@@ -337,6 +339,7 @@ class Trainer:
         )
         metrics["throughput/tokens_per_s"] = tokens / max(metrics["timing/step"], 1e-9)
         self.warn_saturated_hypernet(metrics.get("hypernet/scale_saturated", 0.0))
+        self.warn_advantage_without_signal(metrics["advantage/no_signal_share"])
         return metrics
 
     def warn_saturated_hypernet(self, share: float) -> None:
@@ -352,6 +355,20 @@ class Trainer:
         )
         self.say(f"warning: {message}")
         self.event("hypernet_saturated", message, share=share)
+
+    def warn_advantage_without_signal(self, share: float) -> None:
+        """Say once when most of an update comes from groups whose correctness is uniform:
+        it then follows the auxiliary rewards' differences, not right answers."""
+        if share < NO_SIGNAL_WARN_SHARE or self.no_signal_reported:
+            return
+        self.no_signal_reported = True
+        message = (
+            f"{share:.0%} of this update's advantage comes from groups whose correctness does "
+            "not vary, scaled from the other rewards' differences (the demo lost 16.7 points "
+            "held-out so); grpo.dynamic_sampling=true drops such groups"
+        )
+        self.say(f"warning: {message}")
+        self.event("advantage_without_signal", message, share=share)
 
     def lock_groups(self, groups: list[str]) -> None:
         """Train only ``groups`` of the added parameters (a ``locking`` event when it changes)."""

@@ -236,8 +236,7 @@ class Trainer:
         self.dropped_groups = 0  # groups dynamic sampling dropped in the last step
         self.last_good_checkpoint: Path | None = None  # saved while no bad step was pending
         self.locked_groups: list[str] | None = None
-        self.saturation_reported = False  # hypernet_saturated is said once a process
-        self.no_signal_reported = False  # advantage_without_signal likewise
+        self.warned: set[str] = set()  # event kinds of warnings said (once a process)
         self.stop = StopRequest(self.accelerator, self.say)
         seconds = parse_duration(cfg.train.time_budget)
         self.budget = (
@@ -342,33 +341,37 @@ class Trainer:
         self.warn_advantage_without_signal(metrics["advantage/no_signal_share"])
         return metrics
 
+    def warn_once(self, kind: str, message: str, **evidence: Any) -> None:
+        """Say a warning and log its event the first time ``kind`` comes up in this process."""
+        if kind in self.warned:
+            return
+        self.warned.add(kind)
+        self.say(f"warning: {message}")
+        self.event(kind, message, **evidence)
+
     def warn_saturated_hypernet(self, share: float) -> None:
         """Say once when most hypernetwork multipliers sit at tanh's bounds, where their
         gradient vanishes (full's first hour runs: all of them at 2.0 from the first step)."""
-        if share < SATURATED_WARN_SHARE or self.saturation_reported:
-            return
-        self.saturation_reported = True
-        message = (
-            f"{share:.0%} of the hypernetwork's multipliers are saturated (1 +- "
-            "hypernet.max_change): they no longer learn; lower its learning rate or "
-            "raise hypernet.max_change"
-        )
-        self.say(f"warning: {message}")
-        self.event("hypernet_saturated", message, share=share)
+        if share >= SATURATED_WARN_SHARE:
+            self.warn_once(
+                "hypernet_saturated",
+                f"{share:.0%} of the hypernetwork's multipliers are saturated (1 +- "
+                "hypernet.max_change): they no longer learn; lower its learning rate or "
+                "raise hypernet.max_change",
+                share=share,
+            )
 
     def warn_advantage_without_signal(self, share: float) -> None:
         """Say once when most of an update comes from groups whose correctness is uniform:
         it then follows the auxiliary rewards' differences, not right answers."""
-        if share < NO_SIGNAL_WARN_SHARE or self.no_signal_reported:
-            return
-        self.no_signal_reported = True
-        message = (
-            f"{share:.0%} of this update's advantage comes from groups whose correctness does "
-            "not vary, scaled from the other rewards' differences (the demo lost 16.7 points "
-            "held-out so); grpo.dynamic_sampling=true drops such groups"
-        )
-        self.say(f"warning: {message}")
-        self.event("advantage_without_signal", message, share=share)
+        if share >= NO_SIGNAL_WARN_SHARE:
+            self.warn_once(
+                "advantage_without_signal",
+                f"{share:.0%} of this update's advantage comes from groups whose correctness "
+                "does not vary, scaled from the other rewards' differences (the demo lost 16.7 "
+                "points held-out so); grpo.dynamic_sampling=true drops such groups",
+                share=share,
+            )
 
     def lock_groups(self, groups: list[str]) -> None:
         """Train only ``groups`` of the added parameters (a ``locking`` event when it changes)."""

@@ -248,7 +248,7 @@ def no_signal_share(batch: GroupBatch, group_size: int) -> float:
     if total == 0.0:
         return 0.0
     signal = group_has_signal(batch.correct.float(), group_size).repeat_interleave(group_size)
-    return float(weight[~signal.to(weight.device)].sum()) / total
+    return float(weight[~signal].sum()) / total  # the batch lives on one device
 
 
 def step_metrics(

@@ -53,7 +53,9 @@ start point (the checkpoint ``step-0``, saved when the warm-up ends) and at its 
 checkpoint. Every claim is paired on the same problems (``deepsynapse.eval.stats``): a run's
 GRPO gain (start -> end), full vs plain per seed (both score the same held-out problems), and
 full minus a family vs full, each strict (format-valid and right) and lenient (the right
-number), with Newcombe's 95% interval and the exact McNemar p-value. Learning curves:
+number), with Newcombe's 95% interval and the exact McNemar p-value; over two or more seeds,
+also pooled (every seed's problems together, the interval resampling whole problems, the p a
+sign-flip test over problems). Learning curves:
 ``accuracy/heldout`` (the first ``--probe-heldout`` held-out problems every ``--probe-every``
 GRPO steps: the recipe's probes, or 48 problems every 10 steps where it runs none) against
 the seconds of training. These probes, and the skill probes that ride along, are off the
@@ -925,20 +927,30 @@ def across_seeds(results: list[RunResult], configs: list[str]) -> dict[str, Any]
 def compare(results: list[RunResult], base: str, other: str) -> dict[str, Any]:
     """``other`` vs ``base`` per seed, paired on the same problems (final evaluations).
 
-    ``delta`` is other minus base; the mean is over the seeds where both sides are paired.
+    ``delta`` is other minus base; the mean is over the seeds where both sides are paired,
+    and ``pooled`` is the change over all those seeds' problems together, with its interval
+    (``stats.pooled_paired_comparison``): the seeds' answer to "does other beat base".
     """
+    from deepsynapse.eval.stats import pooled_paired_comparison
+
     by = {(r.config, r.seed): r for r in results}
     seeds = sorted({s for c, s in by if c == base} & {s for c, s in by if c == other})
-    out: dict[str, Any] = {"base": base, "other": other, "per_seed": {}, "mean": {}}
+    out: dict[str, Any] = {"base": base, "other": other, "per_seed": {}, "mean": {}, "pooled": {}}
     for seed in seeds:
         a, b = by[(base, seed)].records, by[(other, seed)].records
         out["per_seed"][seed] = {s: paired(a[s], b[s]) for s in ("heldout", "gsm8k")}
     for s in ("heldout", "gsm8k"):
-        for kind in ("strict", "lenient"):
+        both = [
+            (by[(base, seed)].records[s]["records"], by[(other, seed)].records[s]["records"])
+            for seed, v in out["per_seed"].items()
+            if v[s] and "unpaired" not in v[s]
+        ]
+        for kind, key in (("strict", "correct"), ("lenient", "lenient_correct")):
             values = [_delta(v[s], kind) for v in out["per_seed"].values()]
             values = [v for v in values if v is not None]
             mean, std = mean_std(values)
             out["mean"][f"{s}_{kind}"] = {"mean": mean, "std": std, "seeds": len(values)}
+            out["pooled"][f"{s}_{kind}"] = pooled_paired_comparison(both, key) if both else None
     return out
 
 
@@ -954,20 +966,26 @@ def _acc(a: dict[str, Any] | None, key: str = "accuracy") -> str:
 
 
 def _gain(g: dict[str, Any] | None, kind: str) -> str:
-    from deepsynapse.eval.stats import format_interval
-
     if not g:
         return "n/a"
     if "unpaired" in g:
         return "unpaired"
-    c = g[kind]
-    return f"{format_interval(c['delta'], c['delta_ci'])} p={c['p_value']:.2g}"
+    return _change(g[kind])
 
 
 def _mean_pts(cell: dict[str, Any]) -> str:
     if cell["mean"] is None:
         return "n/a"
     return f"{100 * cell['mean']:+.1f} ± {100 * cell['std']:.1f} pts"
+
+
+def _change(cell: dict[str, Any] | None) -> str:
+    """A paired change (one seed's, or pooled over seeds): points, interval, p."""
+    from deepsynapse.eval.stats import format_interval
+
+    if not cell:
+        return "n/a"
+    return f"{format_interval(cell['delta'], cell['delta_ci'])} p={cell['p_value']:.2g}"
 
 
 def _mean_acc(cell: dict[str, Any]) -> str:
@@ -990,7 +1008,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"Recipe `{report['recipe']}`; held-out synthetic set of record (the first "
         f"{report['heldout_problems']} problems); GSM8K test (the first {gsm8k_n} problems). "
         "Accuracy is strict (format-valid and right) with its 95% Wilson interval; gains are "
-        "paired on the same problems: change in points [Newcombe 95% interval], McNemar p. "
+        "paired on the same problems: change in points [Newcombe 95% interval], McNemar p; "
+        "*pooled over N*: every seed's problems together [95% interval resampling whole "
+        "problems], sign-flip p. "
         "*train s*: the warm-up and GRPO step times summed; *budget s*: the run's budget clock "
         "at its final checkpoint (training time: evaluations and probes run off the clock).",
     ]
@@ -1063,7 +1083,8 @@ def markdown(report: dict[str, Any]) -> str:
     )
     for title, key in (
         (
-            "Full (or full minus a part) vs plain, paired per seed (final evaluations)",
+            "Full (or full minus a part) vs plain, paired per seed and pooled over seeds "
+            "(final evaluations)",
             "full_vs_plain",
         ),
         ("Ablation: each part or family removed vs where it was removed from", "ablation"),
@@ -1084,6 +1105,16 @@ def markdown(report: dict[str, Any]) -> str:
                     for k in ("strict", "lenient")
                 ]
             )
+            pooled = comp.get("pooled") or {}
+            if (pooled.get("heldout_strict") or {}).get("seeds", 0) > 1:
+                rows.append(
+                    [name, f"pooled over {pooled['heldout_strict']['seeds']}"]
+                    + [
+                        _change(pooled.get(f"{s}_{k}"))
+                        for s in ("heldout", "gsm8k")
+                        for k in ("strict", "lenient")
+                    ]
+                )
         if rows:
             headers = "comparison|seed|held-out strict|held-out lenient|GSM8K strict|GSM8K lenient"
             out.append(_section(title, headers, rows))

@@ -462,6 +462,10 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     assert fvp["per_seed"][1]["heldout"]["strict"]["delta"] == 0.5
     assert fvp["mean"]["heldout_strict"]["mean"] == pytest.approx(0.375)
     assert fvp["mean"]["gsm8k_strict"]["mean"] == pytest.approx(0.125)
+    pooled = fvp["pooled"]["heldout_strict"]  # 8 (seed, problem) pairs: 3 fixed, 0 broken
+    assert (pooled["seeds"], pooled["n"], pooled["fixed"], pooled["broken"]) == (2, 8, 3, 0)
+    assert pooled["delta"] == pytest.approx(0.375)
+    assert pooled["delta_ci"][0] <= 0.375 <= pooled["delta_ci"][1]
     seeds = report["across_seeds"]["full"]
     assert seeds["heldout_final"]["per_seed"] == [0.75, 0.5]
     assert seeds["heldout_gain_strict"]["mean"] == pytest.approx(0.5)
@@ -471,7 +475,7 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     saw = text.split("what its GRPO steps saw")[1]  # format valid, truncated, ...: means
     assert re.search(r"\| plain +\| 0 +\| - +\| 0\.38 +\| - +\|", saw)
     assert "| full - plain | mean of 2" in text and "avx2 only" in text
-    assert "+37.5 ± 17.7 pts" in text
+    assert "+37.5 ± 17.7 pts" in text and "| full - plain | pooled over 2 | +37.5 pts [" in text
     json.dumps(report)  # the results file holds it
     assert learning.plot(report, tmp_path / "curves.png").stat().st_size > 0
     # An ablation row: full minus a family, against full.

@@ -18,6 +18,7 @@ from deepsynapse.eval.stats import (
     mcnemar_exact,
     paired_comparison,
     paired_difference_interval,
+    pooled_paired_comparison,
     wilson_interval,
 )
 
@@ -90,6 +91,49 @@ def test_paired_comparison_matches_records_by_id_and_refuses_unpaired():
         key="lenient_correct",
     )
     assert lenient["metric"] == "lenient_correct" and lenient["fixed"] == 1
+
+
+def _seeded_evaluations(rng: random.Random, easy: list[float], gain: float, seeds: int):
+    """Before/after records per seed on shared problems: a problem's difficulty is shared by
+    the seeds, so their pairs are correlated, as in a study."""
+    pairs = []
+    for _ in range(seeds):
+        before = [{"id": i, "correct": rng.random() < p} for i, p in enumerate(easy)]
+        after = [
+            {"id": i, "correct": rng.random() < min(1.0, p + gain)} for i, p in enumerate(easy)
+        ]
+        pairs.append((before, after))
+    return pairs
+
+
+def test_pooled_comparison_over_seeds_agrees_with_one_seed_narrows_and_covers():
+    rng = random.Random(2)
+    easy = [rng.choice((0.02, 0.3, 0.7, 0.98)) for _ in range(384)]
+    one = _seeded_evaluations(rng, easy, 0.0, 1)
+    pooled, newcombe = pooled_paired_comparison(one), paired_comparison(*one[0])
+    assert pooled["delta"] == pytest.approx(newcombe["delta"])
+    assert (pooled["fixed"], pooled["broken"]) == (newcombe["fixed"], newcombe["broken"])
+    for got, want in zip(pooled["delta_ci"], newcombe["delta_ci"], strict=True):
+        assert got == pytest.approx(want, abs=0.012)  # the bootstrap near Newcombe's interval
+    three = pooled_paired_comparison(_seeded_evaluations(rng, easy, 0.0, 3))
+    assert (three["seeds"], three["n"], three["problems"]) == (3, 3 * 384, 384)
+    width = lambda c: c["delta_ci"][1] - c["delta_ci"][0]  # noqa: E731
+    assert width(three) < 0.75 * width(pooled)
+    assert pooled_paired_comparison(one) == pooled_paired_comparison(one)  # seeded
+    # coverage of the true change (+5 points on problems not already solved) over 3 seeds
+    true = sum(min(1.0, p + 0.05) - p for p in easy) / len(easy)
+    hits = p_small = 0
+    for _ in range(60):
+        c = pooled_paired_comparison(_seeded_evaluations(rng, easy, 0.05, 3), resamples=1000)
+        hits += c["delta_ci"][0] <= true <= c["delta_ci"][1]
+        p_small += c["p_value"] < 0.05
+    assert hits >= 53 and p_small >= 50  # ~95% coverage; a 4.6-point change is found
+    no_change = pooled_paired_comparison([(one[0][0], one[0][0])] * 3)
+    assert no_change["delta"] == 0.0 and no_change["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same problems"):
+        pooled_paired_comparison([(one[0][0], one[0][1][:-1])])
+    with pytest.raises(ValueError, match="at least one seed"):
+        pooled_paired_comparison([])
 
 
 def test_heldout_set_is_fixed_stratified_and_never_trained_on():

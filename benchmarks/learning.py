@@ -478,6 +478,19 @@ def archive_run(run_dir: Path, record_dir: Path) -> bool:
     return True
 
 
+def kept_seeds(records: Path, configs: Iterable[str]) -> set[int]:
+    """Seeds of which every configuration has a kept record: the study's finished slices."""
+    per_config = []
+    for config in configs:
+        seeds = set()
+        for path in records.glob(f"{config}-seed*/record.json"):
+            text = path.parent.name.removeprefix(f"{config}-seed")
+            if text.isdigit():
+                seeds.add(int(text))
+        per_config.append(seeds)
+    return set.intersection(*per_config) if per_config else set()
+
+
 def restore_run(record_dir: Path, run_dir: Path) -> bool:
     """Rebuild a run folder from its record where the folder has no run; True if it did.
 
@@ -1486,9 +1499,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out_dir.resolve()
     recipe_cfg = load_config(recipe_path(recipe), list(st.extra))
     st = resolve(st, recipe_cfg)
-    runs = plan_runs(st, configs, out_dir, recipe_cfg)
     stem = args.results or RESULTS_DIR / ("learning-quick" if args.quick else "learning")
     records = stem.with_name(stem.name + ".runs")  # committed: a fresh machine reuses them
+    if not args.quick:
+        more = sorted(kept_seeds(records, configs) - set(st.seeds))
+        if more:  # slices add up: a slice of one seed must not write the others out of the report
+            print(f"learning: the report also covers seeds {more}, kept in {records}", flush=True)
+            st = replace(st, seeds=tuple(sorted({*st.seeds, *more})))
+    runs = plan_runs(st, configs, out_dir, recipe_cfg)
     if not args.quick:
         for run in runs:
             if restore_run(records / run.run_dir.name, run.run_dir):

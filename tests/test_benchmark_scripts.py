@@ -329,6 +329,18 @@ def test_learning_settings_left_open_are_the_recipes():
     assert (st.budget, st.probe_every, st.probe_heldout) == ("45m", 5, 16)  # given wins
 
 
+def test_learning_a_slice_of_one_seed_keeps_the_studys_other_kept_seeds(tmp_path):
+    """``--seeds 6`` after seed 5 reports both: seeds whose every configuration left a record."""
+    records = tmp_path / "study.runs"
+    for name in ("plain-seed5", "full-seed5", "plain-seed4", "full-x-seed4", "plain-seedx"):
+        (records / name).mkdir(parents=True)
+        (records / name / "record.json").write_text("{}")
+    assert learning.kept_seeds(records, ["plain", "full"]) == {5}
+    assert learning.kept_seeds(records, ["plain"]) == {4, 5}
+    assert learning.kept_seeds(records, ["plain", "full", "full-x"]) == set()
+    assert learning.kept_seeds(tmp_path / "none.runs", ["plain"]) == set()
+
+
 def test_learning_run_folders_are_finished_resumable_new_or_in_conflict(tmp_path):
     from deepsynapse.checkpoint import save_tree
     from deepsynapse.config import save_config

@@ -89,6 +89,30 @@ def test_every_learning_configuration_on_the_hour_recipe_builds_its_controllers(
     assert any(o.startswith("control.curriculum.phases=") for o in fixed)
 
 
+def test_the_shipped_hour_recipe_is_the_configuration_measured_against_plain(tmp_path):
+    """The defaults that ship are the ones measured: ``configs/hour-cpu.yaml`` as a user runs
+    it trains what the hour studies ran as ``full-critique`` (every part and reward on but the
+    critique schema), not an unmeasured mix of parts."""
+    recipe = learning.recipe_path(learning.RECIPE)
+    recipe_cfg = load_config(recipe)
+    st = learning.resolve(learning.Learning(), recipe_cfg)
+    studied = load_config(
+        recipe, learning.run_overrides(st, "full-critique", 0, tmp_path, recipe_cfg)
+    ).to_dict()
+    shipped = recipe_cfg.to_dict()
+    # what the study sets to measure (budget, seed, checkpoints, probes, decoder), and the
+    # default phases' ranks, which the recipe's explicit phases override
+    measuring = {"train", "probes", "eval", "rollout.backend", "control.curriculum.default_ranks"}
+    differ = [
+        change
+        for change in learning.config_diff(shipped, studied)
+        if not any(
+            change.startswith(f"{key}.") or change.startswith(f"{key}:") for key in measuring
+        )
+    ]
+    assert differ == [], differ
+
+
 def test_plain_is_grpo_only_and_each_minus_config_differs_from_full():
     plain = _ablation_config("plain")
     assert not any(getattr(plain.control, s).enabled for s in vars(plain.control))

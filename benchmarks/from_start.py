@@ -31,7 +31,10 @@ source that ``learning.py`` made (checked): the GRPO-phase ablation from a share
 ``full-critique-optimisation`` from ``full-critique-seed4``. The variant is that run but for
 its warm-up, which is the source's, so its end pairs with the source's end with the warm-ups'
 noise taken out. A part that changes the warm-up (module scales) is refused: it needs its own
-run.
+run. A variant without the neural memory or the hypernetwork (``--as full-critique-memory``,
+``full-critique-hypernet``) gets the start rewritten without them, which leaves the policy's
+function unchanged where both are still at identity, as at the start of GRPO
+(``rebase_adaptive``; a module that moved is refused).
 The variant resumes the source's resolved ``config.yaml``, which pins every key: a default
 changed since the source ran does not reach it (pass the key as an override, e.g.
 ``control.kl_temperature.couple=false``). Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
@@ -116,6 +119,72 @@ def rebase_rewards(dest: Path, overrides: list[str]) -> str | None:
     state["controllers"].pop("allocator", None)
     save_tree(state, folder, "trainer_state")
     return f"rewards {', '.join(theirs)} -> {', '.join(ours)}"
+
+
+ADAPTIVE_PARTS = {"memory": ("memory",), "hypernet": ("hypernet", "context")}  # -> state keys
+
+
+def rebase_adaptive(dest: Path, overrides: list[str]) -> str | None:
+    """Let a variant run without the neural memory or the hypernetwork from the start of GRPO.
+
+    The checkpoint's identity names both modules, and the trainer refuses it for a run without
+    them (rightly: mid-run they shape the policy's function). At the start of GRPO both are at
+    identity (the memory's gate exactly 0, the hypernetwork's output layer exactly zero: the
+    warm-up trains LoRA only) and have no optimizer state, so removing them leaves the policy's
+    function as it was: their state, their identity entries and their optimizer groups are
+    dropped. A module that has moved, or whose optimizer group is not found unambiguously
+    (by its learning-rate multiple and its number of tensors), is refused.
+    """
+    from deepsynapse.checkpoint import load_tree, save_tree
+    from deepsynapse.config import load_config
+
+    source_cfg = load_config(dest / "config.yaml")
+    cfg = load_config(dest / "config.yaml", overrides)
+    folder = dest / "checkpoints" / START
+    state = load_tree(folder, "trainer_state")
+    dropped = [
+        part
+        for part in ADAPTIVE_PARTS
+        if state["identity"].get(part) is not None and not getattr(cfg, part).enabled
+    ]
+    if not dropped:
+        return None
+    if state.get("step"):
+        raise SystemExit(f"{folder}: step {state['step']}: only the start of GRPO drops {dropped}")
+    adaptive = state["adaptive"]
+    moved = {
+        "memory": lambda t: bool(t["gate"].abs().sum()),
+        "hypernet": lambda t: bool(t["up.weight"].abs().sum() + t["up.bias"].abs().sum()),
+    }
+    optimizer = load_tree(folder, "optimizer")
+    groups = optimizer["param_groups"]
+    for part in dropped:
+        tensors = adaptive[part]
+        if moved[part](tensors):
+            raise SystemExit(f"{folder}: the {part} has moved off identity: it cannot be dropped")
+        lr_mult = getattr(source_cfg, part).lr_mult
+        found = [
+            i
+            for i, g in enumerate(groups)
+            if g.get("lr_mult") == lr_mult and len(g["params"]) == len(tensors)
+        ]
+        if len(found) != 1:
+            raise SystemExit(
+                f"{folder}: {len(found)} optimizer groups could be the {part}'s "
+                f"(lr_mult {lr_mult}, {len(tensors)} tensors): not dropped"
+            )
+        group = groups.pop(found[0])
+        held = [
+            i for i in group["params"] if i in optimizer["state"] or str(i) in optimizer["state"]
+        ]
+        if held:
+            raise SystemExit(f"{folder}: the {part}'s optimizer state is not empty: not dropped")
+        for key in ADAPTIVE_PARTS[part]:
+            adaptive.pop(key, None)
+        state["identity"][part] = None
+    save_tree(optimizer, folder, "optimizer")
+    save_tree(state, folder, "trainer_state")
+    return f"dropped the {' and the '.join(dropped)} (at identity)"
 
 
 WARM_UP_KEYS = ("model.", "lora.", "sft.")  # what the warm-up trained with, in the checkpoint
@@ -302,9 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     dest = args.out_dir / f"{args.source.name}-{args.name}"
     if not dest.exists():
         branch(args.source, dest)
-        rebased = rebase_rewards(dest, args.overrides)
-        if rebased:
-            print(f"start of GRPO rebased: {rebased}", flush=True)
+        for rebased in (
+            rebase_rewards(dest, args.overrides),
+            rebase_adaptive(dest, args.overrides),
+        ):
+            if rebased:
+                print(f"start of GRPO rebased: {rebased}", flush=True)
     if not (dest / "eval_after.json").is_file():
         train(dest, args.overrides)
     if (dest / "eval_after.json").is_file() and (args.source / "eval_after.json").is_file():

@@ -733,6 +733,55 @@ def test_from_start_rebases_the_start_of_grpo_onto_the_variants_rewards(tmp_path
         from_start.rebase_rewards(dest, [fewer])
 
 
+def test_from_start_drops_the_memory_and_hypernetwork_at_identity_from_the_start(tmp_path):
+    """A variant without the neural memory or the hypernetwork from a full-critique start: their
+    state, identity entries and optimizer groups go; a module that moved is refused."""
+    import torch
+
+    from deepsynapse.checkpoint import load_tree, save_tree
+    from deepsynapse.config import save_config
+
+    st, recipe, (run,) = _learning_runs(tmp_path, ("full-critique",), (0,))
+    cfg = load_config(recipe, run.overrides)
+    dest = tmp_path / "variant"
+    folder = dest / "checkpoints" / "step-0"
+    folder.mkdir(parents=True)
+    save_config(cfg, dest / "config.yaml")
+    memory = {k: torch.zeros(2) for k in ("gate", "keys", "values", "out.weight")}
+    hypernet = {k: torch.zeros(2) for k in ("down.weight", "down.bias", "up.weight", "up.bias")}
+    hypernet["down.weight"] = torch.ones(2)  # trained layers before the zeroed output: identity
+    state = {
+        "step": 0,
+        "identity": {"model": "tiny-random", "memory": [32, 4, 0.5], "hypernet": "layer"},
+        "adaptive": {"lora": {"rank": 16}, "memory": memory, "hypernet": hypernet, "context": {}},
+    }
+    groups = [
+        {"lr_mult": 1.0, "params": list(range(10))},
+        {"lr_mult": cfg.memory.lr_mult, "params": [10, 11, 12, 13]},
+        {"lr_mult": cfg.hypernet.lr_mult, "params": [14, 15, 16]},  # 3 tensors: not the 4
+        {"lr_mult": cfg.hypernet.lr_mult, "params": [17, 18, 19, 20, 21]},
+    ]
+    save_tree(state, folder, "trainer_state")
+    save_tree({"state": {}, "param_groups": groups}, folder, "optimizer")
+    assert from_start.rebase_adaptive(dest, []) is None  # both kept: untouched
+
+    off = ["memory.enabled=false"]
+    assert from_start.rebase_adaptive(dest, off) == "dropped the memory (at identity)"
+    new = load_tree(folder, "trainer_state")
+    assert new["identity"] == {"model": "tiny-random", "memory": None, "hypernet": "layer"}
+    assert set(new["adaptive"]) == {"lora", "hypernet", "context"}
+    kept = load_tree(folder, "optimizer")["param_groups"]
+    assert [g["params"][0] for g in kept] == [0, 14, 17]
+
+    with pytest.raises(SystemExit, match="0 optimizer groups could be the hypernet's"):
+        from_start.rebase_adaptive(dest, [*off, "hypernet.enabled=false"])
+    memory["gate"] = torch.tensor([0.01, 0.0])  # the gate opened: no longer identity
+    save_tree(state, folder, "trainer_state")
+    save_tree({"state": {}, "param_groups": groups}, folder, "optimizer")
+    with pytest.raises(SystemExit, match="the memory has moved off identity"):
+        from_start.rebase_adaptive(dest, off)
+
+
 def test_from_start_refuses_a_source_without_a_start_of_grpo_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no complete start-of-GRPO checkpoint"):
         from_start.branch(tmp_path / "src", tmp_path / "dest")

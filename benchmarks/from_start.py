@@ -152,9 +152,9 @@ def rebase_adaptive(dest: Path, overrides: list[str]) -> str | None:
     if state.get("step"):
         raise SystemExit(f"{folder}: step {state['step']}: only the start of GRPO drops {dropped}")
     adaptive = state["adaptive"]
-    moved = {
-        "memory": lambda t: bool(t["gate"].abs().sum()),
-        "hypernet": lambda t: bool(t["up.weight"].abs().sum() + t["up.bias"].abs().sum()),
+    moved = {  # the modules' own identity tests (NeuralMemory.forward, HyperNetwork.is_identity)
+        "memory": lambda t: bool(t["gate"].any()),
+        "hypernet": lambda t: bool(t["up.weight"].any() or t["up.bias"].any()),
     }
     optimizer = load_tree(folder, "optimizer")
     groups = optimizer["param_groups"]
@@ -174,10 +174,7 @@ def rebase_adaptive(dest: Path, overrides: list[str]) -> str | None:
                 f"(lr_mult {lr_mult}, {len(tensors)} tensors): not dropped"
             )
         group = groups.pop(found[0])
-        held = [
-            i for i in group["params"] if i in optimizer["state"] or str(i) in optimizer["state"]
-        ]
-        if held:
+        if any(i in optimizer["state"] for i in group["params"]):  # save_tree keeps int keys
             raise SystemExit(f"{folder}: the {part}'s optimizer state is not empty: not dropped")
         for key in ADAPTIVE_PARTS[part]:
             adaptive.pop(key, None)

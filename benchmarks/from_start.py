@@ -7,6 +7,7 @@
     python benchmarks/from_start.py runs/learning/full-critique-seed4 optimisation \\
         --as full-critique-optimisation                          # a family's GRPO ablation
     python benchmarks/from_start.py --quick                      # smoke check: tiny model, ~1 min
+    python benchmarks/from_start.py --summary                    # kept variants, pooled over seeds
 
 The hour study's warm-up takes a quarter of the hour and is the same whatever GRPO does
 after it. To compare GRPO settings, each variant here starts from the source run's
@@ -288,6 +289,75 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _record(record_dir: Path, name: str) -> dict[str, Any] | None:
+    """One file of a kept record (gzip), or None where the record lacks it."""
+    import gzip
+
+    path = record_dir / (name + ".gz")
+    return json.loads(gzip.decompress(path.read_bytes())) if path.is_file() else None
+
+
+def pooled_variants(results_dir: Path, records_root: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    """Each variant's change against its source's end, pooled over the sources' seeds.
+
+    Why: one start's 384 problems give about +-4 points; a part's share is asked of every
+    start it was removed from. Variants group by (study, source configuration, variant name):
+    ``full-critique-seed6-sft_mixing`` and ``full-critique-seed7-sft_mixing`` from
+    ``runs/learning-replan`` are one group of two seeds. Both ends are read from the kept
+    records (the variant's in ``results_dir/runs``, the source's in the study's
+    ``<study>.runs``), so this runs on a clean checkout.
+    """
+    from deepsynapse.eval.stats import pooled_paired_comparison
+
+    groups: dict[tuple[str, str, str], list[tuple[int, dict[str, Any], ...]]] = {}
+    for path in sorted(results_dir.glob("*.json")):
+        result = json.loads(path.read_text())
+        source = Path(result["paths"]["source"])
+        config, _, seed = source.name.rpartition("-seed")
+        if not seed.isdigit() or not path.stem.startswith(source.name + "-"):
+            raise ValueError(f"{path}: source {source.name!r} is not <config>-seed<N>")
+        study, name = source.parent.name, path.stem.removeprefix(source.name + "-")
+        ends = (
+            _record(records_root / f"{study}.runs" / source.name, "eval_after.json"),
+            _record(results_dir / "runs" / path.stem, "eval_after.json"),
+        )
+        if None in ends:
+            raise FileNotFoundError(f"{path}: a kept record of either end is missing")
+        groups.setdefault((study, config, name), []).append((int(seed), result, *ends))
+    rows = []
+    for (study, config, name), members in sorted(groups.items()):
+        members.sort(key=lambda m: m[0])
+        pairs = [(src["records"], var["records"]) for _, _, src, var in members]
+        rows.append(
+            {
+                "study": study,
+                "source": config,
+                "variant": name,
+                "seeds": [m[0] for m in members],
+                "per_seed": [m[1]["vs_source"]["strict"]["delta"] for m in members],
+                "strict": pooled_paired_comparison(pairs, "correct"),
+                "lenient": pooled_paired_comparison(pairs, "lenient_correct"),
+            }
+        )
+    return rows
+
+
+def pooled_table(rows: list[dict[str, Any]]) -> str:
+    from deepsynapse.eval.stats import format_interval
+
+    headers = ["study", "source", "variant", "seeds", "per seed (strict)", "pooled (strict)"]
+    table = []
+    for r in rows:
+        s = r["strict"]
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"])
+        pooled = (
+            f"{format_interval(s['delta'], s['delta_ci'])} p={s['p_value']:.2g} "
+            f"({s['fixed']} fixed, {s['broken']} broken)"
+        )
+        table.append([r["study"], r["source"], r["variant"], str(r["seeds"]), per_seed, pooled])
+    return markdown_table(headers, table)
+
+
 def train(dest: Path, overrides: list[str]) -> None:
     cmd = [*DEEPSYNAPSE, "train", "--resume", str(dest), "--quiet"]
     cmd += [*overrides, f"train.output_dir={dest.parent}", f"train.run_name={dest.name}"]
@@ -349,7 +419,15 @@ def main(argv: list[str] | None = None) -> int:
         help="where a finished variant's pairing and record are kept (committed)",
     )
     ap.add_argument("--quick", action="store_true", help="a tiny source run, then one variant")
+    ap.add_argument(
+        "--summary",
+        action="store_true",
+        help="every kept variant against its source's end, pooled over seeds (no training)",
+    )
     args = ap.parse_args(argv)
+    if args.summary:
+        print(pooled_table(pooled_variants(args.results_dir)))
+        return 0
     if args.quick:
         source = args.out_dir / "quick-source"
         if not (source / "checkpoints" / START / "COMPLETE").is_file():

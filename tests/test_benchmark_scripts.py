@@ -863,3 +863,41 @@ def test_sft_step_quick_times_our_step_beside_a_bare_one_on_the_same_examples(tm
     assert r["tokens"] > r["target_tokens"] > 0 and r["floor_s"] > 0
     assert r["padded_ours"] >= r["tokens"] and r["padded_bare"] >= r["tokens"]
     assert "| plain " in stem.with_suffix(".md").read_text()
+
+
+def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
+    records, results = tmp_path / "results", tmp_path / "results" / "from-start"
+    results.mkdir(parents=True)
+    ends = {  # (source's end, variant's end) on the same four problems
+        ("x", 1): ([True, True, False, False], [False, True, False, False]),
+        ("x", 2): ([True, False, True, False], [False, False, False, False]),
+        ("y", 1): ([True, True, False, False], [True, True, True, False]),  # seed 1's source
+    }
+    for (name, seed), (source_end, variant_end) in ends.items():
+        source = tmp_path / "runs" / "study" / f"full-seed{seed}"
+        variant = tmp_path / "runs" / "from-start" / f"full-seed{seed}-{name}"
+        for run, end in ((source, source_end), (variant, variant_end)):
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "eval_after_sft.json").write_text(json.dumps(_records("h", [False] * 4)))
+            (run / "eval_after.json").write_text(json.dumps(_records("h", end)))
+        result = from_start.against_source(source, variant)
+        (results / f"{variant.name}.json").write_text(json.dumps(result))
+        learning.archive_run(source, records / "study.runs" / source.name)
+        learning.archive_run(variant, results / "runs" / variant.name)
+    shutil.rmtree(tmp_path / "runs")  # the summary reads the kept records only
+
+    rows = from_start.pooled_variants(results, records)
+    assert [(r["study"], r["source"], r["variant"], r["seeds"]) for r in rows] == [
+        ("study", "full", "x", [1, 2]),
+        ("study", "full", "y", [1]),
+    ]
+    x = rows[0]
+    assert x["per_seed"] == [-0.25, -0.5]
+    assert (x["strict"]["delta"], x["strict"]["fixed"], x["strict"]["broken"]) == (-0.375, 0, 3)
+    assert x["strict"]["n"] == 8 and x["strict"]["seeds"] == 2
+    assert rows[1]["strict"]["delta"] == 0.25
+    assert "-37.5 pts" in from_start.pooled_table(rows)
+
+    (records / "study.runs" / "full-seed2" / "eval_after.json.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="full-seed2-x.json"):
+        from_start.pooled_variants(results, records)

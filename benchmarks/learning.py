@@ -1298,6 +1298,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
         help="train as many runs at a time as there are configurations, each pinned to its "
         "share of the cores (a pair measured on one machine in one sitting)",
     )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run, before the configuration's own (repeatable; "
+        "e.g. sft.data=gsm8k: the warm-up on GSM8K train's worked solutions). Use a study "
+        "folder of its own: a kept run made without it is a conflict",
+    )
     ap.add_argument("--list", action="store_true", help="print each run's command and exit")
     ap.add_argument(
         "--quick", action="store_true", help="smoke check: tiny-random, 30 s runs, 1 seed"
@@ -1317,6 +1327,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Learning]:
         "backend": args.backend,
     }
     st = replace(QUICK if args.quick else d, **{k: v for k, v in given.items() if v is not None})
+    malformed = [o for o in args.overrides if "=" not in o]
+    if malformed:
+        ap.error(f"--set takes KEY=VALUE, got {malformed[0]!r}")
+    st = replace(st, extra=(*st.extra, *args.overrides))
     if args.out_dir is None:
         args.out_dir = Path("runs/learning-quick" if args.quick else "runs/learning")
     return args, st

@@ -903,3 +903,18 @@ def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
     (records / "study.runs" / "full-seed2" / "eval_after.json.gz").unlink()
     with pytest.raises(FileNotFoundError, match="full-seed2-x.json"):
         from_start.pooled_variants(results, records)
+
+
+def test_learning_set_overrides_every_run_and_a_malformed_one_is_named(tmp_path, capsys):
+    args, st = learning.parse_args(["--set", "sft.data=gsm8k", "--configs", "plain", "full"])
+    assert st.extra == ("sft.data=gsm8k",)
+    recipe = learning.recipe_path(learning.RECIPE)
+    recipe_cfg = load_config(recipe, list(st.extra))
+    st = learning.resolve(st, recipe_cfg)
+    for run in learning.plan_runs(st, ["plain", "full"], tmp_path, recipe_cfg):
+        cfg = load_config(recipe, run.overrides)
+        assert cfg.sft.data == "gsm8k" and cfg.data.eval == "synthetic"  # the record's held-out
+    assert load_config(recipe).sft.data == "synthetic"  # the recipe's own warm-up
+    with pytest.raises(SystemExit):
+        learning.parse_args(["--set", "sft.data"])
+    assert "--set takes KEY=VALUE, got 'sft.data'" in capsys.readouterr().err

@@ -324,6 +324,30 @@ def run_overrides(
     ]
 
 
+def set_keys_overruled(
+    overrides: Sequence[str],
+    asked: dict[str, Any],
+    runs: Sequence[Run],
+    expected: dict[Path, dict[str, Any]],
+) -> list[str]:
+    """``--set`` keys a configuration sets otherwise (its parts' value wins over ``--set``).
+
+    Why: a study's configurations reset the keys their parts own (plain's length budget,
+    full's rank); a ``--set`` of such a key would be silently overruled in some runs only.
+    """
+    out = []
+    for key in dict.fromkeys(o.split("=", 1)[0] for o in overrides):
+        for run in runs:
+            theirs = _lookup(expected[run.run_dir], key)
+            if theirs != _lookup(asked, key):
+                out.append(
+                    f"--set {key}={_lookup(asked, key)!r}: configuration {run.config} sets "
+                    f"{theirs!r} (a key its parts own)"
+                )
+                break
+    return out
+
+
 def run_name(config: str, seed: int) -> str:
     return f"{config}-seed{seed}"
 
@@ -1528,6 +1552,9 @@ def main(argv: list[str] | None = None) -> int:
     expected = {}
     for run in runs:  # every configuration must load before anything runs
         expected[run.run_dir] = load_config(recipe_path(recipe), run.overrides).to_dict()
+    overruled = set_keys_overruled(args.overrides, recipe_cfg.to_dict(), runs, expected)
+    if overruled:
+        raise SystemExit("learning: " + "; ".join(overruled))
     if args.list:
         for run in runs:
             print(shlex.join(train_command(recipe, run.overrides, run.run_dir, False)))

@@ -915,6 +915,19 @@ def test_learning_set_overrides_every_run_and_a_malformed_one_is_named(tmp_path,
         cfg = load_config(recipe, run.overrides)
         assert cfg.sft.data == "gsm8k" and cfg.data.eval == "synthetic"  # the record's held-out
     assert load_config(recipe).sft.data == "synthetic"  # the recipe's own warm-up
+    runs = learning.plan_runs(st, ["plain", "full"], tmp_path, recipe_cfg)
+    expected = {r.run_dir: load_config(recipe, r.overrides).to_dict() for r in runs}
+    assert (
+        learning.set_keys_overruled(["sft.data=gsm8k"], recipe_cfg.to_dict(), runs, expected) == []
+    )
+    # a key a configuration's parts own is overruled in that configuration's runs: named
+    budget = ["rewards.length_budget=192"]
+    recipe_cfg = load_config(recipe, budget)
+    runs = learning.plan_runs(st, ["plain", "full"], tmp_path, recipe_cfg)
+    expected = {r.run_dir: load_config(recipe, r.overrides).to_dict() for r in runs}
+    assert learning.set_keys_overruled(budget, recipe_cfg.to_dict(), runs, expected) == [
+        "--set rewards.length_budget=192: configuration plain sets 256 (a key its parts own)"
+    ]
     with pytest.raises(SystemExit):
         learning.parse_args(["--set", "sft.data"])
     assert "--set takes KEY=VALUE, got 'sft.data'" in capsys.readouterr().err

@@ -343,18 +343,29 @@ def pooled_variants(results_dir: Path, records_root: Path = RESULTS_DIR) -> list
 
 
 def pooled_table(rows: list[dict[str, Any]]) -> str:
+    """Strict and lenient apart: a format change must not pass for a reasoning one."""
     from deepsynapse.eval.stats import format_interval
 
-    headers = ["study", "source", "variant", "seeds", "per seed (strict)", "pooled (strict)"]
-    table = []
-    for r in rows:
-        s = r["strict"]
-        per_seed = ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"])
-        pooled = (
-            f"{format_interval(s['delta'], s['delta_ci'])} p={s['p_value']:.2g} "
-            f"({s['fixed']} fixed, {s['broken']} broken)"
+    def pooled(c: dict[str, Any]) -> str:
+        return (
+            f"{format_interval(c['delta'], c['delta_ci'])} p={c['p_value']:.2g} "
+            f"({c['fixed']} fixed, {c['broken']} broken)"
         )
-        table.append([r["study"], r["source"], r["variant"], str(r["seeds"]), per_seed, pooled])
+
+    headers = ["study", "source", "variant", "seeds", "per seed (strict)"]
+    headers += ["pooled (strict)", "pooled (lenient)"]
+    table = [
+        [
+            r["study"],
+            r["source"],
+            r["variant"],
+            str(r["seeds"]),
+            ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"]),
+            pooled(r["strict"]),
+            pooled(r["lenient"]),
+        ]
+        for r in rows
+    ]
     return markdown_table(headers, table)
 
 

@@ -881,7 +881,9 @@ def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
         for run, end in ((source, source_end), (variant, variant_end)):
             run.mkdir(parents=True, exist_ok=True)
             (run / "eval_after_sft.json").write_text(json.dumps(_records("h", [False] * 4)))
-            (run / "eval_after.json").write_text(json.dumps(_records("h", end)))
+            # y's variant gets every number right, but in format only where strict says so
+            lenient = [True] * 4 if run is variant and name == "y" else end
+            (run / "eval_after.json").write_text(json.dumps(_records("h", end, lenient)))
         result = from_start.against_source(source, variant)
         (results / f"{variant.name}.json").write_text(json.dumps(result))
         learning.archive_run(source, records / "study.runs" / source.name)
@@ -897,8 +899,10 @@ def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
     assert x["per_seed"] == [-0.25, -0.5]
     assert (x["strict"]["delta"], x["strict"]["fixed"], x["strict"]["broken"]) == (-0.375, 0, 3)
     assert x["strict"]["n"] == 8 and x["strict"]["seeds"] == 2
-    assert rows[1]["strict"]["delta"] == 0.25
-    assert "-37.5 pts" in from_start.pooled_table(rows)
+    assert rows[1]["strict"]["delta"] == 0.25 and rows[1]["lenient"]["delta"] == 0.5
+    table = from_start.pooled_table(rows)
+    assert "-37.5 pts" in table and "pooled (lenient)" in table
+    assert "+25.0 pts" in table and "+50.0 pts" in table  # y: strict and lenient apart
 
     (records / "study.runs" / "full-seed2" / "eval_after.json.gz").unlink()
     with pytest.raises(FileNotFoundError, match="full-seed2-x.json"):

@@ -134,3 +134,25 @@ def test_a_checkpoint_before_replanning_still_resumes(clock):
     again = TimeBudget(600)
     again.load_state_dict(b.state_dict())
     assert again.recent == [12.0]
+
+
+def test_the_warm_up_is_planned_again_at_its_measured_pace(clock):
+    """One slow second warm-up step (GSM8K's long solutions: 21.5 s against 10.5 on average)
+    planned half the warm-up its share allowed; planned again at the recent mean, the warm-up
+    grows to its share, never past the configured steps, and the pace survives a resume."""
+    b = TimeBudget(1000, sft_share=0.3, count_evaluations=False)
+    clock.now += 20
+    # left 980: 30% of (2 x 20 + 980) = 306 s -> 15 steps of 20 s
+    assert b.plan_sft(configured=1000, done=2, step_seconds=20, evals_to_come=0) == 15
+    assert not b.sft_replan_due(done=2 + REPLAN_EVERY - 1)
+    for _ in range(REPLAN_EVERY):
+        clock.now += 5
+        b.observe_sft_step(5)
+    assert b.sft_replan_due(done=6) and b.sft_pace == pytest.approx(8.0)
+    # left 960 at 8 s a step: 30% of (6 x 8 + 960) = 302.4 s -> 37 steps
+    assert b.replan_sft(configured=1000, done=6, evals_to_come=0) == 37
+    assert b.replan_sft(configured=20, done=6, evals_to_come=0) == 20
+    again = TimeBudget(1000, sft_share=0.3, count_evaluations=False)
+    again.load_state_dict(b.state_dict())
+    assert (again.sft_pace, again.sft_planned_at, again.sft_steps) == (8.0, 6, 20)
+    assert not again.replan_due(done=6)  # GRPO's plan is its own: not made yet

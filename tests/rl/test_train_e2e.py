@@ -242,9 +242,48 @@ def test_time_budget_replans_at_the_measured_pace_and_fills_the_budget(tmp_path,
     plans = [e["evidence"] for e in events if e["kind"] == "budget_plan"]
     assert [p["grpo_steps"] for p in plans if "grpo_steps" in p] == [5]
     replans = [e["evidence"] for e in events if e["kind"] == "budget_replan"]
-    assert [(r["step"], r["grpo_steps"]) for r in replans] == [(5, 12), (9, 16), (13, 19)]
+    assert [(r["step"], r["grpo_steps"]) for r in replans if "grpo_steps" in r] == [
+        (5, 12),
+        (9, 16),
+        (13, 19),
+    ]
     (kl,) = [c for c in trainer.controllers if c.name == "kl_temperature"]
     assert kl.total_steps == 19
+
+
+def test_the_warm_up_is_planned_again_at_its_measured_pace(tmp_path, tiny_overrides, monkeypatch):
+    """The budget's clock is driven: the second warm-up step takes 10 s, the rest 2 s. Planned
+    once at the slow step (before), the warm-up stopped at 3 steps, 17 of the 30 s its 30% of
+    100 s allows; planned again at the recent pace whenever the plan runs out, it grows
+    (3 -> 5 -> 7 -> 8 -> 9) and fills its share (5 + 10 + 7 x 2 = 29 s); GRPO follows."""
+    from deepsynapse.rl import warmup
+
+    overrides = tiny_overrides + ["sft.steps=100", "train.steps=2", "train.time_budget=100s"]
+    overrides += ["train.budget_counts_evaluations=false", "train.save_every=0"]
+    overrides += ["train.budget_sft_share=0.3"]
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, run_dir=tmp_path / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    now = [0.0]
+    trainer.budget.clock, trainer.budget.started = (lambda: now[0]), 0.0
+    step = warmup.warmup_step
+
+    def timed_step(trainer, k: int):
+        out = step(trainer, k)
+        now[0] += (5.0, 10.0)[k] if k < 2 else 2.0  # the first step: not measured
+        return out
+
+    monkeypatch.setattr(warmup, "warmup_step", timed_step)
+    trainer.train()
+    events = read_jsonl(tmp_path / "run" / "events.jsonl")
+    plans = [e["evidence"].get("sft_steps") for e in events if e["kind"] == "budget_plan"]
+    replans = [
+        (e["evidence"]["sft_step"], e["evidence"]["sft_steps"])
+        for e in events
+        if e["kind"] == "budget_replan" and "sft_steps" in e["evidence"]
+    ]
+    assert plans == [3, None]  # the warm-up's plan, then GRPO's
+    assert replans == [(3, 5), (5, 7), (7, 8), (8, 9)]
+    assert trainer.sft_step == 9 and trainer.step == 2
 
 
 @pytest.mark.parametrize("counts", [True, False])

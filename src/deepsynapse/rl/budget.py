@@ -11,7 +11,11 @@ measures what it is about to repeat and plans to fit:
    has run, its own time is the reserve;
 2. after the second SFT warm-up step (the first pays one-time costs: measured 8 s against
    46 s for the same step on a busy machine), the warm-up is planned at that step's pace to
-   take at most ``sft_share`` of what is left (never more steps than configured);
+   take at most ``sft_share`` of what is left (never more steps than configured), and planned
+   again like GRPO (below) at the mean pace of its recent steps: warm-up steps vary with their
+   examples' lengths, and GSM8K's worked solutions (measured, AMX class, one core: 21.5 and
+   19.5 s for the second step, 10.5 s on average) had one slow step plan 50 and 55 steps
+   where 100 fitted, so the warm-up took 11 of its 18 minutes;
 3. after the second GRPO step, GRPO gets the rest at that step's pace; every
    ``REPLAN_EVERY`` steps, and whenever the plan runs out with time left, the rest is planned
    again at the mean pace of the last ``PACE_WINDOW`` steps, and each step checks that one more
@@ -112,6 +116,8 @@ class TimeBudget:
         self.grpo_steps: int | None = None
         self.planned_at = 0  # the GRPO step the plan was last made after
         self.recent: list[float] = []  # the last PACE_WINDOW GRPO steps' seconds
+        self.sft_planned_at = 0  # likewise for the warm-up
+        self.sft_recent: list[float] = []
         self.count_evaluations = count_evaluations
         self.uncounted = 0.0  # seconds of evaluation kept off the clock (this invocation)
         self._evaluating = 0  # nesting depth: probes run a held-out slice inside
@@ -149,8 +155,31 @@ class TimeBudget:
     def plan_sft(self, configured: int, done: int, step_seconds: float, evals_to_come: int) -> int:
         """Warm-up steps to run in all, after ``done`` steps, the last taking ``step_seconds``:
         at most ``sft_share`` of the training time (the steps done plus what is left)."""
-        room = self.sft_share * (done * step_seconds + max(0.0, self.left(evals_to_come)))
-        self.sft_steps = max(done, min(configured, int(room // max(step_seconds, 1e-6))))
+        self.observe_sft_step(step_seconds)
+        return self._plan_sft(configured, done, step_seconds, evals_to_come)
+
+    def sft_replan_due(self, done: int) -> bool:
+        """``replan_due`` for the warm-up."""
+        if self.sft_steps is None:
+            return False
+        return done - self.sft_planned_at >= REPLAN_EVERY or done >= self.sft_steps
+
+    def replan_sft(self, configured: int, done: int, evals_to_come: int) -> int:
+        """The warm-up planned again at the mean pace of its recent steps."""
+        return self._plan_sft(configured, done, self.sft_pace, evals_to_come)
+
+    @property
+    def sft_pace(self) -> float:
+        """Mean seconds of the recent warm-up steps (0 before any)."""
+        return sum(self.sft_recent) / len(self.sft_recent) if self.sft_recent else 0.0
+
+    def observe_sft_step(self, step_seconds: float) -> None:
+        self.sft_recent = [*self.sft_recent, float(step_seconds)][-PACE_WINDOW:]
+
+    def _plan_sft(self, configured: int, done: int, pace: float, evals_to_come: int) -> int:
+        room = self.sft_share * (done * pace + max(0.0, self.left(evals_to_come)))
+        self.sft_steps = max(done, min(configured, int(room // max(pace, 1e-6))))
+        self.sft_planned_at = done
         return self.sft_steps
 
     def plan_grpo(self, configured: int, done: int, step_seconds: float, evals_to_come: int) -> int:
@@ -213,6 +242,8 @@ class TimeBudget:
             "grpo_steps": self.grpo_steps,
             "planned_at": self.planned_at,
             "recent": list(self.recent),
+            "sft_planned_at": self.sft_planned_at,
+            "sft_recent": list(self.sft_recent),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -225,6 +256,8 @@ class TimeBudget:
         # checkpoints before re-planning kept only the slowest step
         old = [float(state["slowest_step"])] if state.get("slowest_step") else []
         self.recent = [float(x) for x in state.get("recent", old)][-PACE_WINDOW:]
+        self.sft_planned_at = int(state.get("sft_planned_at", 0))
+        self.sft_recent = [float(x) for x in state.get("sft_recent", [])][-PACE_WINDOW:]
 
 
 def planned_sft_steps(trainer) -> int:

@@ -180,6 +180,43 @@ def warmup_step(trainer, k: int) -> tuple[list[str], float, float]:
     return targets, float(loss.detach()), norm
 
 
+def plan_warmup(trainer, targets: list[str], seconds: float, bar) -> None:
+    """The budget's warm-up plan after a step of ``seconds``: made once ``PLAN_AFTER`` steps
+    are measured, then made again at the recent pace (``TimeBudget.sft_replan_due``). Every
+    process runs the fewest steps any planned on its own clock (see run.py)."""
+    cfg, budget, done = trainer.cfg, trainer.budget, trainer.sft_step
+    if budget.sft_steps is None:
+        if done < min(PLAN_AFTER, cfg.sft.steps):
+            return
+        lengths = [len(trainer.tokenizer(t, add_special_tokens=False).input_ids) for t in targets]
+        budget.expect_completions(sum(lengths) / len(lengths), cfg.eval.max_new_tokens)
+        planned = budget.plan_sft(cfg.sft.steps, done, seconds, evals_to_come(trainer))
+        planned = budget.sft_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
+        bar.total = planned
+        trainer.say(
+            f"time budget: a warm-up step takes {seconds:.1f} s; "
+            f"{planned} of {cfg.sft.steps} warm-up steps planned"
+        )
+        trainer.event("budget_plan", budget.describe(), sft_steps=planned)
+        return
+    budget.observe_sft_step(seconds)
+    if not budget.sft_replan_due(done):
+        return
+    before = budget.sft_steps
+    planned = budget.replan_sft(cfg.sft.steps, done, evals_to_come(trainer))
+    planned = budget.sft_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
+    if planned != before:
+        bar.total = planned
+        trainer.event(
+            "budget_replan",
+            f"{before} -> {planned} warm-up steps at {budget.sft_pace:.1f} s a step "
+            f"(the mean of the last {len(budget.sft_recent)})",
+            sft_step=done,
+            sft_steps=planned,
+            pace=budget.sft_pace,
+        )
+
+
 def run_warmup(trainer) -> bool:
     """Supervised steps on gold solutions rewritten into the XML format (cold start).
 
@@ -197,38 +234,24 @@ def run_warmup(trainer) -> bool:
     )
     loss_value = None
     trainer.lock_groups(cfg.sft.trainable_groups)
+    clock = trainer.budget.clock if trainer.budget is not None else time.perf_counter
     while trainer.sft_step < planned_sft_steps(trainer) and not trainer.stop.requested():
         k = trainer.sft_step
-        start = time.perf_counter()
+        start = clock()
         targets, loss_value, norm = warmup_step(trainer, k)
+        seconds = clock() - start
         trainer.log.metrics(
             0,
             {
                 "sft/step": k + 1,
                 "sft/loss": loss_value,
                 "sft/grad_norm": norm,
-                "timing/sft_step": time.perf_counter() - start,
+                "timing/sft_step": seconds,
             },
         )
         trainer.sft_step = k + 1
-        budget = trainer.budget
-        measured = trainer.sft_step >= min(PLAN_AFTER, cfg.sft.steps)
-        if budget is not None and budget.sft_steps is None and measured:
-            lengths = [
-                len(trainer.tokenizer(t, add_special_tokens=False).input_ids) for t in targets
-            ]
-            budget.expect_completions(sum(lengths) / len(lengths), cfg.eval.max_new_tokens)
-            planned = budget.plan_sft(
-                cfg.sft.steps, trainer.sft_step, time.perf_counter() - start, evals_to_come(trainer)
-            )
-            # every process runs the fewest any planned on its own clock (see run.py)
-            planned = budget.sft_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
-            bar.total = planned
-            trainer.say(
-                f"time budget: a warm-up step takes {time.perf_counter() - start:.1f} s; "
-                f"{planned} of {cfg.sft.steps} warm-up steps planned"
-            )
-            trainer.event("budget_plan", budget.describe(), sft_steps=planned)
+        if trainer.budget is not None:
+            plan_warmup(trainer, targets, seconds, bar)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         due = cfg.train.save_every and trainer.sft_step % cfg.train.save_every == 0

@@ -53,6 +53,7 @@ __all__ = [
     "evals_to_come",
     "planned_grpo_steps",
     "parse_duration",
+    "announce_replan",
     "planned_sft_steps",
 ]
 
@@ -258,6 +259,23 @@ class TimeBudget:
         self.recent = [float(x) for x in state.get("recent", old)][-PACE_WINDOW:]
         self.sft_planned_at = int(state.get("sft_planned_at", 0))
         self.sft_recent = [float(x) for x in state.get("sft_recent", [])][-PACE_WINDOW:]
+
+
+def announce_replan(
+    trainer, bar, stage: str, before: int, planned: int, pace: float, window: int, **evidence
+) -> bool:
+    """Where a stage's plan changed: the progress bar's total and a ``budget_replan`` event
+    (``evidence`` names the stage's step and plan). Returns whether it changed."""
+    if planned == before:
+        return False
+    bar.total = planned
+    trainer.event(
+        "budget_replan",
+        f"{before} -> {planned} {stage} steps at {pace:.1f} s a step (the mean of the last {window})",
+        pace=pace,
+        **evidence,
+    )
+    return True
 
 
 def planned_sft_steps(trainer) -> int:

@@ -12,7 +12,12 @@ from typing import Any
 from deepsynapse.allocator import active_allocator
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import save_config
-from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_grpo_steps
+from deepsynapse.rl.budget import (
+    PLAN_AFTER,
+    announce_replan,
+    evals_to_come,
+    planned_grpo_steps,
+)
 from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.ranks import reduce_scalar
@@ -207,16 +212,9 @@ def plan_within_budget(trainer, step_seconds: float, bar) -> None:
         before = budget.grpo_steps
         planned = budget.replan_grpo(configured, trainer.step, evals_to_come(trainer))
         planned = budget.grpo_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
-        if planned != before:
-            bar.total = planned
-            trainer.event(
-                "budget_replan",
-                f"{before} -> {planned} GRPO steps at {budget.pace:.1f} s a step "
-                f"(the mean of the last {len(budget.recent)})",
-                step=trainer.step,
-                grpo_steps=planned,
-                pace=budget.pace,
-            )
+        window = len(budget.recent)
+        evidence = {"step": trainer.step, "grpo_steps": planned}
+        if announce_replan(trainer, bar, "GRPO", before, planned, budget.pace, window, **evidence):
             trainer.retarget_schedules(planned)
     if trainer.step >= budget.grpo_steps:
         return

@@ -21,7 +21,12 @@ from deepsynapse.formats import XMLSchema, sft_target
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.engine import RewardEngine
-from deepsynapse.rl.budget import PLAN_AFTER, evals_to_come, planned_sft_steps
+from deepsynapse.rl.budget import (
+    PLAN_AFTER,
+    announce_replan,
+    evals_to_come,
+    planned_sft_steps,
+)
 from deepsynapse.rl.ranks import reduce_scalar
 from deepsynapse.rl.setup import build_problems, step_seed
 from deepsynapse.rollout.hf import encode_prompts
@@ -205,16 +210,8 @@ def plan_warmup(trainer, targets: list[str], seconds: float, bar) -> None:
     before = budget.sft_steps
     planned = budget.replan_sft(cfg.sft.steps, done, evals_to_come(trainer))
     planned = budget.sft_steps = int(reduce_scalar(trainer.accelerator, planned, "min"))
-    if planned != before:
-        bar.total = planned
-        trainer.event(
-            "budget_replan",
-            f"{before} -> {planned} warm-up steps at {budget.sft_pace:.1f} s a step "
-            f"(the mean of the last {len(budget.sft_recent)})",
-            sft_step=done,
-            sft_steps=planned,
-            pace=budget.sft_pace,
-        )
+    window, evidence = len(budget.sft_recent), {"sft_step": done, "sft_steps": planned}
+    announce_replan(trainer, bar, "warm-up", before, planned, budget.sft_pace, window, **evidence)
 
 
 def run_warmup(trainer) -> bool:

@@ -93,6 +93,20 @@ def parse_duration(text: str | float | int, key: str = "train.time_budget") -> f
     return seconds
 
 
+def _replan_due(planned: int | None, planned_at: int, done: int) -> bool:
+    """A stage's plan is made again every ``REPLAN_EVERY`` steps and when it has run out."""
+    return planned is not None and (done - planned_at >= REPLAN_EVERY or done >= planned)
+
+
+def _mean(seconds: list[float]) -> float:
+    return sum(seconds) / len(seconds) if seconds else 0.0
+
+
+def _window(seconds: list[float], step_seconds: float) -> list[float]:
+    """The last ``PACE_WINDOW`` step times, ``step_seconds`` the newest."""
+    return [*seconds, float(step_seconds)][-PACE_WINDOW:]
+
+
 class TimeBudget:
     """Plans the SFT warm-up and GRPO step counts so the whole run fits ``seconds``."""
 
@@ -161,9 +175,7 @@ class TimeBudget:
 
     def sft_replan_due(self, done: int) -> bool:
         """``replan_due`` for the warm-up."""
-        if self.sft_steps is None:
-            return False
-        return done - self.sft_planned_at >= REPLAN_EVERY or done >= self.sft_steps
+        return _replan_due(self.sft_steps, self.sft_planned_at, done)
 
     def replan_sft(self, configured: int, done: int, evals_to_come: int) -> int:
         """The warm-up planned again at the mean pace of its recent steps."""
@@ -172,10 +184,10 @@ class TimeBudget:
     @property
     def sft_pace(self) -> float:
         """Mean seconds of the recent warm-up steps (0 before any)."""
-        return sum(self.sft_recent) / len(self.sft_recent) if self.sft_recent else 0.0
+        return _mean(self.sft_recent)
 
     def observe_sft_step(self, step_seconds: float) -> None:
-        self.sft_recent = [*self.sft_recent, float(step_seconds)][-PACE_WINDOW:]
+        self.sft_recent = _window(self.sft_recent, step_seconds)
 
     def _plan_sft(self, configured: int, done: int, pace: float, evals_to_come: int) -> int:
         room = self.sft_share * (done * pace + max(0.0, self.left(evals_to_come)))
@@ -191,9 +203,7 @@ class TimeBudget:
     def replan_due(self, done: int) -> bool:
         """Whether to plan again after ``done`` steps: every ``REPLAN_EVERY`` steps, and when
         the plan has run out (the pace may have left time for more)."""
-        if self.grpo_steps is None:
-            return False
-        return done - self.planned_at >= REPLAN_EVERY or done >= self.grpo_steps
+        return _replan_due(self.grpo_steps, self.planned_at, done)
 
     def replan_grpo(self, configured: int, done: int, evals_to_come: int) -> int:
         """The rest of GRPO planned again at the mean pace of the recent steps."""
@@ -208,7 +218,7 @@ class TimeBudget:
     @property
     def pace(self) -> float:
         """Mean seconds of the recent GRPO steps (0 before any)."""
-        return sum(self.recent) / len(self.recent) if self.recent else 0.0
+        return _mean(self.recent)
 
     @property
     def slowest_step(self) -> float:
@@ -220,7 +230,7 @@ class TimeBudget:
         return self.left(evals_to_come) >= self.slowest_step
 
     def observe_step(self, step_seconds: float) -> None:
-        self.recent = [*self.recent, float(step_seconds)][-PACE_WINDOW:]
+        self.recent = _window(self.recent, step_seconds)
 
     def describe(self) -> str:
         parts = [f"time budget {self.seconds / 60:.1f} min"]

@@ -91,16 +91,18 @@ def test_every_learning_configuration_on_the_hour_recipe_builds_its_controllers(
 
 def test_the_shipped_hour_recipe_is_the_configuration_measured_against_plain(tmp_path):
     """The defaults that ship are the ones measured: ``configs/hour-cpu.yaml`` as a user runs
-    it trains what the hour studies ran as ``full-critique-memory`` (every part and reward on
-    but the critique schema and the neural memory, which never acted in full-critique's hour
-    runs and cost nothing removed from a shared start), not an unmeasured mix of parts."""
+    it trains what the hour studies ran as ``full-critique-memory-hypernet`` (every part and
+    reward on but the critique schema, the neural memory and the hypernetwork, which barely
+    acted in full-critique's hour runs and cost nothing removed from a shared start), not an
+    unmeasured mix of parts."""
     recipe = learning.recipe_path(learning.RECIPE)
     recipe_cfg = load_config(recipe)
     st = learning.resolve(learning.Learning(), recipe_cfg)
     studied = load_config(
-        recipe, learning.run_overrides(st, "full-critique-memory", 0, tmp_path, recipe_cfg)
+        recipe, learning.run_overrides(st, "full-critique-memory-hypernet", 0, tmp_path, recipe_cfg)
     ).to_dict()
-    assert not studied["memory"]["enabled"] and studied["hypernet"]["enabled"]
+    assert not studied["memory"]["enabled"] and not studied["hypernet"]["enabled"]
+    assert studied["control"]["sft_mixing"]["enabled"]  # the one part measured to help
     shipped = recipe_cfg.to_dict()
     # what the study sets to measure (budget, seed, checkpoints, probes, decoder), and the
     # default phases' ranks, which the recipe's explicit phases override

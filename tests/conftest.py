@@ -47,3 +47,11 @@ EXTRA_REWARDS = {"completion_length": completion_length}
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``heavy`` run first (the order otherwise kept). Why: pytest-xdist hands
+    each worker a contiguous share of the collection and an idle worker steals from the end
+    of the other's queue, so a long test collected late keeps one core busy while the other
+    waits: the suite's tail (measured 39 s for its last 4% before this order)."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)

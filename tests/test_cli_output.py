@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import TINY
 
 NOISE = ("FutureWarning", "DeprecationWarning", "deprecated", "UserWarning")
 
 
+@pytest.mark.heavy
 def test_train_prints_no_library_warnings(tmp_path):
     # The demo recipe (every part it switches on), shrunk to the tiny model.
     overrides = [o for o in TINY if not o.startswith("rewards.weights")] + [

@@ -198,6 +198,7 @@ print(json.dumps(current_rss_mb() - start))
 """
 
 
+@pytest.mark.heavy
 def test_padded_widths_keep_the_attention_kernel_cache_flat():
     """PyTorch's CPU flash attention keeps a kernel per new shape, uncapped (cause 6)."""
     dtype = "bfloat16" if NATIVE_BF16 else "float32"  # what the trainer computes in here

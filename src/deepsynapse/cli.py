@@ -161,6 +161,7 @@ def add_chat_parser(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from deepsynapse.config import default_config_path, load_config
+    from deepsynapse.rl.setup import end_processes
     from deepsynapse.rl.trainer import Trainer, find_run_dir
 
     run_dir = None
@@ -178,6 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = trainer.train(resume=args.resume is not None)
     if trainer.accelerator.is_main_process:
         print(format_summary(summary))
+    end_processes()
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Worker for the 2-process tests: `torchrun --nproc_per_node 2 tests/rl/dist_worker.py OUT [MODE]`.
+"""Worker for the 2-process tests: `torchrun --nproc_per_node 2 tests/rl/dist_worker.py OUT MODE...`.
 
-Each rank trains the tiny model and writes which problems it rolled out, a fingerprint of its
-trainable parameters, and (mode ``controllers``: curriculum with locking, an adaptive
-allocator, KL-temperature on) the knobs, controller metrics and parameters after every step,
-so the test can check sharding and that every rank took the same decisions.
+For each mode in turn (one launch: the processes, their imports and the process group are
+set up once), each rank trains the tiny model in ``OUT/MODE`` and writes which problems it
+rolled out, a fingerprint of its trainable parameters, and (mode ``controllers``: curriculum
+with locking, an adaptive allocator, KL-temperature on) the knobs, controller metrics and
+parameters after every step, so the test can check sharding and that every rank took the
+same decisions.
 """
 
 import json
@@ -51,8 +53,8 @@ def fingerprint(trainer) -> dict[str, float]:
     }
 
 
-def main(out_dir: str, mode: str = "plain") -> None:
-    torch.set_num_threads(1)
+def run(out_dir: Path, mode: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     extra = {"controllers": CONTROLLERS, "budget": BUDGET}.get(mode, [])
     cfg = load_config(
         None,
@@ -60,7 +62,7 @@ def main(out_dir: str, mode: str = "plain") -> None:
         + ["grpo.prompts_per_step=4", "eval.limit=4", "sft.steps=1", "grpo.dynamic_sampling=true"]
         + extra,
     )
-    trainer = Trainer(cfg, run_dir=Path(out_dir) / "run", progress=False, reward_fns=EXTRA_REWARDS)
+    trainer = Trainer(cfg, run_dir=out_dir / "run", progress=False, reward_fns=EXTRA_REWARDS)
     if mode == "budget" and trainer.rank == 1:
         trainer.budget.spent_before += CLOCK_SKEW_S
     seen: list[list[str]] = []
@@ -95,7 +97,7 @@ def main(out_dir: str, mode: str = "plain") -> None:
         for n, p in trainer.unwrapped.named_parameters()
         if p.requires_grad
     }
-    Path(out_dir, f"rank{trainer.rank}.json").write_text(
+    (out_dir / f"rank{trainer.rank}.json").write_text(
         json.dumps(
             {
                 "rank": trainer.rank,
@@ -109,6 +111,12 @@ def main(out_dir: str, mode: str = "plain") -> None:
             }
         )
     )
+
+
+def main(out_dir: str, *modes: str) -> None:
+    torch.set_num_threads(1)
+    for mode in modes or ("plain",):
+        run(Path(out_dir) / mode, mode)
 
 
 if __name__ == "__main__":

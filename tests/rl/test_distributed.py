@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -14,7 +16,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp_path, *args: str, timeout: float = 600) -> tuple[dict, dict]:
+def launch(tmp_path, *modes: str, timeout: float = 600) -> dict[str, tuple[dict, dict]]:
+    """One torchrun of two processes through every mode (the start-up paid once); per mode,
+    what rank 0 and rank 1 wrote."""
     worker = Path(__file__).parent / "dist_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
@@ -27,18 +31,28 @@ def launch(tmp_path, *args: str, timeout: float = 600) -> tuple[dict, dict]:
         str(free_port()),
         str(worker),
         str(tmp_path),
-        *args,
+        *modes,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return tuple(json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    return {
+        mode: tuple(json.loads((tmp_path / mode / f"rank{i}.json").read_text()) for i in (0, 1))
+        for mode in modes
+    }
 
 
-def test_two_processes_take_the_same_decisions_every_step(tmp_path):
+@pytest.mark.heavy
+def test_two_processes_take_the_same_decisions_and_plan_the_same_budgeted_steps(tmp_path):
+    """Both 2-process properties from one launch of two processes (each check below)."""
+    ranks = launch(tmp_path, "controllers", "budget")
+    check_the_same_decisions_every_step(tmp_path / "controllers", *ranks["controllers"])
+    check_clocks_apart_plan_the_same_budgeted_steps(*ranks["budget"])
+
+
+def check_the_same_decisions_every_step(out: Path, r0: dict, r1: dict) -> None:
     """Two processes on gloo, curriculum with locking, an adaptive allocator and KL-temperature
     on: rollouts sharded, and after every step the knobs, the decisions logged, the data
     cursors and the parameters are identical on both ranks."""
-    r0, r1 = launch(tmp_path, "controllers")
     assert r0["world"] == r1["world"] == 2
     # Each rank rolled out its own half of each step's prompts.
     for a, b in zip(r0["seen"][:2], r1["seen"][:2], strict=True):
@@ -47,7 +61,7 @@ def test_two_processes_take_the_same_decisions_every_step(tmp_path):
     # gathered: 4 problems in all.
     assert any(abs(v) > 0 for n, v in r0["params"].items() if "lora_B" in n)
     assert r0["eval_n"] == 4
-    assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert (out / "run" / "metrics.jsonl").is_file()
     assert len(r0["steps"]) == len(r1["steps"]) == 4
     for k, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
         assert a["knobs"] == b["knobs"], f"knobs differ after step {k + 1}"
@@ -61,11 +75,10 @@ def test_two_processes_take_the_same_decisions_every_step(tmp_path):
     assert r0["steps"][0]["decided"]["weights/strict_format"] == 0.9  # phase weight reached
 
 
-def test_two_processes_on_clocks_apart_plan_the_same_budgeted_steps(tmp_path):
+def check_clocks_apart_plan_the_same_budgeted_steps(r0: dict, r1: dict) -> None:
     """A time budget is planned on each process's own clock; one started 6 s later would plan
     fewer steps and leave the other waiting in a collective for ever. Every process runs the
     fewest any planned, and all stop when one's clock runs out."""
-    r0, r1 = launch(tmp_path, "budget", timeout=240)
     assert r0["sft_steps"] == r1["sft_steps"] < 40  # the budget cut the warm-up, alike
     assert r0["grpo_steps"] == r1["grpo_steps"] < 500
     assert len(r0["steps"]) == len(r1["steps"]) == r0["grpo_steps"]

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import EXTRA_REWARDS, TINY
 
 from deepsynapse.checkpoint import latest_checkpoint
@@ -64,6 +65,7 @@ def test_training_goes_on_when_a_reward_raises(tmp_path):
     assert all(r["rewards/flaky/none_rate"] == 1.0 for r in rows)
 
 
+@pytest.mark.heavy
 def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(tmp_path):
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY if not o.startswith(("train.steps", "rewards.weights"))]

@@ -88,6 +88,10 @@ def adapter(run_dir, step):
     return load_file(str(run_dir / f"checkpoints/step-{step}/adapter/adapter_model.safetensors"))
 
 
+# One trained run shared by every test here: all heavy together, so one worker builds it.
+pytestmark = pytest.mark.heavy
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"

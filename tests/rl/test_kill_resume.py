@@ -306,6 +306,7 @@ def _check_run_after_kills(tmp_path: Path, report: KillReport, steps: int, rando
         )
 
 
+@pytest.mark.heavy
 def test_sigkill_at_random_moments_then_resume_matches_unbroken_run(tmp_path):
     steps, random_kills = 6, 3  # inside generate, inside update, anywhere; + a checkpoint write
     report = run_kill_harness(tmp_path, steps=steps, random_kills=random_kills, seed=11)

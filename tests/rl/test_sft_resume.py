@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 import torch
 from conftest import EXTRA_REWARDS
 from safetensors.torch import load_file
@@ -24,6 +25,7 @@ def _adapter(run_dir):
     return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.heavy
 def test_sigterm_in_warmup_checkpoints_and_resume_matches_unbroken_run(
     tmp_path, tiny_overrides, capsys
 ):

@@ -216,6 +216,7 @@ def test_an_update_from_groups_without_correctness_signal_is_measured_and_said(
         assert len(said) == 1 and said[0]["evidence"]["share"] == 1.0
 
 
+@pytest.mark.heavy
 def test_time_budget_replans_at_the_measured_pace_and_fills_the_budget(tmp_path, tiny_overrides):
     """The budget's clock is driven here: the second GRPO step takes 10 s, the rest 2 s. The
     plan made at the second step (5 steps in 50 s) grows as the pace is measured, the run

@@ -21,7 +21,7 @@ from deepsynapse.rl.budget import (
 from deepsynapse.rl.collect import close_rollout_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.ranks import reduce_scalar
-from deepsynapse.rl.setup import init_trackers
+from deepsynapse.rl.setup import finish_trackers, init_trackers
 from deepsynapse.rl.warmup import check_answer_lengths, run_warmup
 from deepsynapse.telemetry.report import write_report
 from deepsynapse.telemetry.run_logger import sample_rows, truncate_jsonl_after
@@ -91,7 +91,7 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
     if acc.is_main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     write_run_report(trainer)
-    acc.end_training()
+    finish_trackers(acc)
     return summary
 
 

@@ -43,6 +43,22 @@ def build_accelerator(cfg: Config, run_dir: Path):
     )
 
 
+def finish_trackers(accelerator) -> None:
+    """Close the trackers at a run's end, leaving the process group up: a script may train
+    again, evaluate or export under the same launch (``Accelerator.end_training`` would tear
+    the group down under it); the command line ends the group when it exits."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
+def end_processes() -> None:
+    """End the process group of a distributed launch (a no-op in one process): the command
+    line's last act, so no rank exits with its group still open."""
+    from accelerate import PartialState
+
+    PartialState().destroy_process_group()
+
+
 def init_trackers(accelerator, cfg: Config, run_dir: Path) -> None:
     """Start the configured trackers; W&B runs offline unless WANDB_MODE says otherwise."""
     if not cfg.train.trackers:

@@ -357,6 +357,13 @@ class TrainConfig:
         " compute need (benchmarks/learning.py)",
     )
     seed: int = _f(0, "seed of data order, sampling and initialisation")
+    draw_seed: int | None = _f(
+        None,
+        "seed of each GRPO step's draws (sampling, the adaptive parts' step streams, rank"
+        " growth) instead of train.seed: resumed from one checkpoint with another value, the"
+        " run's GRPO is replayed with other draws on the same data, the noise any comparison"
+        " of runs from one start has to beat (benchmarks/from_start.py replicates)",
+    )
     output_dir: str = _f("runs", "parent folder of run folders")
     run_name: str = _f("", "run folder name (default: derived from time)")
     save_every: int = _f(10, "checkpoint every N steps (0 = only at the end)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -149,6 +150,45 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
         r["step"] for r in read_jsonl(tmp_path / "split/metrics.jsonl") if "reward/fused/mean" in r
     ]
     assert steps == [1, 2, 3, 4]  # every step logged exactly once
+
+
+def test_a_draw_seed_replays_grpo_from_a_checkpoint_with_other_draws_on_the_same_data(
+    tmp_path, tiny_overrides
+):
+    """``train.draw_seed``: three runs resumed from one checkpoint after a GRPO step draw the
+    same problems; with the draw seed unset or equal to ``train.seed`` they sample the same
+    completions and end with the same adapter, with another draw seed they sample others and
+    the adapters part (the replicate ``from_start.py`` measures trajectory noise with)."""
+    base = tiny_overrides + ["train.steps=3", "eval.limit=0"]
+    run(tmp_path, base, name="source", stop_after=1)
+    seed = load_config(None, base).train.seed
+    variants = {"unset": [], "equal": [f"train.draw_seed={seed}"], "other": ["train.draw_seed=99"]}
+    seen = {}
+    for name, extra in variants.items():
+        shutil.copytree(tmp_path / "source", tmp_path / name)
+        trainer = Trainer(
+            load_config(None, base + extra),
+            run_dir=tmp_path / name,
+            progress=False,
+            reward_fns=EXTRA_REWARDS,
+        )
+        rounds, rollout = [], trainer.rollout
+
+        def recording(problems, knobs, rollout=rollout, rounds=rounds):
+            batch = rollout(problems, knobs)
+            rounds.append(([p.id for p in problems], batch.rollout.completion_ids.tolist()))
+            return batch
+
+        trainer.rollout = recording
+        trainer.train(resume=True)
+        seen[name] = rounds
+    assert seen["unset"][0][0] == seen["equal"][0][0] == seen["other"][0][0]  # same problems
+    assert seen["equal"] == seen["unset"]
+    assert seen["other"][0][1] != seen["unset"][0][1]  # other completions
+    a, b, c = (adapter(tmp_path / name, 3) for name in variants)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 def test_after_warmup_evaluation_splits_the_gain(tmp_path, tiny_overrides):

@@ -289,8 +289,14 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"[deepsynapse] {text}", flush=True)
 
+    @property
+    def draw_seed(self) -> int:
+        """The seed of GRPO steps' draws: ``train.draw_seed``, else ``train.seed``."""
+        draw = self.cfg.train.draw_seed
+        return self.cfg.train.seed if draw is None else draw
+
     def seed(self, step: int, salt: int = 0) -> None:
-        s = step_seed(self.cfg.train.seed, step, self.rank, salt)
+        s = step_seed(self.draw_seed, step, self.rank, salt)
         random.seed(s)
         torch.manual_seed(s)
 
@@ -309,7 +315,7 @@ class Trainer:
             controller.apply(knobs)
         self.apply_structure(knobs, step)  # component locking, LoRA rank growth
         self.seed(step)
-        with self.adaptive.step_context(step_seed(cfg.train.seed, step, 0, salt=23)):
+        with self.adaptive.step_context(step_seed(self.draw_seed, step, 0, salt=23)):
             batch, drawn = collect_groups(self, step, knobs, timer)
             with timer("advantage"):
                 batch.advantages = ADVANTAGE_ESTIMATORS[cfg.grpo.advantage](
@@ -391,7 +397,7 @@ class Trainer:
         self.lock_groups(knobs.trainable_groups)
         if knobs.lora_rank is not None:
             info = self.adaptive.maybe_grow(
-                knobs.lora_rank, self.optimizer, step_seed(self.cfg.train.seed, step, 0, salt=17)
+                knobs.lora_rank, self.optimizer, step_seed(self.draw_seed, step, 0, salt=17)
             )
             if info:
                 self.weights_version += 1

@@ -13,8 +13,12 @@ Each (backend, dtype) runs in a fresh child process (vLLM's engine changes proce
 holds memory). A child warms up once, then times ``--repeats`` rollouts with different seeds;
 tok/s counts the tokens kept in completions (``completion_mask``) over the wall time of the
 call; tok/CPU-s over the child's CPU time (all its threads), which moves less when other
-processes share the cores. The vLLM child also reports engine start-up and weight-sync times, and whether its greedy
-tokens equal our decoder's on the same prompts (32 tokens). The compute floor is the time the
+processes share the cores. The vLLM child also reports engine start-up and weight-sync times,
+and whether its greedy tokens equal our decoder's on the same prompts (32 tokens), at the
+start and again after an update moved LoRA off zero and was synced. ``vllm-compiled`` runs
+vLLM's engine with its torch.compile'd graphs instead of eager (``enforce_eager=False``:
+minutes of compiling at start; the equality after the update shows the graphs follow weight
+syncs). The compute floor is the time the
 weights' matmuls alone need: 2 x parameters FLOPs per token (the tied embedding counts once,
 as the output head) at the GFLOP/s measured (best of five windows) for a decode-shaped matmul
 (16 rows x 576 x 1536) and for a large one (peak); vLLM's packed kernels can beat torch's
@@ -119,7 +123,13 @@ def child(spec: dict[str, Any]) -> None:
         from deepsynapse.rollout.vllm import VLLMRollout
 
         start = time.perf_counter()
-        engine = VLLMRollout(policy, tok, kv_cache_gb=spec["kv_cache_gb"], max_model_len=2048)
+        engine = VLLMRollout(
+            policy,
+            tok,
+            kv_cache_gb=spec["kv_cache_gb"],
+            max_model_len=2048,
+            enforce_eager=spec["backend"] != "vllm-compiled",
+        )
         result["engine_start_s"] = time.perf_counter() - start
         result["first_sync_s"] = engine.stats["sync_s"]
         result["sync_s"] = engine.sync_weights(policy)
@@ -130,15 +140,28 @@ def child(spec: dict[str, Any]) -> None:
         call(seed=0)
         result.update(_timed(call, spec["repeats"]))
         greedy = dict(kw, max_new_tokens=32, num_generations=1, greedy=True)
-        theirs = engine.generate(prompts, **greedy)
-        ours = generate_groups(policy, tok, prompts, **greedy)
-        same = [
-            a == b
-            for a, b in zip(
-                theirs.completion_ids.tolist(), ours.completion_ids.tolist(), strict=True
-            )
-        ]
-        result["greedy_rows_equal"] = f"{sum(same)}/{len(same)}"
+
+        def greedy_rows_equal() -> str:
+            theirs = engine.generate(prompts, **greedy)
+            ours = generate_groups(policy, tok, prompts, **greedy)
+            same = [
+                a == b
+                for a, b in zip(
+                    theirs.completion_ids.tolist(), ours.completion_ids.tolist(), strict=True
+                )
+            ]
+            return f"{sum(same)}/{len(same)}"
+
+        result["greedy_rows_equal"] = greedy_rows_equal()
+        # an update moves LoRA off zero: the engine's next decode must follow it (a compiled
+        # graph that had baked the first weights in would not)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+        engine.sync_weights(policy)
+        result["greedy_rows_equal_after_update"] = greedy_rows_equal()
         engine.close()
     dtype = getattr(torch, DTYPES[spec["dtype"]])
     rows = spec["prompts"] * spec["generations"]
@@ -170,7 +193,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--dtypes", default="auto", help="auto: fp32, plus bf16 where the CPU has it")
-    ap.add_argument("--backends", default="ours,vllm")
+    ap.add_argument(
+        "--backends",
+        default="ours,vllm",
+        help="of ours, vllm (eager), vllm-compiled (torch.compile'd graphs: minutes to start)",
+    )
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
     ap.add_argument("--ours-python", default=None, help="interpreter for our decoder's runs")
     ap.add_argument("--out", default=str(RESULTS_DIR / "decode-speed.json"))
@@ -181,7 +208,8 @@ def main() -> None:
     else:
         dtypes = args.dtypes.split(",")
     backends = args.backends.split(",")
-    ok, why = vllm_status() if "vllm" in backends else (False, "not requested")
+    wants_vllm = any(b.startswith("vllm") for b in backends)
+    ok, why = vllm_status() if wants_vllm else (False, "not requested")
     print(f"vLLM: {why}")
     info = machine_info()
     print(
@@ -204,7 +232,7 @@ def main() -> None:
                 "kv_cache_gb": args.kv_cache_gb,
             }
             row: dict[str, Any] = {"backend": backend, "dtype": dtype}
-            if backend == "vllm" and not ok:
+            if backend.startswith("vllm") and not ok:
                 row["error"] = why
             else:
                 print(f"running {backend} {dtype} ...", flush=True)
@@ -230,10 +258,11 @@ def main() -> None:
         row["floor_tok_s_decode_gemm"] = floor_decode
         row["floor_tok_s_peak_gemm"] = floor_peak
         note = ""
-        if row["backend"] == "vllm":
+        if row["backend"].startswith("vllm"):
             note = (
                 f"start {row['engine_start_s']:.0f} s, sync {row['sync_s']:.2f} s, "
-                f"greedy = ours {row['greedy_rows_equal']}"
+                f"greedy = ours {row['greedy_rows_equal']}, "
+                f"after an update {row['greedy_rows_equal_after_update']}"
             )
         table.append(
             [

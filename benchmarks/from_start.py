@@ -305,7 +305,8 @@ def pooled_variants(results_dir: Path, records_root: Path = RESULTS_DIR) -> list
     ``full-critique-seed6-sft_mixing`` and ``full-critique-seed7-sft_mixing`` from
     ``runs/learning-replan`` are one group of two seeds. Both ends are read from the kept
     records (the variant's in ``results_dir/runs``, the source's in the study's
-    ``<study>.runs``), so this runs on a clean checkout.
+    ``<study>.runs``), so this runs on a clean checkout. Where the study kept a plain run at
+    every seed of the group, the variant's end is also pooled against plain's end.
     """
     from deepsynapse.eval.stats import pooled_paired_comparison
 
@@ -328,6 +329,18 @@ def pooled_variants(results_dir: Path, records_root: Path = RESULTS_DIR) -> list
     for (study, config, name), members in sorted(groups.items()):
         members.sort(key=lambda m: m[0])
         pairs = [(src["records"], var["records"]) for _, _, src, var in members]
+        # The study's plain run at each seed, where kept: a variant of full is then also
+        # paired with plain GRPO's end (another warm-up: its noise stays in)
+        plain = [
+            _record(records_root / f"{study}.runs" / f"plain-seed{seed}", "eval_after.json")
+            for seed, *_ in members
+        ]
+        against_plain = None
+        if config != "plain" and None not in plain:
+            vs = [
+                (p["records"], var["records"]) for p, (*_, var) in zip(plain, members, strict=True)
+            ]
+            against_plain = pooled_paired_comparison(vs, "correct")
         rows.append(
             {
                 "study": study,
@@ -337,6 +350,7 @@ def pooled_variants(results_dir: Path, records_root: Path = RESULTS_DIR) -> list
                 "per_seed": [m[1]["vs_source"]["strict"]["delta"] for m in members],
                 "strict": pooled_paired_comparison(pairs, "correct"),
                 "lenient": pooled_paired_comparison(pairs, "lenient_correct"),
+                "vs_plain": against_plain,
             }
         )
     return rows
@@ -353,7 +367,7 @@ def pooled_table(rows: list[dict[str, Any]]) -> str:
         )
 
     headers = ["study", "source", "variant", "seeds", "per seed (strict)"]
-    headers += ["pooled (strict)", "pooled (lenient)"]
+    headers += ["pooled (strict)", "pooled (lenient)", "against plain's end (strict)"]
     table = [
         [
             r["study"],
@@ -363,6 +377,7 @@ def pooled_table(rows: list[dict[str, Any]]) -> str:
             ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"]),
             pooled(r["strict"]),
             pooled(r["lenient"]),
+            pooled(r["vs_plain"]) if r.get("vs_plain") else "-",
         ]
         for r in rows
     ]

@@ -856,6 +856,7 @@ def test_from_start_quick_branches_a_run_and_reports_its_reach(tmp_path):
     assert (tmp_path / "kept" / "runs" / "quick-source-fewer" / "record.json").is_file()
 
 
+@pytest.mark.heavy
 def test_sft_step_quick_times_our_step_beside_a_bare_one_on_the_same_examples(tmp_path):
     stem = tmp_path / "sft-step"
     proc = _run_script("sft_step.py", "--quick", "--results", str(stem))
@@ -890,6 +891,11 @@ def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
         (results / f"{variant.name}.json").write_text(json.dumps(result))
         learning.archive_run(source, records / "study.runs" / source.name)
         learning.archive_run(variant, results / "runs" / variant.name)
+    plain = tmp_path / "runs" / "study" / "plain-seed1"  # plain kept at seed 1 only
+    plain.mkdir()
+    (plain / "eval_after_sft.json").write_text(json.dumps(_records("h", [False] * 4)))
+    (plain / "eval_after.json").write_text(json.dumps(_records("h", [True, False, False, False])))
+    learning.archive_run(plain, records / "study.runs" / plain.name)
     shutil.rmtree(tmp_path / "runs")  # the summary reads the kept records only
 
     rows = from_start.pooled_variants(results, records)
@@ -902,9 +908,14 @@ def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
     assert (x["strict"]["delta"], x["strict"]["fixed"], x["strict"]["broken"]) == (-0.375, 0, 3)
     assert x["strict"]["n"] == 8 and x["strict"]["seeds"] == 2
     assert rows[1]["strict"]["delta"] == 0.25 and rows[1]["lenient"]["delta"] == 0.5
+    # y's end against plain's at seed 1 (3 of 4 against 1 of 4); x lacks plain at seed 2
+    assert x["vs_plain"] is None
+    y_plain = rows[1]["vs_plain"]
+    assert (y_plain["delta"], y_plain["fixed"], y_plain["broken"]) == (0.5, 2, 0)
     table = from_start.pooled_table(rows)
     assert "-37.5 pts" in table and "pooled (lenient)" in table
     assert "+25.0 pts" in table and "+50.0 pts" in table  # y: strict and lenient apart
+    assert "against plain's end (strict)" in table
 
     (records / "study.runs" / "full-seed2" / "eval_after.json.gz").unlink()
     with pytest.raises(FileNotFoundError, match="full-seed2-x.json"):

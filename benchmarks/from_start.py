@@ -6,6 +6,8 @@
                                                                  # + sampled reach at start and end
     python benchmarks/from_start.py runs/learning/full-critique-seed4 optimisation \\
         --as full-critique-optimisation                          # a family's GRPO ablation
+    python benchmarks/from_start.py runs/learning-replan/full-critique-seed6 replicate \\
+        train.draw_seed=1006 --as full-critique                  # the source's GRPO, other draws
     python benchmarks/from_start.py --quick                      # smoke check: tiny model, ~1 min
     python benchmarks/from_start.py --summary                    # kept variants, pooled over seeds
 
@@ -27,6 +29,9 @@ the end (``deepsynapse eval --mode majority``) and pairs them with the greedy ev
 sample accuracy, pass@8, majority vote, and the problems greedy decoding gets wrong but some
 sample gets right, the headroom an RL that sharpens what the model can already sample can
 convert (first measured: 15 of 96 after plain's warm-up, seed 0).
+A replicate (the source's own configuration with ``train.draw_seed``: the same data, other
+samples) measures how far two draws of one configuration end apart from one start: every
+variant's delta against the source carries that noise, the source's draw included.
 ``--as CONFIG`` switches the parts as ``learning.py``'s configuration CONFIG does, from a
 source that ``learning.py`` made (checked): the GRPO-phase ablation from a shared start, e.g.
 ``full-critique-optimisation`` from ``full-critique-seed4``. The variant is that run but for

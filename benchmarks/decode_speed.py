@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
 )
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+BACKENDS = ("ours", "vllm", "vllm-compiled")  # vllm: eager; vllm-compiled: torch.compile'd
 
 
 # ------------------------------------------------------------------ child side
@@ -208,6 +209,9 @@ def main() -> None:
     else:
         dtypes = args.dtypes.split(",")
     backends = args.backends.split(",")
+    unknown = sorted(set(backends) - set(BACKENDS))
+    if unknown:
+        ap.error(f"--backends: unknown {unknown}; expected some of {list(BACKENDS)}")
     wants_vllm = any(b.startswith("vllm") for b in backends)
     ok, why = vllm_status() if wants_vllm else (False, "not requested")
     print(f"vLLM: {why}")

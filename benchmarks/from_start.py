@@ -338,10 +338,10 @@ def pooled_variants(results_dir: Path, records_root: Path = RESULTS_DIR) -> list
         # paired with plain GRPO's end (another warm-up: its noise stays in)
         plain = [
             _record(records_root / f"{study}.runs" / f"plain-seed{seed}", "eval_after.json")
-            for seed, *_ in members
+            for seed, *_ in (members if config != "plain" else [])
         ]
         against_plain = None
-        if config != "plain" and None not in plain:
+        if plain and None not in plain:
             vs = [
                 (p["records"], var["records"]) for p, (*_, var) in zip(plain, members, strict=True)
             ]
@@ -382,7 +382,7 @@ def pooled_table(rows: list[dict[str, Any]]) -> str:
             ", ".join(f"{100 * d:+.1f}" for d in r["per_seed"]),
             pooled(r["strict"]),
             pooled(r["lenient"]),
-            pooled(r["vs_plain"]) if r.get("vs_plain") else "-",
+            pooled(r["vs_plain"]) if r["vs_plain"] else "-",
         ]
         for r in rows
     ]

@@ -92,11 +92,7 @@ def run(out_dir: Path, mode: str) -> None:
     trainer.rollout = recording_rollout
     trainer.train_step = recording_step
     summary = trainer.train()
-    params = {
-        n: p.detach().double().sum().item()
-        for n, p in trainer.unwrapped.named_parameters()
-        if p.requires_grad
-    }
+    params = fingerprint(trainer)
     (out_dir / f"rank{trainer.rank}.json").write_text(
         json.dumps(
             {

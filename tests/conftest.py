@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -55,3 +56,12 @@ def pytest_collection_modifyitems(config, items) -> None:
     of the other's queue, so a long test collected late keeps one core busy while the other
     waits: the suite's tail (measured 39 s for its last 4% before this order)."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+def pytest_collection_finish(session) -> None:
+    """Freeze what collection imported (torch, transformers, every test module) out of the
+    garbage collector's sight, as the command line does before training: each checkpoint's
+    full collection then walks what the tests made, not ~370,000 imported objects
+    (measured: 0.25 s a save, 134 saves in the default run)."""
+    gc.collect()
+    gc.freeze()

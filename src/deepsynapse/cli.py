@@ -176,11 +176,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config or default_config_path(), args.overrides)
     trainer = Trainer(cfg, run_dir=run_dir, progress=not args.quiet)
+    freeze_long_lived_objects()
     summary = trainer.train(resume=args.resume is not None)
     if trainer.accelerator.is_main_process:
         print(format_summary(summary))
     end_processes()
     return 0
+
+
+def freeze_long_lived_objects() -> None:
+    """Move what the process holds before training (modules, the trainer) out of the
+    collector's sight. Why: every checkpoint runs a full collection (rl/state.py) and
+    Python runs its own now and then; each walked the ~370,000 objects that imports
+    leave, ~0.25 s each time (AVX512-BF16 EPYC). Only here, in a process that trains once
+    and exits: in a notebook, a frozen cycle (an old trainer) would never be freed."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def format_summary(summary: dict) -> str:

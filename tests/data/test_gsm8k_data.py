@@ -84,6 +84,23 @@ def test_env_var_takes_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert [p.answer for p in problems] == ["2"]
 
 
+def test_a_file_is_parsed_once_until_it_changes(tmp_path: Path) -> None:
+    """load_gsm8k keeps a file's problems for the process; an edit is read again, and
+    each caller's list is its own."""
+    path = _write(tmp_path, [_row("A?"), _row("B?")])
+    first, _ = load_gsm8k(str(path))
+    again, _ = load_gsm8k(str(path))
+    assert [p.question for p in again] == ["A?", "B?"]
+    assert again is not first and again[0] is first[0]  # the same parse, a new list
+    first.pop()
+    assert len(load_gsm8k(str(path))[0]) == 2
+    _write(tmp_path, [_row("C?")] * 3)  # another size and mtime
+    assert [p.question for p in load_gsm8k(str(path))[0]] == ["C?"] * 3
+    path.unlink()
+    with pytest.raises(DataError, match="data.jsonl"):
+        load_gsm8k(str(path))
+
+
 def test_hub_ids_resolve_to_hub() -> None:
     source = resolve_gsm8k_source("openai/gsm8k", "test")
     assert (source.kind, source.location, source.split) == ("hub", "openai/gsm8k", "test")

@@ -359,7 +359,8 @@ def load_gsm8k(
     if source.kind == "jsonl":
         path = Path(source.path)
         try:  # the file as it is now: an edit between two loads is read again
-            stamp = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+            stat = path.stat()
+            stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         except OSError:  # missing or unreadable: load_gsm8k_jsonl says so, naming the file
             stamp = None
         problems, skipped = _parsed_jsonl(str(path), stamp, skip_malformed, limit, calculations)

@@ -452,10 +452,11 @@ def build_vllm_rollout(
 
     ``asked`` is ``rollout.backend``: ``vllm`` (a fallback is worth a warning) or ``auto``
     (the faster backend that can serve the run, else ours). vLLM decodes 2x faster than our
-    decoder on a CPU, but a *training* process on a CPU that holds the engine runs its
-    update 1.2-1.6x slower (measured, bf16 class: 24-30 s against 19-21 s, the whole step
-    x0.83), so ``auto`` with ``training`` on a CPU keeps our decoder; evaluations (decoding
-    only) and GPUs take vLLM."""
+    decoder on a CPU, but on the AMX class a *training* process that holds the engine ran
+    its update 1.2-1.6x slower (24-30 s against 19-21 s, the whole step x0.83), so ``auto``
+    with ``training`` on a CPU keeps our decoder; evaluations (decoding only) and GPUs take
+    vLLM. On an AVX512-BF16 EPYC without AMX the update was not slower and a step x1.21
+    faster at micro-batch 4 (docs/benchmarks.md): one pair of runs, not yet a rule."""
     fallback = (
         "rollout.backend=auto: our decoder, since vLLM cannot serve this run"
         if asked == "auto"
@@ -473,7 +474,7 @@ def build_vllm_rollout(
     if asked == "auto" and training and next(model.parameters()).device.type == "cpu":
         return None, (
             "rollout.backend=auto: our decoder: on a CPU, vLLM's engine in the training process "
-            "slows the update more than it speeds sampling (measured: a step x0.83); "
+            "slows the update more than it speeds sampling (measured on AMX: a step x0.83); "
             "rollout.backend=vllm uses it anyway"
         )
     try:

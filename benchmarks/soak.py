@@ -17,7 +17,10 @@ raw fit mistakes for growth), and a verdict against ``--bound`` MB per 100 steps
 On glibc it also splits RSS after each step into what the C heap holds live (``heap``:
 tensors, caches, Python's large objects), its mmapped buffers, and the rest (``kept``: freed
 memory the allocator keeps, plus code and Python's small-object arenas), so growth can be
-told from allocator placement. It runs on the C allocator the command line would pick
+told from allocator placement. Every rise of RSS past all earlier steps' is listed with the
+update's padded width (``rises``): an allocator keeps the blocks of the widest batch so far,
+so a rise at a new widest batch is bounded by the config's longest sequence, while a rise
+without one (``rises_without_a_wider_batch_mb``) is what a leak looks like. It runs on the C allocator the command line would pick
 (tcmalloc where installed; ``DEEPSYNAPSE_ALLOCATOR=glibc`` for glibc), named in the summary.
 """
 
@@ -66,12 +69,14 @@ class SoakTrainer(Trainer):
         self.rss: list[float] = []
         self.heap: list[float] = []  # live C-heap bytes (glibc), MB
         self.kept: list[float] = []  # RSS - live heap - mmapped buffers, MB
+        self.width: list[float] = []  # the update's padded sequence width, tokens
         self.every = every
         self.started = time.perf_counter()
 
     def train_step(self, step: int) -> dict[str, float]:
         metrics = super().train_step(step)  # trims the C heap at its end (train.trim_memory)
         self.rss.append(current_rss_mb())
+        self.width.append(metrics.get("batch/sequence_width", float("nan")))
         usage = malloc_usage_mb()  # None unless the process allocates with glibc
         if usage is not None:
             self.heap.append(usage["in_use"])
@@ -109,6 +114,28 @@ def floor_slope_per_100(values: list[float], window: int) -> float:
     if len(floors) < 2:
         return slope_per_100(values)
     return slope_per_100(floors) / window
+
+
+def rises(rss: list[float], width: list[float], threshold_mb: float = 20.0) -> list[dict]:
+    """Each step whose RSS tops every earlier step's by more than ``threshold_mb``, and
+    whether its batch was the widest yet. Why: an allocator keeps the blocks of its largest
+    batch, so RSS steps up when a longer prompt or completion first arrives; such rises stop
+    at the widest batch the config allows (prompt + ``rollout.max_new_tokens``), while a rise
+    without a new width is the kind a leak makes."""
+    out: list[dict] = []
+    top_rss, top_width = float("-inf"), float("-inf")
+    for step, (mb, w) in enumerate(zip(rss, width, strict=True), start=1):
+        if step > 1 and mb > top_rss + threshold_mb:
+            out.append(
+                {
+                    "step": step,
+                    "mb": round(mb - top_rss, 1),
+                    "width": w,
+                    "widest_yet": w > top_width,
+                }
+            )
+        top_rss, top_width = max(top_rss, mb), max(top_width, w)
+    return out
 
 
 def summarize(rss: list[float], bound: float, window: int = 10) -> dict[str, Any]:
@@ -166,6 +193,11 @@ def main() -> int:
         "seconds_per_step": round(seconds_per_step, 2),
         **summarize(rss, args.bound),
     }
+    steps_up = rises(rss, trainer.width)
+    summary["rises"] = steps_up
+    summary["rises_without_a_wider_batch_mb"] = round(
+        sum(r["mb"] for r in steps_up if not r["widest_yet"]), 1
+    )
     if heap:
         half = heap[len(heap) // 2 :]
         summary["heap_first_mb"], summary["heap_last_mb"] = round(heap[0], 1), round(heap[-1], 1)
@@ -173,7 +205,7 @@ def main() -> int:
         summary["kept_min_mb"], summary["kept_max_mb"] = round(min(kept), 1), round(max(kept), 1)
     print(json.dumps(summary, indent=1))
     if args.output:
-        per_step = {"rss_mb": rss, "heap_mb": heap, "kept_mb": kept}
+        per_step = {"rss_mb": rss, "heap_mb": heap, "kept_mb": kept, "width": trainer.width}
         per_step = {k: [round(v, 2) for v in vs] for k, vs in per_step.items()}
         Path(args.output).write_text(json.dumps({**summary, **per_step}, indent=1))
     return 0 if summary["verdict"] == "flat" else 1

@@ -32,6 +32,7 @@ sys.path.insert(0, str(BENCH))
 import ablation  # noqa: E402
 import from_start  # noqa: E402
 import learning  # noqa: E402
+import soak  # noqa: E402
 import vs_trl  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -948,3 +949,15 @@ def test_learning_set_overrides_every_run_and_a_malformed_one_is_named(tmp_path,
     with pytest.raises(SystemExit):
         learning.parse_args(["--set", "sft.data"])
     assert "--set takes KEY=VALUE, got 'sft.data'" in capsys.readouterr().err
+
+
+def test_soak_tells_a_rise_at_a_wider_batch_from_one_without():
+    """RSS steps up when a wider batch first arrives (the allocator keeps its blocks); only a
+    rise without a new width counts against the run."""
+    rss = [1000.0, 1005.0, 1100.0, 1101.0, 1099.0, 1180.0, 1181.0]
+    width = [128.0, 128.0, 192.0, 128.0, 192.0, 192.0, 160.0]
+    steps_up = soak.rises(rss, width)
+    assert steps_up == [
+        {"step": 3, "mb": 95.0, "width": 192.0, "widest_yet": True},
+        {"step": 6, "mb": 79.0, "width": 192.0, "widest_yet": False},
+    ]

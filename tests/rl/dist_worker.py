@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: conftest
 from conftest import EXTRA_REWARDS, TINY  # noqa: E402
 
 from deepsynapse.config import load_config  # noqa: E402
+from deepsynapse.rl.setup import end_processes  # noqa: E402
 from deepsynapse.rl.trainer import Trainer  # noqa: E402
 
 CONTROLLERS = [
@@ -113,6 +114,9 @@ def main(out_dir: str, *modes: str) -> None:
     torch.set_num_threads(1)
     for mode in modes or ("plain",):
         run(Path(out_dir) / mode, mode)
+    # As the command line does: a rank that exits with its gloo group still open can abort in
+    # the group's C++ teardown ("terminate called without an active exception", seen once).
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ REQUIRED = [
     "clip/fraction",
     "completion/length_mean",
     "completion/truncated_rate",
+    "batch/sequence_width",
     "timing/sample",
     "timing/generate",
     "timing/parse",

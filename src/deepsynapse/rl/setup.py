@@ -53,7 +53,9 @@ def finish_trackers(accelerator) -> None:
 
 def end_processes() -> None:
     """End the process group of a distributed launch (a no-op in one process): the command
-    line's last act, so no rank exits with its group still open."""
+    line's last act, so no rank exits with its group still open. A script that trains under
+    torchrun should end with it too: a rank that exits with a gloo group open can abort in the
+    group's teardown ("terminate called without an active exception", pytorch#190489)."""
     from accelerate import PartialState
 
     PartialState().destroy_process_group()

@@ -276,6 +276,9 @@ def step_metrics(
     m["completion/length_mean"] = float(r.lengths.float().mean())
     m["completion/length_max"] = float(r.lengths.max())
     m["completion/truncated_rate"] = float(r.truncated.float().mean())
+    # The padded width of the update's tensors: activations, and the allocator's high-water
+    # mark, scale with it (a soak's RSS steps up at a new widest batch, not with time).
+    m["batch/sequence_width"] = float(r.prompt_ids.shape[1] + r.completion_ids.shape[1])
     m["groups/dropped"] = float(trainer.dropped_groups)
     m["data/skipped_rows"] = float(trainer.skipped_rows)
     trainable = [p for p in trainer.unwrapped.parameters() if p.requires_grad]

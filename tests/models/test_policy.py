@@ -209,3 +209,29 @@ def test_hypernet_rows_or_checkpointing_keep_pefts_forward(monkeypatch):
     out, _, swapped = _forward_backward(policy, monkeypatch, fuse=True)
     assert swapped == []  # the replay in backward runs PEFT's forward: nothing swapped
     assert torch.equal(out, ref)
+
+
+def test_a_tokenizer_is_read_once_and_each_caller_gets_its_own(tmp_path):
+    """Tokenizers are cached per process (a read costs ~0.5 s) while their files stay the
+    same; each caller's copy is its own, and an edited folder is read again."""
+    import shutil
+
+    from deepsynapse.models.loading import _read_tokenizer, smollm2_tokenizer_folder
+
+    folder = tmp_path / "tok"
+    shutil.copytree(smollm2_tokenizer_folder(), folder)
+    _read_tokenizer.cache_clear()
+    first, second = load_tokenizer(str(folder)), load_tokenizer(str(folder))
+    assert _read_tokenizer.cache_info().misses == 1 and first is not second
+    second.padding_side, second.pad_token = "right", "<|im_start|>"
+    assert first.padding_side == "left" and first.pad_token != second.pad_token
+    text = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>"
+    assert first(text).input_ids == second(text).input_ids
+    messages = [{"role": "user", "content": "hi"}]
+    assert first.apply_chat_template(messages, tokenize=False) == second.apply_chat_template(
+        messages, tokenize=False
+    )
+    config = folder / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")
+    load_tokenizer(str(folder))
+    assert _read_tokenizer.cache_info().misses == 2  # the edit was read

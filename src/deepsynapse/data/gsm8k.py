@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from deepsynapse.caching import Stamp, files_stamp
 from deepsynapse.data.answers import gsm8k_gold_answer
 from deepsynapse.data.problems import DataError, Problem, annotation_spans, solution_lines
 
@@ -324,7 +325,7 @@ def _load_from_hub(
 @functools.lru_cache(maxsize=8)
 def _parsed_jsonl(
     path: str,
-    stamp: tuple[str, int, int] | None,
+    stamp: Stamp | None,
     skip_malformed: bool,
     limit: int | None,
     calculations: bool,
@@ -357,13 +358,9 @@ def load_gsm8k(
     _check_limit(limit)
     source = resolve_gsm8k_source(name, split)
     if source.kind == "jsonl":
-        path = Path(source.path)
-        try:  # the file as it is now: an edit between two loads is read again
-            stat = path.stat()
-            stamp = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        except OSError:  # missing or unreadable: load_gsm8k_jsonl says so, naming the file
-            stamp = None
-        problems, skipped = _parsed_jsonl(str(path), stamp, skip_malformed, limit, calculations)
+        path = str(source.path)
+        stamp = files_stamp(path)  # None when missing: load_gsm8k_jsonl says so, naming it
+        problems, skipped = _parsed_jsonl(path, stamp, skip_malformed, limit, calculations)
         return list(problems), skipped
     return _load_from_hub(
         source, skip_malformed=skip_malformed, limit=limit, calculations=calculations

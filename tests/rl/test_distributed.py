@@ -20,7 +20,13 @@ def launch(tmp_path, *modes: str, timeout: float = 600) -> dict[str, tuple[dict,
     """One torchrun of two processes through every mode (the start-up paid once); per mode,
     what rank 0 and rank 1 wrote."""
     worker = Path(__file__).parent / "dist_worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # PYTHONFAULTHANDLER: a rank that aborts in C++ prints where its Python threads were.
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONFAULTHANDLER": "1",
+    }
     cmd = [
         sys.executable,
         "-m",

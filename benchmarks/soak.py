@@ -20,8 +20,9 @@ memory the allocator keeps, plus code and Python's small-object arenas), so grow
 told from allocator placement. Every rise of RSS past all earlier steps' is listed with the
 update's padded width (``rises``): an allocator keeps the blocks of the widest batch so far,
 so a rise at a new widest batch is bounded by the config's longest sequence, while a rise
-without one (``rises_without_a_wider_batch_mb``) is what a leak looks like. It runs on the C allocator the command line would pick
-(tcmalloc where installed; ``DEEPSYNAPSE_ALLOCATOR=glibc`` for glibc), named in the summary.
+without one (``rises_without_a_wider_batch_mb``) is what a leak looks like. It runs on the C
+allocator the command line would pick (tcmalloc where installed;
+``DEEPSYNAPSE_ALLOCATOR=glibc`` for glibc), named in the summary.
 """
 
 from __future__ import annotations

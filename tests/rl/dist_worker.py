@@ -115,7 +115,8 @@ def main(out_dir: str, *modes: str) -> None:
     for mode in modes or ("plain",):
         run(Path(out_dir) / mode, mode)
     # As the command line does: a rank that exits with its gloo group still open can abort in
-    # the group's C++ teardown ("terminate called without an active exception", seen once).
+    # the group's C++ teardown ("terminate called without an active exception",
+    # pytorch#190489). The same message was seen once more mid-run: not this cause alone.
     end_processes()
 
 

@@ -276,8 +276,8 @@ def step_metrics(
     m["completion/length_mean"] = float(r.lengths.float().mean())
     m["completion/length_max"] = float(r.lengths.max())
     m["completion/truncated_rate"] = float(r.truncated.float().mean())
-    # The padded width of the update's tensors: activations, and the allocator's high-water
-    # mark, scale with it (a soak's RSS steps up at a new widest batch, not with time).
+    # The padded width of the update's tensors: activations scale with it, so a soak can tell
+    # an RSS rise at a new widest batch from one without (benchmarks/soak.py).
     m["batch/sequence_width"] = float(r.prompt_ids.shape[1] + r.completion_ids.shape[1])
     m["groups/dropped"] = float(trainer.dropped_groups)
     m["data/skipped_rows"] = float(trainer.skipped_rows)

@@ -6,6 +6,9 @@
                                                                  # + sampled reach at start and end
     python benchmarks/from_start.py runs/learning/full-critique-seed4 optimisation \\
         --as full-critique-optimisation                          # a family's GRPO ablation
+    python benchmarks/from_start.py runs/learning-lr/plain-seed10 shipped-no-scales \\
+        --as full-critique-memory-hypernet lora.module_scales=false
+                                                # the recipe's GRPO from plain's warm-up
     python benchmarks/from_start.py runs/learning-replan/full-critique-seed6 replicate \\
         train.draw_seed=1006 --as full-critique                  # the source's GRPO, other draws
     python benchmarks/from_start.py --quick                      # smoke check: tiny model, ~1 min
@@ -194,7 +197,7 @@ WARM_UP_KEYS = ("model.", "lora.", "sft.")  # what the warm-up trained with, in 
 
 
 def as_learning_config(
-    source: Path, config: str, st: Any = None, recipe: str = RECIPE
+    source: Path, config: str, st: Any = None, recipe: str = RECIPE, given: tuple[str, ...] = ()
 ) -> list[str]:
     """Overrides that make the variant ``learning.py``'s ``config`` at the source's seed.
 
@@ -204,7 +207,9 @@ def as_learning_config(
     without the two warm-ups' noise. Only for a source that ``learning.py`` made with the
     settings ``st`` (default: its defaults; checked against the configuration its folder
     names) and only for a configuration with the same warm-up (model, LoRA and SFT keys);
-    a part that changes the warm-up (module scales) needs a run of its own.
+    a part that changes the warm-up (module scales) needs a run of its own, unless the
+    overrides ``given`` with it set that key back to the source's: e.g. the shipped recipe
+    without module scales from plain's start, GRPO against GRPO with one warm-up.
     """
     from ablation import parts_for
     from learning import Learning, config_diff, plain_reset, recipe_path, resolve, run_overrides
@@ -219,9 +224,9 @@ def as_learning_config(
     recipe_cfg = load_config(recipe_path(recipe), list(st.extra))
     st = resolve(st, recipe_cfg)
 
-    def made(name: str) -> tuple[list[str], dict[str, Any]]:
+    def made(name: str, extra: tuple[str, ...] = ()) -> tuple[list[str], dict[str, Any]]:
         overrides = run_overrides(st, name, seed, source.parent, recipe_cfg)
-        return overrides, load_config(recipe_path(recipe), overrides).to_dict()
+        return overrides, load_config(recipe_path(recipe), [*overrides, *extra]).to_dict()
 
     _, theirs = made(base)
     diff = config_diff(load_config(source / "config.yaml").to_dict(), theirs)
@@ -230,7 +235,7 @@ def as_learning_config(
             f"--as: {source} is not learning.py's {base} at seed {seed} with these settings "
             f"({'; '.join(diff[:3])})"
         )
-    overrides, ours = made(config)
+    overrides, ours = made(config, given)
     warm = [d for d in config_diff(theirs, ours) if d.startswith(WARM_UP_KEYS)]
     if warm:
         raise SystemExit(
@@ -473,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.source is None or args.name is None:
         ap.error("give a source run and a name (or --quick)")
     if args.as_config:  # the configuration's switches first: the overrides given win
-        args.overrides = [*as_learning_config(args.source, args.as_config), *args.overrides]
+        switched = as_learning_config(args.source, args.as_config, given=tuple(args.overrides))
+        args.overrides = [*switched, *args.overrides]
     dest = args.out_dir / f"{args.source.name}-{args.name}"
     if not dest.exists():
         branch(args.source, dest)

@@ -811,6 +811,11 @@ def test_from_start_as_a_learning_config_is_that_configuration_from_the_sources_
 
     with pytest.raises(SystemExit, match="changes the warm-up.*lora.module_scales"):
         as_(source.run_dir, "full-critique-adaptive_policy")
+    # ... unless the overrides given with it set the warm-up's keys back to the source's
+    given = ("lora.module_scales=true",)
+    back = as_(source.run_dir, "full-critique-adaptive_policy", given=given)
+    back_cfg = load_config(source.run_dir / "config.yaml", [*back, *given])
+    assert back_cfg.lora.module_scales and not back_cfg.hypernet.enabled
     stray = load_config(recipe, [*source.overrides, "grpo.beta=0.5"])
     save_config(stray, source.run_dir / "config.yaml")
     with pytest.raises(SystemExit, match="not learning.py's full-critique at seed 3.*grpo.beta"):

@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every kept variant against its source's end, pooled over seeds (no training)",
     )
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow --as CONFIG
     if args.summary:
         print(pooled_table(pooled_variants(args.results_dir)))
         return 0

@@ -38,6 +38,10 @@ def test_unknown_key_names_nearest(tmp_path):
         ("rollout.num_generations=1", r"rollout.num_generations: got 1, expected >= 2"),
         ("grpo=3", r"grpo: got int, expected a mapping"),
         ("novalue", r"expected key.sub=value"),
+        (
+            "data.eval_difficulty=[3, 1]",
+            r"data.eval_difficulty: got \[3, 1\], expected \[min, max\] with 1 <= min <= max",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -95,3 +99,19 @@ def test_config_is_frozen_after_validation():
         cfg.grpo.beta = 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.grpo = None
+
+
+def test_training_difficulty_leaves_the_held_out_set_of_record_alone():
+    """Training on harder problems must not change what the run is evaluated on: with
+    ``data.eval_difficulty`` the held-out set stays the default's while training draws change."""
+    from deepsynapse.rl.setup import build_problems
+
+    def ids(cfg: Config, split: str) -> list[str]:
+        return [p.question for p in build_problems("synthetic", split, cfg)[0][:300]]
+
+    default = load_config(None, [])
+    harder = load_config(None, ["data.synthetic_difficulty=[2, 3]"])
+    pinned = load_config(None, ["data.synthetic_difficulty=[2, 3]", "data.eval_difficulty=[1, 3]"])
+    assert ids(pinned, "test") == ids(default, "test")
+    assert ids(harder, "test") != ids(default, "test")  # without it the set follows training
+    assert ids(pinned, "train") == ids(harder, "train") != ids(default, "train")

@@ -105,6 +105,11 @@ class DataConfig:
     )
     eval: str = _f("gsm8k", "held-out problems for before/after evaluation (test split)")
     synthetic_difficulty: list[int] = _f([1, 3], "min and max steps of synthetic problems")
+    eval_difficulty: list[int] | None = _f(
+        None,
+        "min and max steps of the synthetic held-out set (None = synthetic_difficulty): set "
+        "it to change what training draws while the evaluation of record stays the same",
+    )
     synthetic_size: int = _f(2000, "number of synthetic problems generated when train=synthetic")
     skip_malformed: bool = _f(False, "skip (and count) malformed dataset rows instead of failing")
 
@@ -519,11 +524,19 @@ def _validate(cfg: Config) -> None:
             f"sft.trainable_groups: got {cfg.sft.trainable_groups}, expected a non-empty list "
             f"of {', '.join(KNOWN_GROUPS)}"
         )
-    lo_hi = cfg.data.synthetic_difficulty
-    if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
-        raise ConfigError(
-            f"data.synthetic_difficulty: got {lo_hi}, expected [min, max] with 1 <= min <= max"
-        )
+    for key in ("synthetic_difficulty", "eval_difficulty"):
+        lo_hi = getattr(cfg.data, key)
+        if lo_hi is None and key == "eval_difficulty":
+            continue
+        if (
+            not isinstance(lo_hi, list)
+            or len(lo_hi) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in lo_hi)
+            or not 1 <= lo_hi[0] <= lo_hi[1]
+        ):
+            raise ConfigError(
+                f"data.{key}: got {lo_hi!r}, expected [min, max] with 1 <= min <= max"
+            )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -111,7 +111,16 @@ def test_training_difficulty_leaves_the_held_out_set_of_record_alone():
 
     default = load_config(None, [])
     harder = load_config(None, ["data.synthetic_difficulty=[2, 3]"])
-    pinned = load_config(None, ["data.synthetic_difficulty=[2, 3]", "data.eval_difficulty=[1, 3]"])
+    pinned_overrides = ["data.synthetic_difficulty=[2, 3]", "data.eval_difficulty=[1, 3]"]
+    pinned = load_config(None, pinned_overrides)
     assert ids(pinned, "test") == ids(default, "test")
     assert ids(harder, "test") != ids(default, "test")  # without it the set follows training
     assert ids(pinned, "train") == ids(harder, "train") != ids(default, "train")
+
+    # the model card names the set it was scored on, not the training draw's
+    from deepsynapse.export import _data_line
+
+    synthetic = ["data.train=synthetic", "data.eval=synthetic", "sft.steps=0"]
+    card = _data_line(load_config(None, [*synthetic, *pinned_overrides]))
+    assert "GRPO on synthetic arithmetic word problems (2-3 steps)" in card
+    assert "evaluated on synthetic arithmetic word problems (1-3 steps)" in card

@@ -113,6 +113,13 @@ class DataConfig:
     synthetic_size: int = _f(2000, "number of synthetic problems generated when train=synthetic")
     skip_malformed: bool = _f(False, "skip (and count) malformed dataset rows instead of failing")
 
+    @property
+    def heldout_difficulty(self) -> tuple[int, int]:
+        """Min and max steps of the synthetic held-out set: one place for the loader and the
+        model card, so the set a run is scored on is the set it says it was scored on."""
+        lo, hi = self.eval_difficulty or self.synthetic_difficulty
+        return lo, hi
+
 
 @dataclass(frozen=True)
 class RolloutConfig:

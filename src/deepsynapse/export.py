@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -665,11 +666,11 @@ def _eval_table(run_dir: Path) -> str:
 
 
 def _data_line(cfg: Config) -> str:
-    def name(source: str) -> str:
+    def name(source: str, difficulty: Sequence[int] = cfg.data.synthetic_difficulty) -> str:
         if source == "gsm8k":
             return "GSM8K (openai/gsm8k, main)"
         if source == "synthetic":
-            lo, hi = cfg.data.synthetic_difficulty
+            lo, hi = difficulty
             return f"synthetic arithmetic word problems ({lo}-{hi} steps)"
         return f"`{source}`"
 
@@ -681,7 +682,7 @@ def _data_line(cfg: Config) -> str:
             f"SFT warm-up on {name(cfg.sft.data)} worked solutions rewritten into the XML "
             f"format ({cfg.sft.steps} steps x {cfg.sft.batch_size})",
         )
-    parts.append(f"evaluated on {name(cfg.data.eval)} (test split)")
+    parts.append(f"evaluated on {name(cfg.data.eval, cfg.data.heldout_difficulty)} (test split)")
     return "; ".join(parts) + "."
 
 

@@ -97,8 +97,7 @@ def build_problems(
             seed = cfg.train.seed + seed_offset
             return training_problems(cfg.data.synthetic_size, seed=seed, difficulty=(lo, hi)), 0
         # the held-out set of record: fixed, stratified, never drawn by training
-        lo, hi = cfg.data.eval_difficulty or cfg.data.synthetic_difficulty
-        return heldout_problems(HELDOUT_SIZE, (lo, hi)), 0
+        return heldout_problems(HELDOUT_SIZE, cfg.data.heldout_difficulty), 0
     return load_gsm8k(name, split, skip_malformed=cfg.data.skip_malformed)
 
 

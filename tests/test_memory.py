@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from deepsynapse.models.loading import cpu_supports_bf16
+from deepsynapse.models.loading import cpu_supports_bf16, resolve_dtype
 
 NATIVE_BF16 = cpu_supports_bf16()
 
@@ -201,7 +201,7 @@ print(json.dumps(current_rss_mb() - start))
 @pytest.mark.heavy
 def test_padded_widths_keep_the_attention_kernel_cache_flat():
     """PyTorch's CPU flash attention keeps a kernel per new shape, uncapped (cause 6)."""
-    dtype = "bfloat16" if NATIVE_BF16 else "float32"  # what the trainer computes in here
+    dtype = str(resolve_dtype("auto").dtype).removeprefix("torch.")  # the trainer's pick here
     unpadded = json.loads(_python(ATTENTION, "1", dtype))  # measured: +13.2 MB (bf16)
     if unpadded < 5:
         pytest.skip(f"this CPU's attention keeps no per-shape state (+{unpadded:.1f} MB)")

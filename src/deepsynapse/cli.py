@@ -24,7 +24,7 @@ ADAPTER_HELP = (
     "neural memory), or a plain PEFT adapter folder for --model"
 )
 SCHEMA_HELP = "XML schema of the prompt and parser (default: the run's, else base)"
-DTYPE_HELP = "base model dtype (auto: a run's model.dtype, else bf16 where supported)"
+DTYPE_HELP = "base model dtype (auto: a run's model.dtype, else bf16 where it measures faster)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,7 +51,9 @@ class ModelConfig:
         "alias (smollm2-135m-instruct, tiny-random), local folder, .gguf file or hub id",
     )
     dtype: Literal["auto", "bf16", "fp32"] = _f(
-        "auto", "compute dtype of the frozen base; auto = bf16 where the hardware has it"
+        "auto",
+        "compute dtype of the frozen base; auto = bf16 on a GPU that has it, or on a CPU whose "
+        "bf16 matmuls measure at least as fast as fp32's",
     )
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     pad_to_multiple_of: int = _f(

@@ -84,7 +84,12 @@ def check_the_same_decisions_every_step(out: Path, r0: dict, r1: dict) -> None:
 def check_clocks_apart_plan_the_same_budgeted_steps(r0: dict, r1: dict) -> None:
     """A time budget is planned on each process's own clock; one started 6 s later would plan
     fewer steps and leave the other waiting in a collective for ever. Every process runs the
-    fewest any planned, and all stop when one's clock runs out."""
+    fewest any planned, and all stop when one's clock runs out. The same launch asks for dtype
+    auto with bf16's probe reading 0.9x fp32 on one process and 1.5x on the other: both must
+    compute in the first's pick, fp32."""
+    assert r0["dtype"] == r1["dtype"] == "torch.float32"
+    assert r0["param_dtype"] == r1["param_dtype"] == "torch.float32"
+    assert r0["dtype_reason"] == r1["dtype_reason"] and "0.90x" in r0["dtype_reason"]
     assert r0["sft_steps"] == r1["sft_steps"] < 40  # the budget cut the warm-up, alike
     assert r0["grpo_steps"] == r1["grpo_steps"] < 500
     assert len(r0["steps"]) == len(r1["steps"]) == r0["grpo_steps"]

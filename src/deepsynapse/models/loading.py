@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,9 @@ _BF16_ISAS = {
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmuls (AVX512-BF16 or AMX), where bf16 is ~4x faster.
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX).
+
+    Needed for fast bf16, not enough: ``bf16_matmul_speedup`` measures whether it pays.
 
     A cap on oneDNN's instruction set (``ONEDNN_MAX_CPU_ISA=AVX2``, or the older
     ``DNNL_MAX_CPU_ISA``) below AVX512-BF16 makes its bf16 matmuls emulated (1.1 GFLOP/s
@@ -84,8 +87,42 @@ def onednn_cap_below_bf16() -> str | None:
     return cap if cap and cap.strip().upper() not in _BF16_ISAS else None
 
 
+# A policy-sized product (256 rows through SmolLM2's MLP up-projection) for the bf16 probe.
+BF16_PROBE_SHAPE = (256, 576, 1536)
+
+
+@functools.cache
+def bf16_matmul_speedup() -> float:
+    """How many times faster this CPU multiplies in bf16 than in fp32, measured once (~0.1 s).
+
+    Native bf16 instructions do not make bf16 fast. At the probe's shape, on 1-2 threads:
+    AMX ran bf16 ~4.5x fp32 and an AMD EPYC with AVX512-BF16 ~2.2x, but an Intel Xeon with
+    AVX512-BF16 and no AMX 0.5-0.7x (its fp32 runs two 512-bit FMA ports, oneDNN's bf16
+    kernel half that; 2026-12-06). So ``auto`` measures instead of reading flags. Best of
+    seven, the dtypes interleaved, on the threads torch has now, so a busy moment on the
+    machine weighs on both alike.
+    """
+    rows, width, out = BF16_PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    fp32 = (torch.randn(rows, width, generator=gen), torch.randn(width, out, generator=gen))
+    pairs = {torch.float32: fp32, torch.bfloat16: tuple(t.bfloat16() for t in fp32)}
+    best = dict.fromkeys(pairs, float("inf"))
+    for a, b in pairs.values():
+        a @ b  # oneDNN builds its kernel for the shape on first use
+    for _ in range(7):
+        for dtype, (a, b) in pairs.items():
+            start = time.perf_counter()
+            a @ b
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
+
+
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
-    """Turn the config's ``model.dtype`` into a torch dtype, saying why it was chosen."""
+    """Turn the config's ``model.dtype`` into a torch dtype, saying why it was chosen.
+
+    On a CPU, ``auto`` picks bf16 where the CPU has native bf16 instructions *and* its bf16
+    matmuls measure at least as fast as fp32's (``bf16_matmul_speedup``); otherwise fp32.
+    """
     if name == "fp32":
         return DtypeChoice(torch.float32, "fp32 requested")
     if name == "bf16":
@@ -96,7 +133,16 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> DtypeChoice:
             return DtypeChoice(torch.bfloat16, "auto: GPU supports bf16")
         return DtypeChoice(torch.float32, "auto: GPU lacks bf16")
     if cpu_supports_bf16():
-        return DtypeChoice(torch.bfloat16, "auto: CPU has AVX512-BF16/AMX")
+        speedup = bf16_matmul_speedup()
+        if speedup >= 1.0:
+            return DtypeChoice(
+                torch.bfloat16, f"auto: bf16 matmuls measured {speedup:.1f}x fp32 on this CPU"
+            )
+        return DtypeChoice(
+            torch.float32,
+            f"auto: this CPU has AVX512-BF16 but its bf16 matmuls measured {speedup:.2f}x "
+            "fp32, using fp32",
+        )
     cap = onednn_cap_below_bf16()
     if cap:
         return DtypeChoice(torch.float32, f"auto: oneDNN capped at {cap}, using fp32")

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from deepsynapse.models.loading import DtypeChoice
+
 
 def gather_all(accelerator, rows: list[Any]) -> list[Any]:
     """All processes' ``rows`` in rank order (this process's own with one process)."""
@@ -119,3 +121,14 @@ def fuse_over_ranks(
     scored.calibrated = {k: v[mine] for k, v in scored.calibrated.items()}
     scored.correct, scored.reward = scored.correct[mine], scored.reward[mine]
     return scored
+
+
+def agree_on_dtype(accelerator, choice: DtypeChoice) -> DtypeChoice:
+    """One dtype on every process: ``auto`` measures bf16's speed per process, and two
+    processes whose measurements fall either side of fp32's would train apart. The first
+    process's choice is taken by all."""
+    if accelerator.num_processes == 1:
+        return choice
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([choice], from_process=0)[0]

@@ -61,7 +61,7 @@ from deepsynapse.rl.budget import TimeBudget, parse_duration
 from deepsynapse.rl.collect import ProblemSampler, collect_groups, generate_batch
 from deepsynapse.rl.evaluation import build_probes
 from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
-from deepsynapse.rl.ranks import mean_metrics
+from deepsynapse.rl.ranks import agree_on_dtype, mean_metrics
 from deepsynapse.rl.run import run_training
 from deepsynapse.rl.setup import (  # noqa: F401  (find_run_dir: public here too)
     Timer,
@@ -133,7 +133,9 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
         self.plan = cfg.batch_plan(self.world)
-        self.dtype_choice = resolve_dtype(cfg.model.dtype, self.accelerator.device)
+        self.dtype_choice = agree_on_dtype(
+            self.accelerator, resolve_dtype(cfg.model.dtype, self.accelerator.device)
+        )
         self.schema = get_schema(cfg.rewards.schema)
         self.stops = stop_strings(self.schema)
         self.engine = RewardEngine(cfg, reward_fns, seed=cfg.train.seed)

@@ -156,7 +156,11 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
     }
     info["cpu_class"] = cpu_class(info["avx512_bf16"], info["amx_bf16"], info["avx2"])
-    from deepsynapse.models.loading import onednn_cap_below_bf16
+    from deepsynapse.models.loading import onednn_cap_below_bf16, resolve_dtype
+
+    # The flags say what the CPU can do; whether bf16 pays is measured (an Intel Xeon with
+    # AVX512-BF16 and no AMX ran it at 0.5-0.7x fp32), and this is what training computes in.
+    info["auto_dtype"] = resolve_dtype("auto").reason
 
     cap = onednn_cap_below_bf16()
     if cap:  # a bf16 CPU standing in for the AVX2 class: its numbers are that class's, emulated

@@ -87,20 +87,23 @@ def onednn_cap_below_bf16() -> str | None:
     return cap if cap and cap.strip().upper() not in _BF16_ISAS else None
 
 
-# A policy-sized product (256 rows through SmolLM2's MLP up-projection) for the bf16 probe.
-BF16_PROBE_SHAPE = (256, 576, 1536)
+# The bf16 probe's product: 1,024 rows (a few sequences of an update, where a step spends most
+# of its time) through SmolLM2's MLP up-projection. At 16 rows (decoding) the Intel Xeon below
+# ran bf16 at 0.56-0.77x, at 1,024 rows 0.49-0.53x: the larger shape separates better.
+BF16_PROBE_SHAPE = (1024, 576, 1536)
 
 
 @functools.cache
 def bf16_matmul_speedup() -> float:
-    """How many times faster this CPU multiplies in bf16 than in fp32, measured once (~0.1 s).
+    """How many times faster this CPU multiplies in bf16 than in fp32, measured once (0.2-0.6 s).
 
     Native bf16 instructions do not make bf16 fast. At the probe's shape, on 1-2 threads:
-    AMX ran bf16 ~4.5x fp32 and an AMD EPYC with AVX512-BF16 ~2.2x, but an Intel Xeon with
-    AVX512-BF16 and no AMX 0.5-0.7x (its fp32 runs two 512-bit FMA ports, oneDNN's bf16
-    kernel half that; 2026-12-06). So ``auto`` measures instead of reading flags. Best of
-    seven, the dtypes interleaved, on the threads torch has now, so a busy moment on the
-    machine weighs on both alike.
+    AMX ran bf16 ~4.5x fp32 and an AMD EPYC with AVX512-BF16 ~2.3x, but an Intel Xeon with
+    AVX512-BF16 and no AMX ~0.5x (0.76 with both its cores busy; its fp32 GEMM runs two
+    512-bit FMA ports at peak, oneDNN's bf16 kernel half that; 2026-12-06), where a GRPO step
+    took 30.8 s in fp32 against 42.7 in bf16. So ``auto`` measures instead of reading flags.
+    Best of seven, the dtypes interleaved, on the threads torch has now, so a busy moment on
+    the machine weighs on both alike.
     """
     rows, width, out = BF16_PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)

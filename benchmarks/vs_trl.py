@@ -15,8 +15,9 @@ layer, KL coefficient (reference = adapters off, in both), learning rate (consta
 betas 0.9/0.99), clipping 0.2/0.28, token-level loss (DAPO), group-normalised advantages,
 the same reward functions with the same weights (DeepSynapse's ``correctness``,
 ``strict_format`` and ``soft_format``, which TRL calls unchanged), seed, steps, one
-optimizer step per generated batch, no gradient checkpointing, bf16 compute where the CPU
-has it (TRL: ``bf16=True, use_cpu=True``; DeepSynapse: ``model.dtype=auto``).
+optimizer step per generated batch, no gradient checkpointing, bf16 compute where the CPU's
+bf16 matmuls measure faster than fp32 (DeepSynapse: ``model.dtype=auto``; TRL follows its
+pick: ``bf16=True, use_cpu=True``).
 
 What stays different, by design: DeepSynapse stops a completion at ``</answer>`` (TRL at EOS
 only), so compare completion tokens per second as well as steps per second; each draws the
@@ -78,7 +79,7 @@ class Settings:
     lora_r: int = 16
     lora_alpha: float = 32.0
     threads: int = 0  # 0 = torch's default (all cores)
-    dtype: str = "auto"  # auto = bf16 where the CPU has it
+    dtype: str = "auto"  # auto = bf16 where it measures faster than fp32 here
     trl_weights: str = "same"  # TRL's base weights: 'same' dtype as DeepSynapse, or 'fp32'
     trl_gradient_checkpointing: bool = False
     backend: str = "ours"  # DeepSynapse's rollout.backend (vllm needs --deepsynapse-python)

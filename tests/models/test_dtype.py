@@ -73,20 +73,36 @@ def test_the_probe_measures_this_cpu():
     assert 0.05 < speedup < 50 and bf16_matmul_speedup() == speedup
 
 
-def test_the_trainer_builds_its_policy_in_the_measured_pick(monkeypatch, tmp_path):
-    """Switched on (auto) with bf16 measured slower, the trainer's frozen base is fp32, and
-    the start line says why; measured faster, it is bf16."""
+def test_a_run_resumed_in_another_dtype_says_so(monkeypatch, tmp_path, capsys):
+    """The trainer's frozen base takes auto's measured pick (bf16 where it measured 2.0x, fp32
+    where 0.6x), decided by each invocation: a run started where bf16 paid and resumed where
+    it does not goes on in fp32, and the resume says so (and logs it) rather than silently
+    sampling otherwise than the uninterrupted run."""
     from conftest import EXTRA_REWARDS, TINY
 
     from deepsynapse.config import load_config
     from deepsynapse.rl.trainer import Trainer
+    from deepsynapse.telemetry.run_logger import read_jsonl
 
     monkeypatch.setattr(loading, "cpu_supports_bf16", lambda: True)
-    for speedup, dtype in ((0.6, torch.float32), (2.0, torch.bfloat16)):
-        monkeypatch.setattr(loading, "bf16_matmul_speedup", lambda s=speedup: s)
-        cfg = load_config(None, TINY + ["model.dtype=auto"])
-        trainer = Trainer(
-            cfg, run_dir=tmp_path / str(speedup), progress=False, reward_fns=EXTRA_REWARDS
-        )
+    overrides = TINY + ["model.dtype=auto", "sft.steps=0", "eval.limit=0", "train.steps=1"]
+    run_dir = tmp_path / "run"
+
+    def train(speedup: float, steps: int, resume: bool) -> torch.dtype:
+        monkeypatch.setattr(loading, "bf16_matmul_speedup", lambda: speedup)
+        cfg = load_config(None, [*overrides, f"train.steps={steps}"])
+        trainer = Trainer(cfg, run_dir=run_dir, progress=False, reward_fns=EXTRA_REWARDS)
+        trainer.train(resume=resume)
         frozen = {p.dtype for p in trainer.unwrapped.parameters() if not p.requires_grad}
-        assert trainer.dtype_choice.dtype == dtype and frozen == {dtype}, (speedup, frozen)
+        assert frozen == {trainer.dtype_choice.dtype}, frozen
+        return trainer.dtype_choice.dtype
+
+    assert train(2.0, 1, resume=False) == torch.bfloat16
+    assert train(2.0, 2, resume=True) == torch.bfloat16  # the same dtype: nothing to say
+    assert not [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "dtype_changed"]
+    assert train(0.6, 3, resume=True) == torch.float32
+    changed = [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "dtype_changed"]
+    assert [(e["evidence"]["started"], e["evidence"]["now"]) for e in changed] == [
+        ("torch.bfloat16", "torch.float32")
+    ]
+    assert "started in torch.bfloat16 and goes on in torch.float32" in capsys.readouterr().out

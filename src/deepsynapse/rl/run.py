@@ -24,10 +24,36 @@ from deepsynapse.rl.ranks import reduce_scalar
 from deepsynapse.rl.setup import finish_trackers, init_trackers
 from deepsynapse.rl.warmup import check_answer_lengths, run_warmup
 from deepsynapse.telemetry.report import write_report
-from deepsynapse.telemetry.run_logger import sample_rows, truncate_jsonl_after
+from deepsynapse.telemetry.run_logger import read_jsonl, sample_rows, truncate_jsonl_after
 from deepsynapse.telemetry.summary import run_summary
 
 LIVE_FILES = ("metrics.jsonl", "events.jsonl", "samples.jsonl")
+
+
+def note_dtype_change(trainer) -> None:
+    """Say so when a resumed run computes in another dtype than it started in.
+
+    ``model.dtype: auto`` is decided again by each invocation (it measures the CPU it lands
+    on), so a run resumed on another machine class goes on in that class's dtype: it trains
+    on, but no longer samples as the uninterrupted run would have."""
+    if not trainer.accelerator.is_main_process:
+        return
+    started = next(
+        (
+            e.get("evidence", {}).get("dtype")
+            for e in read_jsonl(trainer.run_dir / "events.jsonl")
+            if e.get("kind") == "start"
+        ),
+        None,
+    )
+    now = trainer.dtype_choice
+    if started and started != str(now.dtype):
+        message = (
+            f"this run started in {started} and goes on in {now.dtype} ({now.reason}): its "
+            "samples will differ from an uninterrupted run's; set model.dtype to keep one"
+        )
+        trainer.say(message)
+        trainer.event("dtype_changed", message, started=started, now=str(now.dtype))
 
 
 def run_training(trainer, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
@@ -51,6 +77,7 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
                 truncate_jsonl_after(run_dir / name, trainer.step, trainer.sft_step)
         trainer.event("resume", f"resumed from {resumed_from.name}", step=trainer.step)
         trainer.say(f"resumed from {resumed_from} at step {trainer.step}")
+        note_dtype_change(trainer)
     else:
         trainer.event(
             "start",

@@ -117,7 +117,16 @@ def run(out_dir: Path, mode: str) -> None:
                 "grpo_steps": trainer.step,
                 "dtype": str(trainer.dtype_choice.dtype),
                 "dtype_reason": trainer.dtype_choice.reason,
-                "param_dtype": str(next(trainer.unwrapped.parameters()).dtype),
+                # the frozen base's dtype (the first parameter could be a LoRA one, always fp32)
+                "param_dtype": ",".join(
+                    sorted(
+                        {
+                            str(p.dtype)
+                            for p in trainer.unwrapped.parameters()
+                            if not p.requires_grad
+                        }
+                    )
+                ),
             }
         )
     )

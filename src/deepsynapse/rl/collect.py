@@ -192,7 +192,8 @@ def generate_batch(trainer, problems: list[Problem], knobs: Knobs) -> GroupBatch
     """``rollout.num_generations`` completions of each problem, from the current policy."""
     cfg = trainer.cfg
     prompts = [build_prompt(trainer.tokenizer, p.question, trainer.schema) for p in problems]
-    if trainer.vllm is not None:
+    trial = trainer.backend_trial  # rollout.backend=auto on a CPU: the samplers take turns
+    if trainer.vllm is not None and (trial is None or trial.sampler() == "vllm"):
         return generate_batch_vllm(trainer, problems, prompts, knobs)
     model = trainer.unwrapped.peft_model
     model.eval()

@@ -191,6 +191,7 @@ def run_steps(trainer, stop_at: int, bar) -> None:
         off_clock = budget.uncounted if budget is not None else 0.0
         metrics = trainer.train_step(trainer.step)
         trainer.step += 1
+        settle_backend_trial(trainer, metrics)
         if cfg.probes.every and trainer.step % cfg.probes.every == 0:
             metrics.update(run_probes(trainer))
         trainer.log.metrics(trainer.step, metrics)
@@ -209,6 +210,24 @@ def run_steps(trainer, stop_at: int, bar) -> None:
         due = cfg.train.save_every and trainer.step % cfg.train.save_every == 0
         if due and trainer.step < planned_grpo_steps(trainer):
             trainer.save_checkpoint()
+
+
+def settle_backend_trial(trainer, metrics: dict[str, float]) -> None:
+    """Charge the step to the sampler that drew it (``rl/backend_trial.py``); once the trial
+    has picked, say so, and free vLLM's engine where our decoder won."""
+    trial = trainer.backend_trial
+    if trial is None or trial.choice is not None:
+        return
+    sampler = "vllm" if metrics["rollout/vllm"] else "ours"
+    tokens = float(trainer._last_batch.rollout.lengths.sum())
+    verdict = trial.record(sampler, metrics["timing/step"], tokens)
+    if verdict is None:
+        return
+    trainer.say(verdict)
+    rates = trial.seconds_per_token()
+    trainer.event("rollout_backend", verdict, choice=trial.choice, seconds_per_token=rates)
+    if trial.choice == "ours":
+        close_rollout_engine(trainer)
 
 
 def plan_within_budget(trainer, step_seconds: float, bar) -> None:

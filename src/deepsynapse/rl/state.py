@@ -19,6 +19,7 @@ from deepsynapse.control.curriculum import apply_locking
 from deepsynapse.control.knobs import Knobs
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.trained import restore_policy_state
+from deepsynapse.rl.collect import close_rollout_engine
 
 
 def save_checkpoint(trainer) -> Path | None:
@@ -65,6 +66,9 @@ def trainer_state(trainer) -> dict[str, Any]:
         "skipped_steps": trainer.skipped_steps,
         "knobs": trainer.knobs.state_dict(),
         "locked_groups": trainer.locked_groups,
+        "backend_trial": None
+        if trainer.backend_trial is None
+        else trainer.backend_trial.state_dict(),
         "controllers": {c.name: c.state_dict() for c in trainer.controllers},
         "rewards": trainer.engine.state_dict(),
         "adaptive": trainer.adaptive.state_dict(),
@@ -123,4 +127,12 @@ def load_checkpoint(trainer, folder: Path) -> None:
     if groups is not None:
         apply_locking(trainer.unwrapped, groups, lockable=trainer.adapter_names)
         trainer.locked_groups = list(groups)
+    trial = state.get("backend_trial")
+    if trainer.backend_trial is not None and trial is not None:
+        try:
+            trainer.backend_trial.load_state_dict(trial)
+        except ValueError as exc:
+            raise CheckpointError(f"{folder}/trainer_state.json: {exc}") from exc
+        if trainer.backend_trial.choice == "ours":  # the trial had freed the engine
+            close_rollout_engine(trainer)
     torch.set_rng_state(state["rng"]["torch"])

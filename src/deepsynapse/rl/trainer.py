@@ -56,6 +56,7 @@ from deepsynapse.models.loading import load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
 from deepsynapse.rewards.engine import RewardEngine
+from deepsynapse.rl.backend_trial import TRIAL_ORDER, BackendTrial
 from deepsynapse.rl.batch import GroupBatch
 from deepsynapse.rl.budget import TimeBudget, parse_duration
 from deepsynapse.rl.collect import ProblemSampler, collect_groups, generate_batch
@@ -226,8 +227,15 @@ class Trainer:
                 kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                 max_model_len=cfg.rollout.vllm_max_model_len,
                 seed=cfg.train.seed,
-                training=True,
             )
+        self.backend_trial: BackendTrial | None = None
+        if cfg.rollout.backend == "auto" and self.vllm is not None:
+            if self.accelerator.device.type == "cpu":  # does the engine pay here? measured
+                self.backend_trial = BackendTrial()
+                self.rollout_note += (
+                    f"; on a CPU it takes turns with our decoder over the first "
+                    f"{len(TRIAL_ORDER)} GRPO steps, and the faster keeps sampling"
+                )
         self.weights_version = 0  # bumped by every optimizer step, growth and load
         self.vllm_version = -1 if self.vllm is None else 0  # the engine has the built weights
         self.step = 0
@@ -341,6 +349,7 @@ class Trainer:
             metrics[f"timing/{name}"] = sec
         metrics["timing/step"] = time.perf_counter() - start
         tokens = float(batch.rollout.lengths.sum()) * self.world
+        metrics["rollout/vllm"] = float(batch.sampler_logp is not None)  # which sampler drew
         metrics["throughput/completion_tokens_per_s"] = tokens / max(
             timer.seconds.get("generate", 0.0), 1e-9
         )

@@ -446,17 +446,14 @@ def build_vllm_rollout(
     kv_cache_gb: float,
     max_model_len: int,
     seed: int,
-    training: bool = False,
 ) -> tuple[VLLMRollout | None, str]:
     """The run's engine, or None and the one-line reason it samples with our decoder.
 
     ``asked`` is ``rollout.backend``: ``vllm`` (a fallback is worth a warning) or ``auto``
-    (the faster backend that can serve the run, else ours). vLLM decodes 2x faster than our
-    decoder on a CPU, but on the AMX class a *training* process that holds the engine ran
-    its update 1.2-1.6x slower (24-30 s against 19-21 s, the whole step x0.83), so ``auto``
-    with ``training`` on a CPU keeps our decoder; evaluations (decoding only) and GPUs take
-    vLLM. On an AVX512-BF16 EPYC without AMX the update was not slower and a step x1.21
-    faster at micro-batch 4 (docs/benchmarks.md): one pair of runs, not yet a rule."""
+    (vLLM wherever it can serve the run, else ours). In a CPU training process ``auto`` does
+    not settle it here: the trainer measures both samplers on its first GRPO steps
+    (``rl/backend_trial.py``), since the engine's presence slowed the update on one CPU class
+    and not on two others."""
     fallback = (
         "rollout.backend=auto: our decoder, since vLLM cannot serve this run"
         if asked == "auto"
@@ -471,12 +468,6 @@ def build_vllm_rollout(
             reason = why
     if reason is not None:
         return None, f"{fallback}: {reason}"
-    if asked == "auto" and training and next(model.parameters()).device.type == "cpu":
-        return None, (
-            "rollout.backend=auto: our decoder: on a CPU, vLLM's engine in the training process "
-            "slows the update more than it speeds sampling (measured on AMX: a step x0.83); "
-            "rollout.backend=vllm uses it anyway"
-        )
     try:
         engine = VLLMRollout(
             model, tokenizer, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, seed=seed

@@ -231,6 +231,21 @@ def test_same_seed_same_samples(engine, policy):
     assert len(set(rows[:G])) > 1  # the G samples of a group differ
 
 
+def test_seeded_prompts_beyond_one_prefill_budget_sample(engine, policy, tok):
+    """A step's prompts can pass the engine's 4,096-token prefill budget (the demo's 16
+    GSM8K prompts did); prefilled in chunks, a seeded request crashed vLLM on a CPU ("CPU
+    Generator does not use offset"). Whole prompts are scheduled instead, and a seed still
+    gives the same samples."""
+    engine.sync_weights(policy)
+    prompts = [" ".join(f"w{i}{k}" for k in range(200)) for i in range(8)]
+    assert sum(len(tok(p).input_ids) for p in prompts) * G > 4096
+    kw = dict(num_generations=G, max_new_tokens=4, temperature=1.0, stop_strings=[])
+    a = engine.generate(prompts, seed=3, **kw)
+    b = engine.generate(prompts, seed=3, **kw)
+    assert a.completion_ids.shape[0] == len(prompts) * G
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
 def test_rollout_output_shapes_masks_and_truncation(engine, policy, tok):
     engine.sync_weights(policy)
     out, logp = theirs(engine, greedy=False, temperature=0.7, seed=5, return_logprobs=True)

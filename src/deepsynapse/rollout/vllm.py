@@ -262,6 +262,12 @@ class VLLMRollout:
             generation_config="vllm",  # no sampling defaults or extra EOS ids from the folder
             logprobs_mode=logprobs_mode,  # temperature applied: what the trainer's log-probs use
             disable_log_stats=True,
+            # whole prompts only: a prompt prefilled in chunks has its first sampled token
+            # discarded, and vLLM then rewinds the request's generator, which a seeded
+            # request's CPU generator cannot do ("CPU Generator does not use offset": the
+            # demo crashed so at the first step whose 16 prompts passed 4,096 tokens)
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(self.max_model_len, 4096),
         )
         if max_num_seqs is not None:
             kwargs["max_num_seqs"] = max_num_seqs

@@ -377,8 +377,8 @@ def _assert_picked(trainer, faster: str, slower: str) -> None:
     assert trainer.backend_trial.choice == faster
     picked = [e for e in read_jsonl(run_dir / "events.jsonl") if e["kind"] == "rollout_backend"]
     assert picked[-1]["evidence"]["choice"] == faster
-    rates = picked[-1]["evidence"]["seconds_per_token"]
-    assert rates[slower] > rates[faster]
+    seconds = picked[-1]["evidence"]["step_seconds"]
+    assert seconds[slower] > seconds[faster]
     ends = {t: json.loads((run_dir / f"eval_{t}.json").read_text()) for t in ("before", "after")}
     assert ends["before"]["backend"] == "vllm" and ends["after"]["backend"] == faster
 
@@ -388,7 +388,7 @@ def test_auto_on_a_cpu_trains_with_the_sampler_it_measured_faster(
 ):
     """Whether the engine pays in a CPU training process depends on the class (x1.15-1.39 a
     step on two, x0.83 on the AMX Xeon), so ``auto`` measures: the first four GRPO steps
-    alternate vLLM and our decoder, and the faster per completion token samples the rest.
+    alternate vLLM and our decoder, and the one with the shorter step samples the rest.
     Here our decoder is held back, so vLLM keeps sampling (the other way round: below)."""
     trainer = _trial_run(engine, model_folder, tmp_path / "run", monkeypatch, "ours")
     assert "takes turns with our decoder over the first 4 GRPO steps" in trainer.rollout_note

@@ -114,7 +114,7 @@ def collect_groups(
     rounds = rounds_wanted + (cfg.grpo.max_resample_rounds if cfg.grpo.dynamic_sampling else 0)
     trainer.dropped_groups = 0
     last: GroupBatch | None = None
-    correct_drawn, valid_drawn, signal_drawn = [], [], []
+    correct_drawn, valid_drawn, signal_drawn, tokens_drawn = [], [], [], 0.0
     for first in range(0, rounds, cfg.grpo.rounds_per_draw):
         with timer("sample"):  # several rounds' prompts, in round order, decoded together
             problems = [
@@ -133,6 +133,7 @@ def collect_groups(
             )
             correct_drawn.append(batch.correct)
             valid_drawn += [p.valid for p in batch.parsed]
+            tokens_drawn += float(batch.rollout.lengths.sum())
             signal_drawn.append(has_signal)
             keep = has_signal if cfg.grpo.dynamic_sampling else torch.ones_like(has_signal)
             if keep.any():
@@ -147,6 +148,7 @@ def collect_groups(
         "format/valid_rate": sum(valid_drawn) / max(len(valid_drawn), 1),
         "groups/with_signal": float(torch.cat(signal_drawn).float().mean()),
         "groups/drawn": float(sum(len(s) for s in signal_drawn)),
+        "completion/tokens_drawn": tokens_drawn,
     }
     if not kept:  # nothing carries signal: train on the last batch with zero advantages
         assert last is not None

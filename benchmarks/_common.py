@@ -160,7 +160,10 @@ def machine_info() -> dict[str, Any]:
 
     # The flags say what the CPU can do; whether bf16 pays is measured (an Intel Xeon with
     # AVX512-BF16 and no AMX ran it at 0.5-0.7x fp32), and this is what training computes in.
-    info["auto_dtype"] = resolve_dtype("auto").reason
+    auto = resolve_dtype("auto")
+    info["auto_dtype"] = auto.reason
+    if info["cpu_class"].startswith("bf16") and auto.dtype == torch.float32:
+        info["cpu_class"] = info["cpu_class"].replace("bf16 (", "fp32 (bf16 slower here: ", 1)
 
     cap = onednn_cap_below_bf16()
     if cap:  # a bf16 CPU standing in for the AVX2 class: its numbers are that class's, emulated

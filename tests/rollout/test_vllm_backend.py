@@ -401,8 +401,9 @@ def test_a_run_resumed_inside_the_trial_samples_as_the_unbroken_one(
 ):
     """vLLM held back: our decoder wins, the engine is freed and the final evaluation runs
     on our decoder. The trial's turns are checkpointed: stopped after two of its steps and
-    resumed, the run takes the same turns, picks the same sampler and draws the same
-    completions to the end."""
+    resumed, the run takes the same turns (its first step after the resume samples through
+    the engine, re-synced to the loaded weights, with the step's seed), picks the same
+    sampler, draws the same completions to the end and ends with the same adapter."""
     straight = _trial_run(engine, model_folder, tmp_path / "straight", monkeypatch, "vllm")
     _assert_picked(straight, "ours", "vllm")
     split = tmp_path / "split"
@@ -411,6 +412,12 @@ def test_a_run_resumed_inside_the_trial_samples_as_the_unbroken_one(
     assert _samplers(split) == _samplers(straight.run_dir) == [1, 0, 1, 0, 0]
     _assert_picked(resumed, "ours", "vllm")
     assert resumed._last_batch.rollout.texts == straight._last_batch.rollout.texts
+    ends = [
+        load_file(str(d / "checkpoints" / "step-5" / "adapter" / "adapter_model.safetensors"))
+        for d in (straight.run_dir, split)
+    ]
+    for key in ends[0]:
+        torch.testing.assert_close(ends[0][key], ends[1][key], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ evaluation through the engine
@@ -490,26 +497,3 @@ def test_trainer_evaluates_through_its_engine_at_the_weights_of_the_moment(
     assert backend == "vllm" and texts == [r["completion"] for r in ours_now["records"]]
     # synced before the first evaluation, after the warm-up and after the GRPO step, no more
     assert engine.weights_version - synced == 3
-
-
-def test_a_resumed_run_samples_through_the_engine_as_the_unbroken_one(
-    engine, model_folder, tmp_path, monkeypatch
-):
-    """Stopped after step 2 and resumed, a run sampling with vLLM draws the same completions
-    at step 3 as the unbroken run (the engine is re-synced to the loaded weights; the seed
-    comes from the step's random stream), so it ends with the same adapter."""
-    overrides = ["sft.steps=0", "eval.limit=0", "train.steps=3", "train.save_every=1"]
-    overrides += ["rollout.backend=ours", "rollout.temperature=1.0"]
-    straight = _served_trainer(engine, model_folder, tmp_path / "straight", overrides, monkeypatch)
-    straight.train()
-    split = tmp_path / "split"
-    _served_trainer(engine, model_folder, split, overrides, monkeypatch).train(stop_after=2)
-    resumed = _served_trainer(engine, model_folder, split, overrides, monkeypatch)
-    resumed.train(resume=True)
-    assert resumed._last_batch.rollout.texts == straight._last_batch.rollout.texts
-    ends = [
-        load_file(str(d / "checkpoints" / "step-3" / "adapter" / "adapter_model.safetensors"))
-        for d in (tmp_path / "straight", split)
-    ]
-    for key in ends[0]:
-        torch.testing.assert_close(ends[0][key], ends[1][key], rtol=1e-5, atol=1e-6)

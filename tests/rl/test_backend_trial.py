@@ -37,6 +37,19 @@ def test_the_samplers_take_turns_then_the_pick_holds():
     assert len(trial.turns) == len(TRIAL_ORDER)  # steps after the pick are not charged
 
 
+def test_our_decoder_goes_first_so_its_turns_run_without_the_engine():
+    """The engine's presence alone slowed the AMX Xeon's update: our decoder's turns are
+    timed before it exists, and the engine is wanted only from vLLM's first turn on."""
+    trial = BackendTrial()
+    wanted = []
+    for sampler in TRIAL_ORDER:
+        wanted.append(trial.needs_engine())
+        trial.record(turn(sampler, 1.0 if sampler == "vllm" else 3.0))
+    assert TRIAL_ORDER[:2] == ("ours", "ours") and wanted == [False, False, True, True]
+    assert trial.choice == "vllm" and trial.needs_engine()
+    assert "our decoder samples the first 2 GRPO steps" in BackendTrial.plan()
+
+
 def test_vllm_is_kept_only_when_faster_by_the_margin():
     """The engine holds ~2 GB more, so a near tie goes to our decoder (steps: 1 s + generate)."""
     assert run_trial(1.0, 2.0 * VLLM_MARGIN * 1.01 - 1.0).choice == "vllm"

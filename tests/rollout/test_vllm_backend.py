@@ -337,8 +337,8 @@ def test_auto_picks_vllm_where_it_can_serve(engine, policy, tok):
 
 def _trial_run(engine, model_folder, run_dir, monkeypatch, slower: str, **train):
     """A CPU run under rollout.backend=auto whose engine is the module's (vLLM keeps one per
-    process), with ``slower``'s sampling held back 1 s a call, far more than a tiny step
-    costs, so the trial's verdict is known."""
+    process), with ``slower``'s sampling held back (four times as long, and 0.5 s more), so
+    the trial's verdict is known."""
     from conftest import EXTRA_REWARDS, TINY
 
     import deepsynapse.rl.collect as collect
@@ -347,13 +347,19 @@ def _trial_run(engine, model_folder, run_dir, monkeypatch, slower: str, **train)
     from deepsynapse.rl.trainer import Trainer
 
     def held_back(sample):
-        def slow(*args, **kwargs):
-            time.sleep(1.0)
-            return sample(*args, **kwargs)
+        def slow(*args, **kwargs):  # 4x its own time and 0.5 s more: robust to a busy machine
+            start = time.perf_counter()
+            out = sample(*args, **kwargs)
+            time.sleep(0.5 + 3 * (time.perf_counter() - start))
+            return out
 
         return slow
 
-    monkeypatch.setattr(vllm_module, "VLLMRollout", lambda *a, **k: engine)
+    def this_engine(model, *args, **kwargs):  # as a new engine would, it holds the weights
+        engine.sync_weights(model)
+        return engine
+
+    monkeypatch.setattr(vllm_module, "VLLMRollout", this_engine)
     monkeypatch.setattr(engine, "close", lambda: None)  # the module's other tests go on with it
     if slower == "vllm":
         monkeypatch.setattr(engine, "generate", held_back(type(engine).generate.__get__(engine)))
@@ -362,7 +368,7 @@ def _trial_run(engine, model_folder, run_dir, monkeypatch, slower: str, **train)
     overrides = ["sft.steps=0", "eval.limit=1", "train.steps=5", "train.save_every=1"]
     cfg = load_config(None, TINY + [f"model.name={model_folder}", *overrides])
     trainer = Trainer(cfg, run_dir=run_dir, progress=False, reward_fns=EXTRA_REWARDS)
-    trainer.vllm_version = -1  # the engine holds another test's weights: sync before use
+    assert trainer.vllm is None  # built after our decoder's turns
     trainer.train(**train)
     return trainer
 
@@ -380,19 +386,20 @@ def _assert_picked(trainer, faster: str, slower: str) -> None:
     seconds = picked[-1]["evidence"]["step_seconds"]
     assert seconds[slower] > seconds[faster]
     ends = {t: json.loads((run_dir / f"eval_{t}.json").read_text()) for t in ("before", "after")}
-    assert ends["before"]["backend"] == "vllm" and ends["after"]["backend"] == faster
+    assert ends["before"]["backend"] == "ours" and ends["after"]["backend"] == faster
 
 
 def test_auto_on_a_cpu_trains_with_the_sampler_it_measured_faster(
     engine, model_folder, tmp_path, monkeypatch
 ):
     """Whether the engine pays in a CPU training process depends on the class (x1.15-1.39 a
-    step on two, x0.83 on the AMX Xeon), so ``auto`` measures: the first four GRPO steps
-    alternate vLLM and our decoder, and the one with the shorter step samples the rest.
-    Here our decoder is held back, so vLLM keeps sampling (the other way round: below)."""
+    step on two, x0.83 on the AMX Xeon), so ``auto`` measures: our decoder samples the first
+    two GRPO steps without the engine, the engine (built then) the next two, and the one with
+    the shorter step the rest. Here our decoder is held back, so vLLM keeps sampling (the
+    other way round: below)."""
     trainer = _trial_run(engine, model_folder, tmp_path / "run", monkeypatch, "ours")
-    assert "takes turns with our decoder over the first 4 GRPO steps" in trainer.rollout_note
-    assert _samplers(trainer.run_dir) == [1, 0, 1, 0, 1]
+    assert "our decoder samples the first 2 GRPO steps" in trainer.rollout_note
+    assert _samplers(trainer.run_dir) == [0, 0, 1, 1, 1]
     _assert_picked(trainer, "vllm", "ours")
 
 
@@ -400,16 +407,17 @@ def test_a_run_resumed_inside_the_trial_samples_as_the_unbroken_one(
     engine, model_folder, tmp_path, monkeypatch
 ):
     """vLLM held back: our decoder wins, the engine is freed and the final evaluation runs
-    on our decoder. The trial's turns are checkpointed: stopped after two of its steps and
-    resumed, the run takes the same turns (its first step after the resume samples through
-    the engine, re-synced to the loaded weights, with the step's seed), picks the same
-    sampler, draws the same completions to the end and ends with the same adapter."""
+    on our decoder. The trial's turns are checkpointed: stopped after our decoder's two and
+    resumed, the run builds the engine at the loaded weights, takes the same turns (the
+    engine's with the steps' seeds), picks the same sampler, draws the same completions to
+    the end and ends with the same adapter."""
     straight = _trial_run(engine, model_folder, tmp_path / "straight", monkeypatch, "vllm")
     _assert_picked(straight, "ours", "vllm")
     split = tmp_path / "split"
     _trial_run(engine, model_folder, split, monkeypatch, "vllm", stop_after=2)
     resumed = _trial_run(engine, model_folder, split, monkeypatch, "vllm", resume=True)
-    assert _samplers(split) == _samplers(straight.run_dir) == [1, 0, 1, 0, 0]
+    events = [e for e in read_jsonl(split / "events.jsonl") if e["kind"] == "rollout_backend"]
+    assert _samplers(split) == _samplers(straight.run_dir) == [0, 0, 1, 1, 0], events
     _assert_picked(resumed, "ours", "vllm")
     assert resumed._last_batch.rollout.texts == straight._last_batch.rollout.texts
     ends = [

@@ -4,14 +4,17 @@ Whether vLLM's engine pays inside a CPU *training* process depends on the machin
 flag predicts it: with vLLM a whole GRPO step was x1.15 faster on the Intel Xeon without AMX
 and x1.21-1.39 on the EPYC (both AVX512-BF16), but x0.83 on the AMX Xeon, where the engine's
 resident memory made the update's page faults dearer (docs/benchmarks.md). So the run
-measures it on its own first GRPO steps: vLLM and our decoder take turns (``TRIAL_ORDER``).
-Steps differ in what they hold (completion lengths, dynamic sampling's extra rounds), so each
-sampler's turns give two rates, generation seconds per drawn completion token and the rest
-of the step (scoring, reference, update) per kept one, and each is priced at the trial's mean
-workload; the sampler whose step comes out shorter keeps sampling. The turns are ordinary
-training steps (both samplers draw from the same policy); only the engine's build is spent.
-Where our decoder wins, the engine is closed (its weights and KV cache freed) and the rest of
-the run, its final evaluation included, uses our decoder. The turns are checkpointed, so a
+measures it on its own first GRPO steps (``TRIAL_ORDER``): our decoder's two turns come first,
+before the engine is built, so they are timed as a run without it would go (the engine's mere
+presence was the AMX Xeon's cost); then the engine is built (off the steps' clocks) and takes
+two turns. Steps differ in what they hold (completion lengths, dynamic sampling's extra
+rounds), so each sampler's turns give two rates, generation seconds per drawn completion
+token and the rest of the step (scoring, reference, update) per kept one, and each is priced
+at the trial's mean workload; the sampler whose step comes out shorter keeps sampling. The
+turns are ordinary training steps (both samplers draw from the same policy); only the
+engine's build is spent. Where our decoder wins, the engine is closed (its weights and KV
+cache freed) and the rest of the run, its final evaluation included, uses our decoder; the
+evaluation before training always does (no engine yet). The turns are checkpointed, so a
 resumed run samples each step as the unbroken run.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TRIAL_ORDER = ("vllm", "ours", "vllm", "ours")
+TRIAL_ORDER = ("ours", "ours", "vllm", "vllm")
 # vLLM must be this much faster a step to be kept: it holds ~2 GB more memory
 VLLM_MARGIN = 1.05
 
@@ -42,6 +45,19 @@ class BackendTrial:
 
     turns: list[Turn] = field(default_factory=list)
     choice: str | None = None
+
+    @staticmethod
+    def plan() -> str:
+        """The run's first line about its sampler while the trial is to come."""
+        return (
+            f"rollout.backend=auto on a CPU: our decoder samples the first "
+            f"{TRIAL_ORDER.count('ours')} GRPO steps, vLLM's engine (built then) the next "
+            f"{TRIAL_ORDER.count('vllm')}, and the one with the shorter step the rest"
+        )
+
+    def needs_engine(self) -> bool:
+        """Whether the next GRPO step samples with vLLM (its engine must exist by then)."""
+        return self.sampler() == "vllm"
 
     def sampler(self) -> str:
         """Which sampler the next GRPO step uses: its turn in the trial, or the pick."""

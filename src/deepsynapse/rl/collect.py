@@ -194,8 +194,7 @@ def generate_batch(trainer, problems: list[Problem], knobs: Knobs) -> GroupBatch
     """``rollout.num_generations`` completions of each problem, from the current policy."""
     cfg = trainer.cfg
     prompts = [build_prompt(trainer.tokenizer, p.question, trainer.schema) for p in problems]
-    trial = trainer.backend_trial  # rollout.backend=auto on a CPU: the samplers take turns
-    if trainer.vllm is not None and (trial is None or trial.sampler() == "vllm"):
+    if trainer.vllm is not None:  # a backend trial builds and frees it for its turns
         return generate_batch_vllm(trainer, problems, prompts, knobs)
     model = trainer.unwrapped.peft_model
     model.eval()
@@ -275,9 +274,12 @@ def open_rollout_engine(trainer) -> str:
 
 
 def start_trial_engine(trainer) -> None:
-    """Build vLLM's engine for the trial's vLLM turns (between steps: off their clocks); if it
-    cannot be built after all, the trial ends with our decoder, saying why."""
+    """Build vLLM's engine where the backend trial's next step (a vLLM turn, or its pick)
+    needs it and it is not there yet: between steps, off their clocks, or after a resume. If
+    it cannot be built after all, the trial ends with our decoder, saying why."""
     trial = trainer.backend_trial
+    if trial is None or not trial.needs_engine() or trainer.vllm is not None:
+        return
     note = open_rollout_engine(trainer)
     if trainer.vllm is None:
         trial.choice = "ours"

@@ -79,6 +79,7 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
         trainer.event("resume", f"resumed from {resumed_from.name}", step=trainer.step)
         trainer.say(f"resumed from {resumed_from} at step {trainer.step}")
         note_dtype_change(trainer)
+        start_trial_engine(trainer)  # a resume inside the backend trial, or after its vLLM pick
     else:
         trainer.event(
             "start",
@@ -229,8 +230,7 @@ def settle_backend_trial(trainer, metrics: dict[str, float]) -> None:
     )
     verdict = trial.record(turn)
     if verdict is None:
-        if trial.needs_engine() and trainer.vllm is None:
-            start_trial_engine(trainer)
+        start_trial_engine(trainer)  # after our decoder's last turn: vLLM's are next
         return
     trainer.say(verdict)
     seconds = trial.step_seconds()

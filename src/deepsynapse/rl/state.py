@@ -19,7 +19,6 @@ from deepsynapse.control.curriculum import apply_locking
 from deepsynapse.control.knobs import Knobs
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.trained import restore_policy_state
-from deepsynapse.rl.collect import start_trial_engine
 
 
 def save_checkpoint(trainer) -> Path | None:
@@ -133,6 +132,4 @@ def load_checkpoint(trainer, folder: Path) -> None:
             trainer.backend_trial.load_state_dict(trial)
         except ValueError as exc:
             raise CheckpointError(f"{folder}/trainer_state.json: {exc}") from exc
-        if trainer.backend_trial.needs_engine() and trainer.vllm is None:
-            start_trial_engine(trainer)  # the trial's vLLM turns, or its pick, go on
     torch.set_rng_state(state["rng"]["torch"])

@@ -10,7 +10,8 @@ the same supervised step on the same examples (the warm-up's own, ``SFTWarmup.ex
 - **ours**: ``rl.warmup.warmup_step`` on a ``Trainer`` built from the recipe with the
   configuration's overrides (``learning.py``'s), i.e. exactly what ``deepsynapse train`` runs:
   prompts left-padded and targets right-padded into one batch, log-probs of the target tokens
-  only, clipping, AdamW.
+  only, clipping, AdamW; the prompts' common prefix (system prompt) run once
+  (``model.share_prefix``), and again with it run per row, the steps alternating.
 - **bare**: what a user's plain loop does: the same model and LoRA (PEFT, same rank and
   targets, same dtype), each example's prompt + target in one right-padded row, logits for
   every position, cross-entropy on the target tokens, clipping, AdamW.
@@ -109,11 +110,16 @@ def child(spec: dict[str, Any]) -> None:
         examples = [
             trainer.sft.examples(k, cfg.sft.batch_size, salt=99) for k in range(repeats + 1)
         ]
-        ours, ours_loss = [], []
-        for k in range(repeats + 1):
+        ours, ours_loss, unshared = [], [], []
+        for k in range(repeats + 1):  # alternating with the common prefix run per row
             start = time.perf_counter()
             ours_loss.append(warmup_step(trainer, k)[1])
             ours.append(time.perf_counter() - start)
+            trainer.unwrapped.share_prefix = False
+            start = time.perf_counter()
+            warmup_step(trainer, k)
+            unshared.append(time.perf_counter() - start)
+            trainer.unwrapped.share_prefix = cfg.model.share_prefix
         dtype = trainer.dtype_choice.dtype
         del trainer
 
@@ -149,6 +155,9 @@ def child(spec: dict[str, Any]) -> None:
             "threads": torch.get_num_threads(),
             "batch_size": cfg.sft.batch_size,
             "ours_s": statistics.median(ours[1:]),
+            "share_prefix": cfg.model.share_prefix,
+            "ours_unshared_s": statistics.median(unshared[1:]),
+            "ours_unshared_steps_s": unshared,
             "bare_s": statistics.median(bare[1:]),
             "floor_s": statistics.median(f / (gflops * 1e9) for f in flops),
             "ours_steps_s": ours,
@@ -180,6 +189,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['tokens']:.0f} ({r['target_tokens']:.0f})",
                 f"{r['padded_ours'] / r['tokens']:.2f} / {r['padded_bare'] / r['tokens']:.2f}",
                 fmt(r["ours_s"], 2),
+                fmt(r.get("ours_unshared_s"), 2),
                 fmt(r["bare_s"], 2),
                 fmt(r["floor_s"], 2),
                 f"x{r['ours_s'] / r['floor_s']:.2f}",
@@ -194,8 +204,10 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Medians of {report['repeats']} steps after one untimed; seconds. *tokens*: "
             "prompt + target tokens of the step's examples (target tokens); *cells / token*: "
-            "the padded batch's cells per real token, ours / bare; *floor*: the weights' "
-            "matmuls at the GEMM rate measured for the step's rows.",
+            "the padded batch's cells per real token, ours / bare (the common prefix counted "
+            "per row); *prefix per row*: ours with `model.share_prefix=false`, the steps "
+            "alternating with ours in one process; *floor*: the weights' matmuls at the GEMM "
+            "rate measured for the step's rows.",
             "",
             markdown_table(
                 [
@@ -204,6 +216,7 @@ def markdown(report: dict[str, Any]) -> str:
                     "tokens (target)",
                     "cells / token",
                     "ours s",
+                    "ours, prefix per row s",
                     "bare s",
                     "floor s",
                     "ours / floor",

@@ -61,6 +61,14 @@ class ModelConfig:
         "sequences of every forward pass are padded to a multiple of this many tokens: few"
         " attention shapes, so CPU flash attention's kernel cache stops growing (1 = off)",
     )
+    share_prefix: bool = _f(
+        True,
+        "the training forwards (warm-up, update, reference, old log-probs) run the prompts'"
+        " common prefix (system prompt and chat template) once per batch and share its KV"
+        " cache: the same log-probs and gradients up to float rounding, fewer tokens computed"
+        " (SmolLM2's prompts share ~110 of their ~155 tokens); off under the hypernetwork's"
+        " per-prompt scales and model.gradient_checkpointing",
+    )
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from torch import nn
 
 ADAPTIVE_ATTR = "deepsynapse_adaptive"
 MODULE_SCALES = "lora_module_scales"  # a "lora_*" segment: locking treats it as LoRA
+ROW_SCALES_ATTR = "deepsynapse_row_scales"  # how many hypernet_scales contexts are open
 
 
 # ------------------------------------------------------------------ finding things
@@ -354,6 +355,13 @@ def merged_lora(model: nn.Module) -> Iterator[bool]:
         for layer, weight in originals:
             layer.base_layer.weight.data = weight
             layer.merged_adapters = []
+
+
+def row_scaled(model: nn.Module) -> bool:
+    """Whether per-row LoRA scales (the hypernetwork's, ``hypernet_scales``) are installed:
+    then a token's output depends on its row's prompt, so no forward may share its work
+    across rows beyond the row's own prompt."""
+    return getattr(causal_lm(model), ROW_SCALES_ATTR, 0) > 0
 
 
 def replayed_in_backward(model: nn.Module) -> bool:

@@ -27,6 +27,7 @@ from torch import nn
 
 from deepsynapse.models.context import ContextEncoder
 from deepsynapse.models.dynamic_lora import (
+    ROW_SCALES_ATTR,
     active_adapter,
     add_module_scales,
     addmm_forward,
@@ -205,9 +206,12 @@ def hypernet_scales(
         multipliers = _expand_rows(multipliers, rows).index_select(0, keep)
         cached.clear()
 
+    lm = causal_lm(model)
+    setattr(lm, ROW_SCALES_ATTR, getattr(lm, ROW_SCALES_ATTR, 0) + 1)  # row_scaled() says so
     try:
         yield RowScales(select_rows)
     finally:
+        setattr(lm, ROW_SCALES_ATTR, getattr(lm, ROW_SCALES_ATTR) - 1)
         for h in handles:
             h.remove()
         for layer in swapped:

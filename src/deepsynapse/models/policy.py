@@ -20,7 +20,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from deepsynapse.models.dynamic_lora import ADAPTIVE_ATTR, addmm_lora, replayed_in_backward
+from deepsynapse.models.dynamic_lora import (
+    ADAPTIVE_ATTR,
+    addmm_lora,
+    replayed_in_backward,
+    row_scaled,
+)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -55,6 +60,38 @@ def cache_kwarg(model: nn.Module, cache: Any) -> dict[str, Any]:
     (5.2x deprecates ``past_key_values``, with a warning per call), else ``past_key_values``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {_cache_argument(type(base)): cache}
+
+
+SHARED_PREFIX_MULTIPLE = 16
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many leading real tokens every left-padded row of ``ids`` [B, P] has in common,
+    rounded down to a multiple of ``SHARED_PREFIX_MULTIPLE`` and leaving each row at least
+    one token of its own; 0 for fewer than two rows, under ``MIN_SHARED_PREFIX`` tokens, or
+    where a row's padding is not all on its left.
+
+    Why rounded: the passes after it attend over the prefix, and each length is one more
+    attention shape (CPU flash attention keeps a kernel per shape, ``pad_to_multiple``);
+    prompts of one system prompt give one length.
+    """
+    rows, width = ids.shape
+    if rows < 2:
+        return 0
+    lengths = mask.long().sum(1, keepdim=True)
+    starts = width - lengths
+    columns = torch.arange(width, device=ids.device)
+    if not torch.equal(mask.bool(), columns >= starts):
+        return 0
+    most = int(lengths.min()) - 1
+    if most < MIN_SHARED_PREFIX:
+        return 0
+    aligned = ids.gather(1, starts + columns[:most])  # [B, most]: real tokens, left-aligned
+    differs = (aligned != aligned[:1]).any(0).nonzero()
+    same = int(differs[0]) if len(differs) else most
+    same -= same % SHARED_PREFIX_MULTIPLE
+    return same if same >= MIN_SHARED_PREFIX else 0
 
 
 def pad_to_multiple(
@@ -137,11 +174,13 @@ class PolicyModule(nn.Module):
         peft_model: nn.Module,
         chunk_tokens: int = 1024,
         pad_multiple: int = SEQUENCE_MULTIPLE,
+        share_prefix: bool = True,
     ):
         super().__init__()
         self.peft_model = peft_model
         self.chunk_tokens = chunk_tokens
         self.pad_multiple = pad_multiple  # sequence widths (pad_to_multiple)
+        self.share_prefix = share_prefix  # the prompts' common prefix run once (_shared_states)
         # The reference policy's adapter-side values (None: the base, adapters off).
         self.reference_state: dict[str, torch.Tensor] | None = None
 
@@ -231,9 +270,10 @@ class PolicyModule(nn.Module):
         """Per-token log-probs (and entropies) of the completion tokens.
 
         ``group_size`` G > 1: rows come in consecutive groups of G that share one prompt
-        (the same ``[P]`` ids and mask), and each prompt is run once (see
-        ``_shared_prompt_states``); the result equals the unshared forward's up to float
-        rounding. It runs unshared where sharing cannot apply (``shares_prompts``).
+        (the same ``[P]`` ids and mask), and each prompt is run once; with ``share_prefix``
+        the prompts' common prefix runs once too (see ``_shared_states``). The result equals
+        the unshared forward's up to float rounding; it runs unshared where no sharing
+        applies.
         """
         lm = self.causal_lm
         t = completion_mask.shape[1]
@@ -242,9 +282,7 @@ class PolicyModule(nn.Module):
             contextlib.nullcontext() if replayed_in_backward(body) else addmm_lora(self.peft_model)
         )
         with self.low_precision_adapters(), fused:
-            hidden = None
-            if group_size > 1:
-                hidden = self._shared_prompt_states(body, input_ids, attention_mask, t, group_size)
+            hidden = self._shared_states(body, input_ids, attention_mask, t, group_size)
             if hidden is None:
                 ids, mask = pad_to_multiple(
                     input_ids[:, :-1], attention_mask[:, :-1], self.pad_multiple
@@ -272,7 +310,7 @@ class PolicyModule(nn.Module):
             entropy = torch.zeros_like(logp).masked_scatter(sel, ent_sel)
         return LogprobOutput(logp, entropy)
 
-    def _shared_prompt_states(
+    def _shared_states(
         self,
         body: nn.Module,
         input_ids: torch.Tensor,
@@ -280,43 +318,86 @@ class PolicyModule(nn.Module):
         t: int,
         group_size: int,
     ) -> torch.Tensor | None:
-        """The [N, T, H] states that predict the completion tokens, each prompt run once.
+        """The [N, T, H] states that predict the completion tokens, work shared across rows
+        run once, at two levels:
 
-        One pass over the B = N / G distinct prompts (left-padded, widened by
-        ``pad_to_multiple``) fills a KV cache; its last state predicts completion token 1.
-        The cache is repeated to the N rows (``batch_repeat_interleave``: with autograd, so
-        the gradients of all G completions flow back into the one prompt pass) and the
-        completions (all but their last token, right-padded to the multiple with masked
-        columns) run against it, with the prompt's padding mask in front of theirs and
-        positions continuing from each prompt's real length, as ``position_ids_from_mask``
-        gives on the whole row. ``None`` where sharing cannot apply (``shares_prompts``).
+        - **the prompts' common prefix** (``share_prefix``; the system prompt and chat
+          template, ~110 tokens of SmolLM2's ~155 a prompt): one [1, L] pass fills a KV
+          cache, repeated to the prompts (``batch_repeat_interleave``, with autograd: every
+          row's gradient flows back into the one prefix pass); each prompt then runs only
+          its own rest, the prefix's columns masked, positions going on from L. Not under
+          per-row LoRA scales (``row_scaled``: the prefix's states would differ by row).
+        - **each prompt once for its G completions** (``group_size`` G > 1, rows in
+          consecutive groups of G sharing one prompt): the B = N / G prompts' pass (their
+          rests after a shared prefix) fills the cache, its last state predicts completion
+          token 1; the cache is repeated to the N rows and the completions (all but their
+          last token, right-padded with masked columns) run against it, positions going on
+          from each prompt's real length.
+
+        With one row per prompt (G = 1) the rest of the prompt and the completion run in one
+        pass after the prefix. Both levels give what one pass over the whole left-padded row
+        gives (``position_ids_from_mask``), up to float rounding. ``None`` where neither
+        applies (``shares_prompts``, ``shared_prefix_length``) or the cache is not plain K/V.
         """
-        if not shares_prompts(body, input_ids.shape[0], group_size):
-            return None
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        p = input_ids.shape[1] - t
-        n, g = input_ids.shape[0], group_size
+        n, p = input_ids.shape[0], input_ids.shape[1] - t
         prompt, prompt_mask = input_ids[:, :p], attention_mask[:, :p]
-        if not (
+        g = group_size if shares_prompts(body, n, group_size) else 1
+        if g > 1 and not (
             torch.equal(prompt.view(n // g, g, p), prompt[::g].unsqueeze(1).expand(-1, g, -1))
             and torch.equal(
                 prompt_mask.view(n // g, g, p), prompt_mask[::g].unsqueeze(1).expand(-1, g, -1)
             )
         ):
             raise ValueError(f"group_size={g}: rows of a group do not share one prompt")
+        own, own_mask = prompt[::g], prompt_mask[::g]  # [B, P]: each prompt once
+        prefix = 0
+        if self.share_prefix and not replayed_in_backward(body) and not row_scaled(self.peft_model):
+            prefix = shared_prefix_length(own, own_mask)
+        if g == 1 and not prefix:
+            return None
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
         cache = DynamicCache(config=body.config)
         if not all(type(layer) is DynamicLayer for layer in cache.layers):
             return None  # sliding-window or hybrid layers: a cache that is not plain K/V
-        ids, mask = pad_to_multiple(prompt[::g], prompt_mask[::g], self.pad_multiple)
-        last = body(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=True,
-            **cache_kwarg(body, cache),
-        ).last_hidden_state[:, -1:]  # [B, 1, H]: predicts completion token 1
+
+        def run(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return body(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions.clamp(min=0),
+                use_cache=True,
+                **cache_kwarg(body, cache),
+            ).last_hidden_state
+
+        held = own_mask[:, :0]  # [B, K]: the mask of the K columns the cache holds
+        if prefix:
+            first = p - int(own_mask[0].sum())  # row 0's first real column
+            ids, mask = pad_to_multiple(
+                own[:1, first : first + prefix],
+                own_mask.new_ones(1, prefix),
+                self.pad_multiple,
+            )
+            run(ids, mask, mask.cumsum(1) - 1)
+            cache.batch_repeat_interleave(own.shape[0])
+            held = mask.expand(own.shape[0], -1)
+            starts = p - own_mask.sum(1, keepdim=True)
+            rest = p - int(starts.min()) - prefix  # the longest prompt's columns after it
+            columns = torch.arange(p - rest, p, device=own.device)
+            own = own[:, p - rest :]
+            own_mask = own_mask[:, p - rest :] * (columns >= starts + prefix)
+        if g == 1:  # the rest of each prompt and its completion in one pass
+            ids, mask = pad_to_multiple(
+                torch.cat([own, input_ids[:, p:-1]], 1),
+                torch.cat([own_mask, attention_mask[:, p:-1]], 1),
+                self.pad_multiple,
+            )
+            positions = prefix + mask.long().cumsum(1) - 1
+            return run(ids, torch.cat([held, mask], 1), positions)[:, -t:]
+        ids, mask = pad_to_multiple(own, own_mask, self.pad_multiple)
+        held = torch.cat([held, mask], 1)
+        last = run(ids, held, prefix + mask.long().cumsum(1) - 1)[:, -1:]  # [B, 1, H]
         last = last.repeat_interleave(g, 0)
         if t == 1:
             return last
@@ -327,14 +408,8 @@ class PolicyModule(nn.Module):
             c_ids = torch.cat([c_ids, c_ids.new_zeros(n, extra)], 1)
             c_mask = torch.cat([c_mask, c_mask.new_zeros(n, extra)], 1)
         positions = prompt_mask.long().sum(1, keepdim=True) + c_mask.long().cumsum(1) - 1
-        hidden = body(
-            input_ids=c_ids,
-            attention_mask=torch.cat([mask.repeat_interleave(g, 0), c_mask], 1),
-            position_ids=positions.clamp(min=0),
-            use_cache=True,
-            **cache_kwarg(body, cache),
-        ).last_hidden_state[:, : t - 1]  # [N, T - 1, H]
-        return torch.cat([last, hidden], 1)
+        hidden = run(c_ids, torch.cat([held.repeat_interleave(g, 0), c_mask], 1), positions)
+        return torch.cat([last, hidden[:, : t - 1]], 1)  # [N, T, H]
 
 
 def _zero_pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -113,6 +113,7 @@ def build_policy(cfg: Config, tokenizer, dtype: torch.dtype) -> PolicyModule:
         peft_model,
         chunk_tokens=cfg.grpo.logprob_chunk_tokens,
         pad_multiple=cfg.model.pad_to_multiple_of,
+        share_prefix=cfg.model.share_prefix,
     )
 
 

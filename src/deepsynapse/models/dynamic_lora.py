@@ -434,14 +434,23 @@ def addmm_forward(
             or kwargs.get("adapter_names") is not None
         ):
             return peft_forward(layer, x, *args, **kwargs)
-        out = base(x, *args, **kwargs)
         autocast = torch.is_autocast_enabled(x.device.type)
+        # Where the base and the adapter share a dtype (fp32), the update is added into the
+        # base's fresh 2-D output in place: its backward keeps x and W, not the output, and
+        # torch.addmm would first copy it at full width (~4% of a warm-up step in fp32)
+        in_place = (
+            not (autocast or args or kwargs) and type(base) is nn.Linear and x.dtype == a.dtype
+        )
+        out = base(x.reshape(-1, x.shape[-1])) if in_place else base(x, *args, **kwargs)
         h = nn.functional.linear(x if autocast else x.to(a.dtype), a)
         if row_scale is not None:
             h = h * row_scale(h.shape[0]).to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
         if module_scale is not None:
             vector, i = module_scale
             h = h * vector[i].to(h.dtype)
+        if in_place:
+            out.addmm_(h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+            return out.view(*x.shape[:-1], out.shape[-1])
         if not (autocast or h.dtype == out.dtype):  # fp32 adapters on a bf16 base, no autocast
             return out + nn.functional.linear(h * scaling, b).to(out.dtype)
         flat = torch.addmm(

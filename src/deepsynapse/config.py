@@ -138,7 +138,9 @@ class RolloutConfig:
     temperature: float = _f(1.0, "sampling temperature")
     top_p: float = _f(1.0, "nucleus sampling threshold (1.0 = off)")
     prefix_sharing: bool = _f(
-        True, "prefill each prompt once and share its KV cache with its G samples"
+        True,
+        "prefill each prompt once and share its KV cache with its G samples, and the prompts'"
+        " common prefix (system prompt, chat template) once for all of them (our decoder)",
     )
     decoder: Literal["fast", "hf"] = _f(
         "fast",

@@ -399,7 +399,8 @@ def test_trainer_warmup_and_update_share_the_prefix(tmp_path):
     # warm-up: [1, 4] twice (prefix, rests); then the rollouts; the update's reference and
     # policy passes: [1, 2, 4] each (prefix, the 2 prompts' rests, the 4 completions)
     assert sizes[:4] == [1, 4, 1, 4] and sizes[-6:] == [1, 2, 4] * 2, sizes
-    assert 1 not in plain_sizes, plain_sizes
+    # without: one pass a warm-up step; the update's prompts once a group ([2, 4]) each
+    assert plain_sizes[:2] == [4, 4] and plain_sizes[-4:] == [2, 4] * 2, plain_sizes
     assert losses == pytest.approx(plain_losses, rel=1e-5)
     assert texts == plain_texts
     for key in ("loss/total", "grad_norm", "kl/mean"):

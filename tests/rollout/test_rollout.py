@@ -69,6 +69,54 @@ def test_fast_decoder_matches_generate_under_greedy(tok, base, sharing):
     )
 
 
+SYSTEM = " ".join(["You solve problems step by step and answer in the format asked."] * 10)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("g", [1, 3])
+def test_common_prefix_is_prefilled_once_and_no_token_changes(tok, base, greedy, g):
+    """Prompts that share a long prefix (a system prompt): our decoder runs it once ([1, L]),
+    then each prompt's rest; greedy and seeded samples are those of a per-prompt prefill,
+    which ``generate`` (the "hf" decoder, whose cache keeps the prompt's columns) also gives."""
+    prompts = [f"{SYSTEM} {p}" for p in PROMPTS]
+    sizes: list[tuple[int, int]] = []
+    hook = base.model.register_forward_pre_hook(
+        lambda _m, _a, kw: sizes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    args = dict(num_generations=g, max_new_tokens=12, greedy=greedy, stop_strings=[])
+    try:
+        outs = []
+        for decoder, sharing in (("fast", True), ("fast", False), ("hf", True)):
+            sizes.clear()
+            torch.manual_seed(5)
+            outs.append(
+                generate_groups(base, tok, prompts, decoder=decoder, prefix_sharing=sharing, **args)
+            )
+            if decoder == "fast":
+                prefill = [s for s in sizes if s[1] > 1]
+                if sharing:  # the prefix once, then the 3 prompts' rests
+                    assert [rows for rows, _ in prefill] == [1, 3], prefill
+                    assert prefill[1][1] < outs[-1].prompt_ids.shape[1] - 1
+                else:
+                    assert [rows for rows, _ in prefill] == [3 * g], prefill
+    finally:
+        hook.remove()
+    assert_same(outs[0], outs[1])
+    if greedy:
+        assert_same(outs[0], outs[2])
+
+
+def test_the_prefill_computes_the_last_positions_logits_only(tok, base):
+    rows: list[int] = []
+    head = base.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[1]))
+    try:
+        decode(base, tok, "fast", num_generations=2, max_new_tokens=3)
+    finally:
+        hook.remove()
+    assert rows == [1] * 4, rows  # the prefill, then one position for each of 3 tokens
+
+
 def test_fast_decoder_stops_where_generate_stops(tok, base):
     reference = decode(base, tok, "hf")
     # a stop string that really occurs in the middle of one completion

@@ -352,7 +352,7 @@ def evaluate(
                     tokenizer,
                     prompts,
                     seed=seed + i,
-                    prefix_sharing=g > 1,
+                    prefix_sharing=True,  # each prompt once, their system prompt once
                     around=around,
                     num_generations=g,
                     max_new_tokens=max_new_tokens,

@@ -695,7 +695,7 @@ def run_probes(
                 model,
                 tokenizer,
                 prompts,
-                prefix_sharing=False,
+                prefix_sharing=True,  # the items' common prefix once
                 around=around,
                 num_generations=1,
                 max_new_tokens=max_new_tokens,

@@ -94,6 +94,42 @@ def shared_prefix_length(ids: torch.Tensor, mask: torch.Tensor) -> int:
     return same if same >= MIN_SHARED_PREFIX else 0
 
 
+def run_shared_prefix(
+    model: nn.Module,
+    cache: Any,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    prefix: int,
+    multiple: int,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the first ``prefix`` real tokens of the left-padded rows ``ids`` [B, P] (the same
+    in every row: ``shared_prefix_length``) once into ``cache``, and repeat it to the B rows
+    (with autograd, where gradients flow). Returns each row's rest (ids and mask [B, R], the
+    columns of the prefix masked) and the [B, K] mask of the cache's columns; the rest's
+    positions go on from ``prefix``. ``kwargs`` go to ``model`` (``logits_to_keep``).
+    """
+    width = ids.shape[1]
+    first = width - int(mask[0].sum())  # row 0's first real column
+    head, head_mask = pad_to_multiple(
+        ids[:1, first : first + prefix], mask.new_ones(1, prefix), multiple
+    )
+    model(
+        input_ids=head,
+        attention_mask=head_mask,
+        position_ids=position_ids_from_mask(head_mask),
+        use_cache=True,
+        **cache_kwarg(model, cache),
+        **kwargs,
+    )
+    cache.batch_repeat_interleave(ids.shape[0])
+    starts = width - mask.sum(1, keepdim=True)
+    rest = width - int(starts.min()) - prefix  # the longest row's columns after the prefix
+    columns = torch.arange(width - rest, width, device=ids.device)
+    rest_mask = mask[:, width - rest :] * (columns >= starts + prefix)
+    return ids[:, width - rest :], rest_mask, head_mask.expand(ids.shape[0], -1)
+
+
 def pad_to_multiple(
     ids: torch.Tensor, mask: torch.Tensor, multiple: int, pad_id: int = 0, *, offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,20 +409,9 @@ class PolicyModule(nn.Module):
 
         held = own_mask[:, :0]  # [B, K]: the mask of the K columns the cache holds
         if prefix:
-            first = p - int(own_mask[0].sum())  # row 0's first real column
-            ids, mask = pad_to_multiple(
-                own[:1, first : first + prefix],
-                own_mask.new_ones(1, prefix),
-                self.pad_multiple,
+            own, own_mask, held = run_shared_prefix(
+                body, cache, own, own_mask, prefix, self.pad_multiple
             )
-            run(ids, mask, mask.cumsum(1) - 1)
-            cache.batch_repeat_interleave(own.shape[0])
-            held = mask.expand(own.shape[0], -1)
-            starts = p - own_mask.sum(1, keepdim=True)
-            rest = p - int(starts.min()) - prefix  # the longest prompt's columns after it
-            columns = torch.arange(p - rest, p, device=own.device)
-            own = own[:, p - rest :]
-            own_mask = own_mask[:, p - rest :] * (columns >= starts + prefix)
         if g == 1:  # the rest of each prompt and its completion in one pass
             ids, mask = pad_to_multiple(
                 torch.cat([own, input_ids[:, p:-1]], 1),

@@ -876,6 +876,21 @@ def test_sft_step_quick_times_our_step_beside_a_bare_one_on_the_same_examples(tm
     assert "| plain " in stem.with_suffix(".md").read_text()
 
 
+def test_prefill_prefix_times_both_prefills_on_the_same_tokens(tmp_path):
+    stem = tmp_path / "prefill-prefix"
+    proc = _run_script(
+        "prefill_prefix.py", "--model", "tiny-random", "--repeats", "1", "--results", str(stem)
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert report["common_prefix_tokens"] >= 32  # the chat template and system prompt
+    assert len(report["results"]) == 2
+    greedy, sampled = report["results"].values()
+    assert greedy["same_share"] == 1.0 and sampled["same_share"] > 0.5, report["results"]
+    assert all(r["once_s"] > 0 and r["per_prompt_s"] > 0 for r in (greedy, sampled))
+    assert "prefix once s" in stem.with_suffix(".md").read_text()
+
+
 def test_from_start_summary_pools_each_variant_over_its_sources_seeds(tmp_path):
     records, results = tmp_path / "results", tmp_path / "results" / "from-start"
     results.mkdir(parents=True)

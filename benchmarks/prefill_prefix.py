@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--results", type=Path, default=RESULTS_DIR / "prefill-prefix")
+    ap.add_argument(
+        "--quick", action="store_true", help="16 new tokens a completion (the smoke test's run)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -66,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             prompts=prompts[16:32], num_generations=4, max_new_tokens=128, temperature=0.9
         ),
     }
+    if args.quick:
+        for work in workloads.values():
+            work["max_new_tokens"] = 16
     shared = hf.shared_prefix_length
 
     def run(work: dict[str, Any], once: bool, seed: int):

@@ -879,7 +879,14 @@ def test_sft_step_quick_times_our_step_beside_a_bare_one_on_the_same_examples(tm
 def test_prefill_prefix_times_both_prefills_on_the_same_tokens(tmp_path):
     stem = tmp_path / "prefill-prefix"
     proc = _run_script(
-        "prefill_prefix.py", "--model", "tiny-random", "--repeats", "1", "--results", str(stem)
+        "prefill_prefix.py",
+        "--model",
+        "tiny-random",
+        "--repeats",
+        "1",
+        "--quick",
+        "--results",
+        str(stem),
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(stem.with_suffix(".json").read_text())

@@ -192,6 +192,51 @@ def test_a_draw_seed_replays_grpo_from_a_checkpoint_with_other_draws_on_the_same
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+def test_settings_changed_on_resume_act_and_are_said(tmp_path, tiny_overrides):
+    """``--resume RUN rollout.temperature=...``: the resumed steps sample at the new value
+    (the checkpoint's knobs once overrode it silently: a from-start variant at T = 1.2 ran
+    exactly as its source at 0.9), and the change is said and logged; a plain resume changes
+    nothing and says nothing."""
+    base = tiny_overrides + ["train.steps=2", "eval.limit=0", "grpo.beta=0.05"]
+    run(tmp_path, base, name="source", stop_after=1)
+    variants = {"same": [], "changed": ["rollout.temperature=3.0", "grpo.beta=0.2"]}
+    seen = {}
+    for name, extra in variants.items():
+        shutil.copytree(tmp_path / "source", tmp_path / name)
+        trainer = Trainer(
+            load_config(None, base + extra),
+            run_dir=tmp_path / name,
+            progress=False,
+            reward_fns=EXTRA_REWARDS,
+        )
+        rounds, rollout = [], trainer.rollout
+
+        def recording(problems, knobs, rollout=rollout, rounds=rounds):
+            batch = rollout(problems, knobs)
+            rounds.append((knobs.temperature, knobs.beta, batch.rollout.completion_ids.tolist()))
+            return batch
+
+        trainer.rollout = recording
+        trainer.train(resume=True)
+        seen[name] = rounds
+    source = load_config(None, base)
+    assert {(t, b) for t, b, _ in seen["same"]} == {(source.rollout.temperature, 0.05)}
+    assert {(t, b) for t, b, _ in seen["changed"]} == {(3.0, 0.2)}
+    assert seen["changed"][0][2] != seen["same"][0][2]  # sampled at the new temperature
+    row = next(r for r in read_jsonl(tmp_path / "changed/metrics.jsonl") if r["step"] == 2)
+    assert row["knobs/temperature"] == 3.0 and row["knobs/beta"] == 0.2
+    said = [
+        e for e in read_jsonl(tmp_path / "changed/events.jsonl") if e["kind"] == "settings_changed"
+    ]
+    assert len(said) == 1
+    changed = said[0]["evidence"]["changed"]
+    assert changed["rollout.temperature"] == [source.rollout.temperature, 3.0]
+    assert changed["grpo.beta"] == [0.05, 0.2]
+    assert not [
+        e for e in read_jsonl(tmp_path / "same/events.jsonl") if e["kind"] == "settings_changed"
+    ]
+
+
 def test_after_warmup_evaluation_splits_the_gain(tmp_path, tiny_overrides):
     """Before, after the warm-up and after GRPO are scored on the same problems; the summary
     pairs them (whole run, warm-up, GRPO), strict and lenient, each with its interval."""

@@ -63,14 +63,6 @@ class Knobs:
         state["difficulty"] = None if self.difficulty is None else list(self.difficulty)
         return state
 
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> Knobs:
-        state = dict(state)
-        state.pop("lr_scale", None)  # a knob with no writer, removed; older checkpoints have it
-        if state.get("difficulty") is not None:
-            state["difficulty"] = tuple(state["difficulty"])
-        return cls(**state)
-
 
 @dataclass
 class Event:

@@ -57,6 +57,39 @@ def note_dtype_change(trainer) -> None:
         trainer.event("dtype_changed", message, started=started, now=str(now.dtype))
 
 
+def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict:
+    """Dotted config keys whose values differ, as ``{key: (before, after)}``."""
+    changed: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.update(changed_settings(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changed[f"{prefix}{key}"] = (a, b)
+    return changed
+
+
+def note_setting_changes(trainer) -> None:
+    """Say which settings a resumed run changed against its checkpoint's.
+
+    A resume may change settings on purpose (``--resume RUN rollout.temperature=1.2``): the
+    run goes on with the new values, from the checkpoint's weights and state. Said once, and
+    logged, so a run's record shows where it was no longer one configuration."""
+    if not trainer.accelerator.is_main_process or trainer.resumed_config is None:
+        return
+    now = json.loads(json.dumps(trainer.cfg.to_dict()))  # as the checkpoint stored it
+    changed = changed_settings(trainer.resumed_config, now)
+    if not changed:
+        return
+    listed = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    trainer.say(f"resumed with changed settings (they act from here): {listed}")
+    trainer.event(
+        "settings_changed",
+        f"resumed with {len(changed)} changed setting(s)",
+        changed={k: [a, b] for k, (a, b) in changed.items()},
+    )
+
+
 def run_training(trainer, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
     """Run to ``train.steps``; ``stop_after`` ends this invocation early (checkpointed)."""
     cfg, acc, run_dir = trainer.cfg, trainer.accelerator, trainer.run_dir
@@ -79,6 +112,7 @@ def run_training(trainer, resume: bool = False, stop_after: int | None = None) -
         trainer.event("resume", f"resumed from {resumed_from.name}", step=trainer.step)
         trainer.say(f"resumed from {resumed_from} at step {trainer.step}")
         note_dtype_change(trainer)
+        note_setting_changes(trainer)
         start_trial_engine(trainer)  # a resume inside the backend trial, or after its vLLM pick
     else:
         trainer.event(

@@ -16,7 +16,6 @@ import torch
 from deepsynapse.checkpoint import CheckpointError, load_tree, save_tree, write_checkpoint
 from deepsynapse.config import Config
 from deepsynapse.control.curriculum import apply_locking
-from deepsynapse.control.knobs import Knobs
 from deepsynapse.models.adaptive import AdaptivePolicy
 from deepsynapse.models.trained import restore_policy_state
 
@@ -117,7 +116,10 @@ def load_checkpoint(trainer, folder: Path) -> None:
             trainer.retarget_schedules(trainer.budget.grpo_steps)
     trainer.bad_steps = int(state.get("bad_steps", 0))
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
-    trainer.knobs = Knobs.from_state(state["knobs"])
+    # The base knobs are not restored: they are the configuration's values (controllers change
+    # a copy each step and keep their own state), so a setting changed on resume
+    # (``rollout.temperature=1.2``) acts; ``note_setting_changes`` says which changed.
+    trainer.resumed_config = state.get("config")
     trainer.engine.load_state_dict(state["rewards"])
     for c in trainer.controllers:
         if c.name in state["controllers"]:

@@ -222,6 +222,7 @@ class Trainer:
         )
         self.weights_version = 0  # bumped by every optimizer step, growth and load
         self.vllm, self.vllm_version, self.rollout_note = None, -1, ""
+        self.resumed_config: dict[str, Any] | None = None  # the checkpoint's, on resume
         self.backend_trial: BackendTrial | None = None
         if cfg.rollout.backend == "auto" and self.accelerator.device.type == "cpu":
             # does the engine pay in this CPU's training process? measured on the run's

@@ -57,7 +57,9 @@ def note_dtype_change(trainer) -> None:
         trainer.event("dtype_changed", message, started=started, now=str(now.dtype))
 
 
-def changed_settings(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict:
+def changed_settings(
+    before: dict[str, Any], after: dict[str, Any], prefix: str = ""
+) -> dict[str, tuple[Any, Any]]:
     """Dotted config keys whose values differ, as ``{key: (before, after)}``."""
     changed: dict[str, tuple[Any, Any]] = {}
     for key in sorted(set(before) | set(after)):

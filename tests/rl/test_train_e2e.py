@@ -153,6 +153,29 @@ def test_resume_is_exact(tmp_path, tiny_overrides):
     assert steps == [1, 2, 3, 4]  # every step logged exactly once
 
 
+def resumed_rollouts(tmp_path, overrides, source: str, name: str) -> list:
+    """Resume a copy of run ``source`` as ``name`` with ``overrides``; each rollout round's
+    (problem ids, knobs, completion ids), as the trainer drew them."""
+    shutil.copytree(tmp_path / source, tmp_path / name)
+    trainer = Trainer(
+        load_config(None, overrides),
+        run_dir=tmp_path / name,
+        progress=False,
+        reward_fns=EXTRA_REWARDS,
+    )
+    rounds, rollout = [], trainer.rollout
+
+    def recording(problems, knobs):
+        batch = rollout(problems, knobs)
+        ids = batch.rollout.completion_ids.tolist()
+        rounds.append(([p.id for p in problems], knobs.copy(), ids))
+        return batch
+
+    trainer.rollout = recording
+    trainer.train(resume=True)
+    return rounds
+
+
 def test_a_draw_seed_replays_grpo_from_a_checkpoint_with_other_draws_on_the_same_data(
     tmp_path, tiny_overrides
 ):
@@ -164,25 +187,12 @@ def test_a_draw_seed_replays_grpo_from_a_checkpoint_with_other_draws_on_the_same
     run(tmp_path, base, name="source", stop_after=1)
     seed = load_config(None, base).train.seed
     variants = {"unset": [], "equal": [f"train.draw_seed={seed}"], "other": ["train.draw_seed=99"]}
-    seen = {}
-    for name, extra in variants.items():
-        shutil.copytree(tmp_path / "source", tmp_path / name)
-        trainer = Trainer(
-            load_config(None, base + extra),
-            run_dir=tmp_path / name,
-            progress=False,
-            reward_fns=EXTRA_REWARDS,
-        )
-        rounds, rollout = [], trainer.rollout
-
-        def recording(problems, knobs, rollout=rollout, rounds=rounds):
-            batch = rollout(problems, knobs)
-            rounds.append(([p.id for p in problems], batch.rollout.completion_ids.tolist()))
-            return batch
-
-        trainer.rollout = recording
-        trainer.train(resume=True)
-        seen[name] = rounds
+    seen = {
+        name: [
+            (ids, done) for ids, _, done in resumed_rollouts(tmp_path, base + extra, "source", name)
+        ]
+        for name, extra in variants.items()
+    }
     assert seen["unset"][0][0] == seen["equal"][0][0] == seen["other"][0][0]  # same problems
     assert seen["equal"] == seen["unset"]
     assert seen["other"][0][1] != seen["unset"][0][1]  # other completions
@@ -200,25 +210,13 @@ def test_settings_changed_on_resume_act_and_are_said(tmp_path, tiny_overrides):
     base = tiny_overrides + ["train.steps=2", "eval.limit=0", "grpo.beta=0.05"]
     run(tmp_path, base, name="source", stop_after=1)
     variants = {"same": [], "changed": ["rollout.temperature=3.0", "grpo.beta=0.2"]}
-    seen = {}
-    for name, extra in variants.items():
-        shutil.copytree(tmp_path / "source", tmp_path / name)
-        trainer = Trainer(
-            load_config(None, base + extra),
-            run_dir=tmp_path / name,
-            progress=False,
-            reward_fns=EXTRA_REWARDS,
-        )
-        rounds, rollout = [], trainer.rollout
-
-        def recording(problems, knobs, rollout=rollout, rounds=rounds):
-            batch = rollout(problems, knobs)
-            rounds.append((knobs.temperature, knobs.beta, batch.rollout.completion_ids.tolist()))
-            return batch
-
-        trainer.rollout = recording
-        trainer.train(resume=True)
-        seen[name] = rounds
+    seen = {
+        name: [
+            (kn.temperature, kn.beta, done)
+            for _, kn, done in resumed_rollouts(tmp_path, base + extra, "source", name)
+        ]
+        for name, extra in variants.items()
+    }
     source = load_config(None, base)
     assert {(t, b) for t, b, _ in seen["same"]} == {(source.rollout.temperature, 0.05)}
     assert {(t, b) for t, b, _ in seen["changed"]} == {(3.0, 0.2)}

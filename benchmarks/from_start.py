@@ -46,7 +46,10 @@ function unchanged where both are still at identity, as at the start of GRPO
 (``rebase_adaptive``; a module that moved is refused).
 The variant resumes the source's resolved ``config.yaml``, which pins every key: a default
 changed since the source ran does not reach it (pass the key as an override, e.g.
-``control.kl_temperature.couple=false``). Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
+``control.kl_temperature.couple=false``). Every override acts from the first GRPO step, and
+the trainer prints the settings that changed (until 2026-12-07 the sampling temperature, KL
+beta, reward weights and lengths stayed the checkpoint's: a variant of those was its source
+again). Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
 same command again.
 """
 

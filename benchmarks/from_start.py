@@ -98,9 +98,9 @@ def rebase_rewards(dest: Path, overrides: list[str]) -> str | None:
     on resume (rightly: mid-run, the calibration statistics, the episodic memory and the
     verifier have learned from them). At the start of GRPO they have learned nothing
     (checked, else refused), so the start is rewritten for the variant's set: the identity
-    and the knobs' weights take the variant's rewards, and the states sized by the old set
-    (the verifier where the variant has none, the weight allocator's) are dropped, to be
-    built fresh as a run starting GRPO would build them.
+    takes the variant's rewards (the weights are the variant's configuration's), and the
+    states sized by the old set (the verifier where the variant has none, the weight
+    allocator's) are dropped, to be built fresh as a run starting GRPO would build them.
     """
     from deepsynapse.checkpoint import load_tree, save_tree
     from deepsynapse.config import load_config
@@ -125,7 +125,6 @@ def rebase_rewards(dest: Path, overrides: list[str]) -> str | None:
             f"rewards ({theirs} -> {ours})"
         )
     state["identity"]["rewards"] = ours
-    state["knobs"]["reward_weights"] = dict(cfg.rewards.weights)
     if "verifier" not in cfg.rewards.weights:
         rewards.pop("verifier", None)
     state["controllers"].pop("allocator", None)

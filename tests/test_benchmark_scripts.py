@@ -709,7 +709,6 @@ def test_from_start_rebases_the_start_of_grpo_onto_the_variants_rewards(tmp_path
     state = {
         "step": 0,
         "identity": {"model": "tiny-random", "rewards": sorted(cfg.rewards.weights)},
-        "knobs": {"reward_weights": dict(cfg.rewards.weights), "temperature": 0.9},
         "rewards": {
             "fusion": {"stats": {}},
             "memory": {"problems": []},
@@ -725,10 +724,6 @@ def test_from_start_rebases_the_start_of_grpo_onto_the_variants_rewards(tmp_path
     assert new["identity"] == {
         "model": "tiny-random",
         "rewards": ["correctness", "soft_format", "strict_format"],
-    }
-    assert new["knobs"] == {
-        "reward_weights": {"correctness": 1.0, "strict_format": 0.3, "soft_format": 0.2},
-        "temperature": 0.9,
     }
     assert "verifier" not in new["rewards"] and list(new["controllers"]) == ["curriculum"]
 

@@ -62,7 +62,6 @@ def trainer_state(trainer) -> dict[str, Any]:
         "budget": None if trainer.budget is None else trainer.budget.state_dict(),
         "bad_steps": trainer.bad_steps,
         "skipped_steps": trainer.skipped_steps,
-        "knobs": trainer.knobs.state_dict(),
         "locked_groups": trainer.locked_groups,
         "backend_trial": None
         if trainer.backend_trial is None
@@ -116,9 +115,9 @@ def load_checkpoint(trainer, folder: Path) -> None:
             trainer.retarget_schedules(trainer.budget.grpo_steps)
     trainer.bad_steps = int(state.get("bad_steps", 0))
     trainer.skipped_steps = int(state.get("skipped_steps", 0))
-    # The base knobs are not restored: they are the configuration's values (controllers change
-    # a copy each step and keep their own state), so a setting changed on resume
-    # (``rollout.temperature=1.2``) acts; ``note_setting_changes`` says which changed.
+    # The base knobs are neither saved nor restored: they are the configuration's values
+    # (controllers change a copy each step and keep their own state), so a setting changed on
+    # resume (``rollout.temperature=1.2``) acts; ``note_setting_changes`` says which changed.
     trainer.resumed_config = state.get("config")
     trainer.engine.load_state_dict(state["rewards"])
     for c in trainer.controllers:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from deepsynapse.caching import Stamp, files_stamp
+from deepsynapse.models.lean_layers import use_lean_layers
 
 logger = logging.getLogger(__name__)
 
@@ -300,12 +301,13 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, tokenizer=None):
 
     if name == "tiny-random":
         model = build_tiny_random(tokenizer if tokenizer is not None else load_tokenizer(name))
-        return model.to(dtype)
+        return use_lean_layers(model.to(dtype))
     source = resolve_model_source(name)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except Exception as exc:
         raise _not_found(name, exc) from exc
+    return use_lean_layers(model)  # less kept for backward (models/lean_layers.py)
 
 
 def _not_found(name: str, exc: Exception) -> ModelLoadError:

@@ -101,3 +101,19 @@ def test_grouped_attention_is_not_written_into_saved_configs(tmp_path):
     tokenizer = load_tokenizer("tiny-random")
     load_model("tiny-random", tokenizer=tokenizer).save_pretrained(tmp_path)
     assert GQA_ATTENTION not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
+
+
+def test_lean_layers_in_bf16_are_as_accurate_as_the_stock_ones():
+    """On a bf16 base (AMX class) the gradients are as near float64's as transformers' are."""
+    tokenizer = load_tokenizer("tiny-random")
+    model = load_model("tiny-random", dtype=torch.bfloat16, tokenizer=tokenizer)
+    logits, grads, _ = _forward_backward(model)
+    ref_logits, ref_grads, _ = _forward_backward(_stock(model))
+    _, exact, _ = _forward_backward(_stock(copy.deepcopy(model).double()))
+
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)  # the forward is unchanged
+
+    def error(g: dict[str, torch.Tensor]) -> float:
+        return max(float((g[n].double() - exact[n]).abs().max() / exact[n].abs().max()) for n in g)
+
+    assert error(grads) <= 1.1 * error(ref_grads)

@@ -86,12 +86,15 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         gate, up = ctx.saved_tensors
+        dtype = gate.dtype
+        if dtype in (torch.bfloat16, torch.float16):  # in fp32, as torch's SiLU backward is
+            gate, up, grad = gate.float(), up.float(), grad.float()
         sig = torch.sigmoid(gate)
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_up = grad * (gate * sig)
+            grad_up = (grad * (gate * sig)).to(dtype)
         if ctx.needs_input_grad[0]:  # silu'(g) = s (1 + g (1 - s))
-            grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+            grad_gate = (grad * up * sig * (1 + gate * (1 - sig))).to(dtype)
         return grad_gate, grad_up
 
 

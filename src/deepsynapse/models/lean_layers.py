@@ -38,6 +38,7 @@ GQA_ATTENTION = "sdpa_gqa"
 
 # Gated MLPs whose forward is exactly down(silu(gate(x)) * up(x)) (with a SiLU act_fn)
 GATED_SILU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
+SILU_ACTIVATIONS = frozenset({"SiLU", "SiLUActivation"})  # torch's; transformers' ACT2FN["silu"]
 
 
 def sdpa_gqa_attention(
@@ -127,16 +128,8 @@ def use_lean_layers(model: nn.Module) -> nn.Module:
     if getattr(config, "_attn_implementation", None) == "sdpa":
         _register_attention()
         model.set_attn_implementation(GQA_ATTENTION)
-    silu = (nn.SiLU,)
-    try:
-        from transformers.activations import SiLUActivation
-
-        silu = (nn.SiLU, SiLUActivation)
-    except ImportError:  # older transformers: ACT2FN["silu"] is nn.SiLU
-        pass
     for module in model.modules():
-        if type(module).__name__ in GATED_SILU_MLPS and isinstance(
-            getattr(module, "act_fn", None), silu
-        ):
+        act = type(getattr(module, "act_fn", None)).__name__
+        if type(module).__name__ in GATED_SILU_MLPS and act in SILU_ACTIVATIONS:
             module.forward = types.MethodType(_gated_mlp_forward, module)
     return model

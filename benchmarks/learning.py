@@ -47,7 +47,12 @@ Evaluation of record, paired. Each run folder holds the trainer's own evaluation
 fixed held-out synthetic set (``data.eval=synthetic``, split test: stratified by difficulty,
 disjoint from training; ``--eval-limit`` = its first N problems): ``eval_before.json`` (the
 base model), ``eval_after_sft.json`` (after the SFT warm-up, where GRPO starts) and
-``eval_after.json`` (the end). For transfer, this script scores the first ``--gsm8k-limit``
+``eval_after.json`` (the end). The evaluation before is the untrained model's, the same for
+every run of a study within a dtype (measured, answer for answer), and its rambling answers
+take ~10 minutes on one core at 384 problems: a new run is given an earlier run's from the
+study folder (or a restored record) where the held-out settings, the CPU class and the share
+of cores are the same (``share_before``), and the trainer uses it only if it decodes in the
+dtype and with the decoder that made it. For transfer, this script scores the first ``--gsm8k-limit``
 problems of GSM8K test (default 200; 0 = all 1,319) with ``deepsynapse eval`` at the run's
 start point (the checkpoint ``step-0``, saved when the warm-up ends) and at its final
 checkpoint. Every claim is paired on the same problems (``deepsynapse.eval.stats``): a run's
@@ -420,6 +425,76 @@ def inspect_run(run_dir: Path, expected: dict[str, Any]) -> tuple[str, str]:
     if ckpt is not None:
         return "resumable", f"from {ckpt.name}"
     return "todo", "no complete checkpoint (started over)"
+
+
+# What decides the untrained model's held-out answers: the model, the held-out set and its
+# decoding, the prompt's schema, the sampler, the parts on the forward pass from the start.
+# The seed, LoRA's shape (its B starts at 0), rewards, GRPO and the warm-up cannot.
+BEFORE_KEYS = (
+    "model.",
+    "eval.",
+    "data.",
+    "rewards.schema",
+    "rollout.backend",
+    "hypernet.enabled",
+    "memory.enabled",
+)
+
+
+def before_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings an evaluation of the untrained model depends on (``BEFORE_KEYS``)."""
+    return {k: v for k, v in _flatten(config).items() if k.startswith(BEFORE_KEYS)}
+
+
+def _made_in_dtype(run_dir: Path, result: dict[str, Any]) -> str | None:
+    """The dtype an evaluation was decoded in: its own record, else the run's start event."""
+    if result.get("dtype"):
+        return str(result["dtype"])
+    for row in read_jsonl(run_dir / "events.jsonl"):
+        if row.get("kind") == "start":
+            return (row.get("evidence") or {}).get("dtype")
+    return None
+
+
+def share_before(run_dir: Path, expected: dict[str, Any], cores: Sequence[int]) -> str | None:
+    """Give a new run an earlier run's evaluation before where it is this run's too.
+
+    Every run of a study starts from the same untrained model, whose rambling answers take
+    ~10 minutes on one core at 384 problems (measured: plain and full-critique, seeds 9-13,
+    answered identically within a dtype). An earlier run beside this one (same study
+    folder) serves if its held-out settings (``BEFORE_KEYS``) are this run's, it trained on
+    this CPU class with as many cores, and its dtype is known; the copy is marked
+    ``shared_from`` and the trainer uses it only if it decodes in that dtype with that
+    decoder (``rollout.backend=auto`` picks at run time: never shared). Returns the source.
+    """
+    wanted = before_settings(expected)
+    if wanted.get("rollout.backend") == "auto":
+        return None
+    here = machine_info().get("cpu_class")
+    for path in sorted(run_dir.parent.glob("*/eval_before.json")):
+        source = path.parent
+        if source == run_dir:
+            continue
+        try:
+            from deepsynapse.config import load_config
+
+            theirs = load_config(source / "config.yaml").to_dict()
+        except Exception:  # noqa: BLE001 - an older schema or a half-made folder: not a source
+            continue
+        trained = [r for r in read_jsonl(source / EVAL_DIR / MACHINES) if r["action"] == "trained"]
+        result = read_json(path)
+        if not trained or result is None or before_settings(theirs) != wanted:
+            continue
+        if trained[0].get("cpu_class") != here or len(trained[0]["cores"]) != len(cores):
+            continue
+        dtype = _made_in_dtype(source, result)
+        if dtype is None:
+            continue
+        shared = {**result, "dtype": dtype, "shared_from": result.get("shared_from", str(source))}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval_before.json").write_text(json.dumps(shared, indent=1), encoding="utf-8")
+        return shared["shared_from"]
+    return None
 
 
 def prune_checkpoints(run_dir: Path) -> list[str]:
@@ -1428,6 +1503,9 @@ def advance(
         began = time.perf_counter()
         cmd = train_command(recipe, run.overrides, run.run_dir, resume)
         used = cores or sorted(os.sched_getaffinity(0))
+        shared = None if resume else share_before(run.run_dir, expected, used)
+        if shared:
+            say(f"    evaluation before: shared from {shared} (same held-out settings and CPU)")
         record_machine(run.run_dir, run.actions[-1], used, beside)
         rc = run_logged(cmd, run.run_dir / EVAL_DIR / "train.log", cores=cores)
         took = time.perf_counter() - began

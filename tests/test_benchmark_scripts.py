@@ -401,6 +401,45 @@ def test_learning_run_folders_are_finished_resumable_new_or_in_conflict(tmp_path
     assert learning.inspect_run(plain.run_dir, moved)[0] == "finished"
 
 
+def test_learning_shares_the_untrained_models_evaluation_only_where_it_is_the_same(tmp_path):
+    from deepsynapse.config import save_config
+
+    st, recipe, runs = _learning_runs(tmp_path, ("plain", "full"), (0, 1))
+    plain0, full0, plain1, full1 = runs
+    expected = {r.run_dir: load_config(recipe, r.overrides).to_dict() for r in runs}
+
+    def share(run, cores=(0,), **changed):
+        settings = json.loads(json.dumps(expected[run.run_dir]))
+        for key, value in changed.items():
+            section, name = key.split("__")
+            settings[section][name] = value
+        return learning.share_before(run.run_dir, settings, list(cores))
+
+    assert share(plain1) is None  # nothing evaluated yet
+    d = plain0.run_dir  # plain seed 0 has evaluated the untrained model, one core beside full
+    (d / "learning").mkdir(parents=True)
+    save_config(load_config(recipe, plain0.overrides), d / "config.yaml")
+    made = {**_records("h", [False, True]), "seconds": 600.0, "backend": "ours"}
+    (d / "eval_before.json").write_text(json.dumps(made))
+    row = {"action": "trained", "cpu_class": learning.machine_info()["cpu_class"], "cores": [1]}
+    (d / "learning" / "machines.jsonl").write_text(json.dumps(row) + "\n")
+    assert share(plain1) is None  # in what dtype it decoded is not known yet
+    start = {"kind": "start", "evidence": {"dtype": "torch.float32"}}
+    (d / "events.jsonl").write_text(json.dumps(start) + "\n")
+    assert share(plain1) == str(d)  # another seed: the same untrained model, the same answers
+    shared = json.loads((plain1.run_dir / "eval_before.json").read_text())
+    assert shared == {**made, "dtype": "torch.float32", "shared_from": str(d)}
+    assert learning.inspect_run(plain1.run_dir, expected[plain1.run_dir])[0] == "todo"
+    # Never across what the untrained model's answers depend on, nor another share of cores.
+    assert share(full1) is None  # its schema, memory and hypernetwork
+    assert share(full0, eval__limit=7) is None
+    assert share(plain1, cores=(0, 1)) is None
+    assert share(plain1, rollout__backend="auto") is None  # the decoder is picked at run time
+    row["cpu_class"] = "another class"
+    (d / "learning" / "machines.jsonl").write_text(json.dumps(row) + "\n")
+    assert share(plain1) is None
+
+
 def test_learning_keeps_the_start_point_and_asks_only_for_missing_evaluations(tmp_path):
     st, recipe, runs = _learning_runs(tmp_path, ("plain",), (0,))
     (run,) = runs

@@ -97,6 +97,33 @@ def test_end_to_end_tiny_run(tmp_path, tiny_overrides):
     assert (run_dir / "report.html").is_file()
 
 
+def test_a_shared_evaluation_before_stands_in_only_in_its_dtype(tmp_path, tiny_overrides):
+    """benchmarks/learning.py gives a study's new run an earlier run's evaluation of the
+    untrained model (``shared_from``): the trainer uses it where it was decoded in this run's
+    dtype and decoder, and evaluates again where not; another seed answers the same."""
+    overrides = tiny_overrides + ["sft.steps=0", "train.steps=1", "eval.limit=3"]
+    first, _ = run(tmp_path, overrides, name="first")
+    made = json.loads((tmp_path / "first" / "eval_before.json").read_text())
+    assert made["dtype"] == str(first.dtype_choice.dtype) == "torch.float32"
+    for name, dtype in (("same", made["dtype"]), ("other", "torch.bfloat16")):
+        folder = tmp_path / name
+        folder.mkdir()
+        shared = {**made, "shared_from": str(tmp_path / "first"), "dtype": dtype, "seconds": 99.0}
+        (folder / "eval_before.json").write_text(json.dumps(shared))
+        run(tmp_path, overrides + ["train.seed=7"], name=name)
+        used = json.loads((folder / "eval_before.json").read_text())
+        events = read_jsonl(folder / "events.jsonl")
+        if name == "same":
+            assert used == shared
+            assert [e["evidence"]["source"] for e in events if e["kind"] == "eval_shared"] == [
+                str(tmp_path / "first")
+            ]
+        else:  # evaluated again: its own, in its dtype, and what the shared one said
+            assert "shared_from" not in used and used["dtype"] == made["dtype"]
+            assert used["records"] == made["records"] and used["seconds"] != 99.0
+            assert not any(e["kind"] == "eval_shared" for e in events)
+
+
 def test_unknown_reward_is_refused_before_loading_anything(tmp_path):
     cfg = load_config(None, ["model.name=tiny-random", "rewards.weights={correctnes: 1.0}"])
     with pytest.raises(

@@ -80,9 +80,40 @@ def evaluate_heldout(
     records = gather_all(trainer.accelerator, result["records"])
     summary = summarize(records, result["seconds"])
     summary["backend"] = result["backend"]
+    summary["dtype"] = str(trainer.dtype_choice.dtype)  # greedy answers differ between dtypes
     if save and trainer.accelerator.is_main_process:
         (trainer.run_dir / f"eval_{tag}.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def shared_before_fits(trainer) -> bool:
+    """Whether the ``eval_before.json`` already in the run folder can stand for this run's.
+
+    A study's runs start from the same untrained model, so their evaluations before are the
+    same answer for answer where the held-out settings and the dtype are (measured: plain and
+    full-critique, seeds 9-13, identical within a dtype, 254 of 384 answers apart between
+    fp32 and bf16). ``benchmarks/learning.py`` puts an earlier run's there, marked
+    ``shared_from``; it serves if it was made in this run's dtype and decoder. A file without
+    the mark is this run's own (an earlier attempt that stopped before its first checkpoint).
+    """
+    path = trainer.run_dir / "eval_before.json"
+    if not path.is_file():
+        return False
+    result = json.loads(path.read_text(encoding="utf-8"))
+    source = result.get("shared_from")
+    if source is None:
+        return True
+    made_in = (result.get("dtype"), result.get("backend"))
+    wanted = (str(trainer.dtype_choice.dtype), "ours" if trainer.vllm is None else "vllm")
+    if made_in != wanted:
+        trainer.say(
+            f"evaluation before: the shared one from {source} was made in {made_in[0]} by "
+            f"{made_in[1]}, this run decodes in {wanted[0]} by {wanted[1]}: evaluating again"
+        )
+        return False
+    trainer.say(f"evaluation before: the untrained model's, shared from {source}")
+    trainer.event("eval_shared", "evaluation before shared", source=source)
+    return True
 
 
 def run_probes(trainer) -> dict[str, float]:

@@ -20,7 +20,7 @@ from deepsynapse.rl.budget import (
     planned_grpo_steps,
 )
 from deepsynapse.rl.collect import close_rollout_engine, start_trial_engine
-from deepsynapse.rl.evaluation import evaluate_heldout, run_probes
+from deepsynapse.rl.evaluation import evaluate_heldout, run_probes, shared_before_fits
 from deepsynapse.rl.ranks import reduce_scalar
 from deepsynapse.rl.setup import finish_trackers, init_trackers
 from deepsynapse.rl.warmup import check_answer_lengths, run_warmup
@@ -167,12 +167,17 @@ def run_stages(trainer, resumed: bool, stop_at: int) -> bool:
     """
     cfg, acc = trainer.cfg, trainer.accelerator
     run_dir, budget = trainer.run_dir, trainer.budget
-    if not resumed and not (run_dir / "eval_before.json").exists():
+    if not resumed:
         check_answer_lengths(trainer)
-        start = time.perf_counter()
-        evaluate_heldout(trainer, "before")
-        if budget is not None:  # the evaluations still to come are reserved at this cost
-            budget.eval_seconds = time.perf_counter() - start
+        if shared_before_fits(trainer):
+            before = json.loads((run_dir / "eval_before.json").read_text(encoding="utf-8"))
+            if budget is not None:  # the evaluations still to come are reserved at its cost
+                budget.eval_seconds = float(before.get("seconds") or 0.0)
+        else:
+            start = time.perf_counter()
+            evaluate_heldout(trainer, "before")
+            if budget is not None:  # the evaluations still to come are reserved at this cost
+                budget.eval_seconds = time.perf_counter() - start
     if not trainer.sft_done:
         done = run_warmup(trainer)
         trainer.save_checkpoint()

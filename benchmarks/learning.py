@@ -481,7 +481,8 @@ def share_before(run_dir: Path, expected: dict[str, Any], cores: Sequence[int]) 
             theirs = load_config(source / "config.yaml").to_dict()
         except Exception:  # noqa: BLE001 - an older schema or a half-made folder: not a source
             continue
-        trained = [r for r in read_jsonl(source / EVAL_DIR / MACHINES) if r["action"] == "trained"]
+        machines = read_jsonl(source / EVAL_DIR / MACHINES)
+        trained = [r for r in machines if r.get("action") == "trained" and r.get("cores")]
         result = read_json(path)
         if not trained or result is None or before_settings(theirs) != wanted:
             continue

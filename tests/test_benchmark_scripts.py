@@ -286,8 +286,10 @@ def _records(prefix, correct, lenient=None):
     }
 
 
-def _fabricate_finished(run, recipe, start, final, gsm_start, gsm_final):
-    """A finished run folder as the trainer and this script leave it (no model involved)."""
+def _fabricate_finished(run, recipe, start, final, gsm_start, gsm_final, svamp=None):
+    """A finished run folder as the trainer and this script leave it (no model involved).
+
+    ``svamp``: its (start, final) outcomes; by default GSM8K's, on SVAMP's problems."""
     from deepsynapse.checkpoint import save_tree
     from deepsynapse.config import save_config
 
@@ -299,6 +301,9 @@ def _fabricate_finished(run, recipe, start, final, gsm_start, gsm_final):
     (d / "eval_after.json").write_text(json.dumps(_records("h", final)))
     (d / "learning" / "gsm8k_start.json").write_text(json.dumps(_records("g", gsm_start)))
     (d / "learning" / "gsm8k_final.json").write_text(json.dumps(_records("g", gsm_final)))
+    sv_start, sv_final = svamp or (gsm_start, gsm_final)
+    (d / "learning" / "svamp_start.json").write_text(json.dumps(_records("s", sv_start)))
+    (d / "learning" / "svamp_final.json").write_text(json.dumps(_records("s", sv_final)))
     rows = [{"step": 0, "sft/step": k, "timing/sft_step": 2.0} for k in (1, 2)]
     rows += [{"step": k, "timing/step": 5.0, "completion/truncated_rate": k / 4} for k in (1, 2)]
     rows[-1]["accuracy/heldout"] = 0.5
@@ -472,6 +477,11 @@ def test_learning_keeps_the_start_point_and_asks_only_for_missing_evaluations(tm
         "--output",
         str(tmp_path / "o.json"),
     ]
+    jobs, _ = learning.eval_jobs(learning.replace(st, svamp_limit=0), run.run_dir, cfg)
+    assert [(j.name, j.data, j.limit) for j in jobs] == [
+        ("svamp_final.json", "svamp", 1000),
+        ("svamp_start.json", "svamp", 1000),
+    ]  # the outside set at the model's level, 0 = all of it
     shutil.rmtree(run.run_dir / "checkpoints" / "step-0")
     jobs, notes = learning.eval_jobs(learning.replace(st, gsm8k_limit=8), run.run_dir, cfg)
     assert [j.name for j in jobs] == ["gsm8k_final.json"]
@@ -519,8 +529,10 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
         ("plain", 1): ([F, F, F, F], [F, F, F, F], [F] * 4, [F] * 4),
         ("full", 1): ([F, F, F, F], [T, T, F, F], [F] * 4, [F] * 4),
     }
+    svamp = {("plain", 0): ([F] * 4, [T, F, F, F]), ("full", 0): ([F] * 4, [T, T, T, F])}
     for run in runs:
-        _fabricate_finished(run, recipe, *outcomes[(run.config, run.seed)])
+        key = (run.config, run.seed)
+        _fabricate_finished(run, recipe, *outcomes[key], svamp=svamp.get(key, ([F] * 4,) * 2))
     results = [learning.read_run(r, st) for r in runs]
     first = results[0].numbers
     assert (first["config"], first["sft_steps"], first["grpo_steps"]) == ("plain", 2, 2)
@@ -542,6 +554,8 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     assert fvp["per_seed"][1]["heldout"]["strict"]["delta"] == 0.5
     assert fvp["mean"]["heldout_strict"]["mean"] == pytest.approx(0.375)
     assert fvp["mean"]["gsm8k_strict"]["mean"] == pytest.approx(0.125)
+    assert fvp["per_seed"][0]["svamp"]["strict"]["delta"] == 0.5  # each outside set paired
+    assert first["svamp"]["gain"]["strict"]["delta"] == 0.25
     pooled = fvp["pooled"]["heldout_strict"]  # 8 (seed, problem) pairs: 3 fixed, 0 broken
     assert (pooled["seeds"], pooled["n"], pooled["fixed"], pooled["broken"]) == (2, 8, 3, 0)
     assert pooled["delta"] == pytest.approx(0.375)
@@ -550,7 +564,13 @@ def test_learning_report_pairs_runs_per_seed_and_averages_over_seeds(tmp_path):
     assert seeds["heldout_final"]["per_seed"] == [0.75, 0.5]
     assert seeds["heldout_gain_strict"]["mean"] == pytest.approx(0.5)
     text = learning.markdown(report)
-    for heading in ("Per run, held-out", "GSM8K test transfer", "Across seeds", "vs plain, paired"):
+    for heading in (
+        "Per run, held-out",
+        "GSM8K test transfer",
+        "SVAMP transfer (first 4 problems)",
+        "Across seeds",
+        "vs plain, paired",
+    ):
         assert heading in text
     saw = text.split("what its GRPO steps saw")[1]  # format valid, truncated, ...: means
     assert re.search(r"\| plain +\| 0 +\| - +\| 0\.38 +\| - +\|", saw)
@@ -662,6 +682,7 @@ def test_learning_quick_trains_evaluates_and_writes_results(tmp_path, side_by_si
     assert not data["left"] and all(not r["errors"] for r in data["invocation"])
     for r in data["runs"]:
         assert r["heldout"]["final"]["n"] == 6 and r["gsm8k"]["final"]["n"] == 4
+        assert r["svamp"]["final"]["n"] == 4 and r["svamp"]["start"]["n"] == 4
         assert r["grpo_steps"] >= 1 and r["curve"]["points"]
         (where,) = r["machines"]
         assert len(where["cores"]) == len(os.sched_getaffinity(0)) // (2 if side_by_side else 1)

@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="accuracy and format validity on held-out GSM8K")
     ev.add_argument("--model", default=None, help=MODEL_HELP)
     ev.add_argument("--adapter", help=ADAPTER_HELP)
-    ev.add_argument("--data", default="gsm8k", help="gsm8k, a .jsonl file, a hub id or synthetic")
+    ev.add_argument(
+        "--data",
+        default="gsm8k",
+        help="gsm8k, svamp (packaged outside set), a .jsonl file, a hub id or synthetic",
+    )
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=0, help="first N problems (0 = all)")
     ev.add_argument("--batch-size", type=int, default=16)

@@ -243,3 +243,24 @@ def test_data_error_pickles() -> None:
 
 def test_module_has_no_import_side_effects() -> None:
     assert "datasets" not in vars(gsm8k_module)
+
+
+def test_svamp_ships_with_the_package_as_an_evaluation_only_set() -> None:
+    """The outside set where the embedded model can score: all 1,000 problems, whole-number
+    answers, its own ids (never paired with GSM8K's), no text shared with our held-out set,
+    and no train split, so no recipe can train on it."""
+    from deepsynapse.data.synthetic import heldout_problems
+
+    problems, skipped = load_gsm8k("SVAMP", "test")
+    assert skipped == 0 and len(problems) == 1000
+    assert problems[0].id == "svamp-test-1" and problems[0].source == "svamp"
+    assert problems[0].columns["id"] == "chal-1" and problems[0].answer == "51"
+    assert all(p.answer.lstrip("-").isdigit() for p in problems)
+    assert len({p.question for p in problems}) > 990  # distinct problems, not a template
+    ours = {p.question for p in heldout_problems(384)}
+    assert not ours & {p.question for p in problems}
+    assert [p.id for p in load_gsm8k("svamp", "test", limit=3)[0]] == [
+        f"svamp-test-{i}" for i in (1, 2, 3)
+    ]
+    with pytest.raises(DataError, match="no 'train' split: never trained on"):
+        load_gsm8k("svamp", "train")

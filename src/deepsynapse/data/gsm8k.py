@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_HUB_ID",
     "GSM8K_DIR_ENV",
     "GSM8KSource",
+    "PACKAGED_SETS",
     "calculator_annotations",
     "load_gsm8k",
     "load_gsm8k_jsonl",
@@ -35,6 +36,9 @@ GSM8K_DIR_ENV = "DEEPSYNAPSE_GSM8K_DIR"
 DEFAULT_HUB_ID = "openai/gsm8k"
 _LOCAL_ALIAS = "gsm8k"
 _SHARED_SUBDIR = Path("shared", "data", "gsm8k")
+# Outside evaluation sets shipped with the package, in GSM8K's format (test split only):
+# transfer measured where the embedded model can score (data/outside/<name>/README.md)
+PACKAGED_SETS = {"svamp": Path(__file__).parent / "outside" / "svamp"}
 _ROW_EXPECTED = 'a JSON object with string fields "question" and "answer"'
 _OFFLINE_HINTS = (
     "offline",
@@ -236,7 +240,8 @@ def _local_gsm8k_candidates() -> list[Path]:
 def resolve_gsm8k_source(name: str, split: str) -> GSM8KSource:
     """Decide where ``load_gsm8k(name, split)`` reads from, without reading anything.
 
-    ``name`` is a JSONL file, a directory holding ``{split}.jsonl``, the word ``"gsm8k"``
+    ``name`` is a JSONL file, a directory holding ``{split}.jsonl``, a packaged outside set
+    (``PACKAGED_SETS``: ``"svamp"``, test split only), the word ``"gsm8k"``
     (the local shared copy, found via $DEEPSYNAPSE_GSM8K_DIR, ``../shared/data/gsm8k``
     from the working directory, or ``shared/data/gsm8k`` beside any ancestor of this
     package; the hub if none has the split), or a hub dataset id such as "openai/gsm8k".
@@ -253,6 +258,16 @@ def resolve_gsm8k_source(name: str, split: str) -> GSM8KSource:
         )
     if name.endswith(".jsonl"):
         raise DataError("file not found", path=path, expected="an existing JSONL file")
+    packaged = PACKAGED_SETS.get(name.lower())
+    if packaged is not None:
+        candidate = packaged / f"{split}.jsonl"
+        if not candidate.is_file():
+            raise DataError(
+                f"{name!r} is an evaluation set with no {split!r} split: never trained on",
+                path=packaged,
+                expected="split 'test' (deepsynapse eval --data " + name.lower() + ")",
+            )
+        return GSM8KSource("jsonl", str(candidate), split)
     if name.lower() == _LOCAL_ALIAS:
         for directory in _local_gsm8k_candidates():
             candidate = directory / f"{split}.jsonl"
@@ -361,6 +376,11 @@ def load_gsm8k(
         path = str(source.path)
         stamp = files_stamp(path)  # None when missing: load_gsm8k_jsonl says so, naming it
         problems, skipped = _parsed_jsonl(path, stamp, skip_malformed, limit, calculations)
+        if name.lower() in PACKAGED_SETS:  # its own ids: never paired with GSM8K's by mistake
+            label = name.lower()
+            return [
+                replace(p, id=p.id.replace("gsm8k", label, 1), source=label) for p in problems
+            ], skipped
         return list(problems), skipped
     return _load_from_hub(
         source, skip_malformed=skip_malformed, limit=limit, calculations=calculations

@@ -1252,16 +1252,27 @@ def markdown(report: dict[str, Any]) -> str:
             rows.append(
                 [name, f"mean of {m['heldout_strict']['seeds']}"]
                 + [
-                    _mean_pts(m.get(f"{s}_{k}") or EMPTY)
+                    _mean_pts(c)
+                    + (
+                        f" ({c['seeds']} seeds)"
+                        if c["seeds"] and c["seeds"] != m["heldout_strict"]["seeds"]
+                        else ""
+                    )
                     for s in SETS
                     for k in ("strict", "lenient")
+                    for c in [m.get(f"{s}_{k}") or {**EMPTY, "seeds": 0}]
                 ]
             )
             pooled = comp.get("pooled") or {}
             if (pooled.get("heldout_strict") or {}).get("seeds", 0) > 1:
                 rows.append(
-                    [name, f"pooled over {pooled['heldout_strict']['seeds']}"]
-                    + [_change(pooled.get(f"{s}_{k}")) for s in SETS for k in ("strict", "lenient")]
+                    [name, f"pooled over {(n := pooled['heldout_strict']['seeds'])}"]
+                    + [
+                        _change(c) + (f" ({c['seeds']} seeds)" if c and c["seeds"] != n else "")
+                        for s in SETS
+                        for k in ("strict", "lenient")
+                        for c in [pooled.get(f"{s}_{k}")]
+                    ]
                 )
         if rows:
             headers = "comparison|seed|held-out strict|held-out lenient" + "".join(

@@ -84,8 +84,8 @@ without the run folder, the record restores it as finished, checked against the 
 settings like any folder. A restored run has no checkpoint, so an evaluation it lacks (a
 larger ``--gsm8k-limit``) is reported, not run.
 
-Runtime: 3 seeds x 2 configurations x 1 h = 6 h of training, plus ~2 GSM8K evaluations
-per run (minutes each on 2 cores at 200 problems), so about seven hourly slices; each
+Runtime: 3 seeds x 2 configurations x 1 h = 6 h of training, plus 2 GSM8K and 2 SVAMP
+evaluations per run (3-4 minutes each on one core at 200 and 300 problems, Intel Xeon fp32), so about seven hourly slices; each
 ``--ablate family`` seed adds 5 runs. Results: ``benchmarks/results/learning[-quick]``
 ``.json``, ``.md`` (per run, across seeds, full vs plain, ablation, transfer, the machine)
 and ``.png`` (the curves).

@@ -130,6 +130,7 @@ GSM8K_TEST_SIZE = 1319
 SVAMP_SIZE = 1000
 # The outside sets scored beside the held-out set of record: name -> (label, size)
 TRANSFER = {"gsm8k": ("GSM8K test", GSM8K_TEST_SIZE), "svamp": ("SVAMP", SVAMP_SIZE)}
+SETS = ("heldout", *TRANSFER)  # every set a comparison is paired on
 KEEP_ALL = 100_000  # train.keep_checkpoints: step-0 must survive rotation (pruned here after)
 IGNORED_KEYS = {"train.run_name", "train.output_dir"}  # where a run lives, not what it is
 EVAL_DIR = "learning"  # inside a run folder: this script's evaluations and logs
@@ -1074,8 +1075,8 @@ def compare(results: list[RunResult], base: str, other: str) -> dict[str, Any]:
     out: dict[str, Any] = {"base": base, "other": other, "per_seed": {}, "mean": {}, "pooled": {}}
     for seed in seeds:
         a, b = by[(base, seed)].records, by[(other, seed)].records
-        out["per_seed"][seed] = {s: paired(a.get(s), b.get(s)) for s in ("heldout", *TRANSFER)}
-    for s in ("heldout", *TRANSFER):
+        out["per_seed"][seed] = {s: paired(a.get(s), b.get(s)) for s in SETS}
+    for s in SETS:
         both = [
             (by[(base, seed)].records[s]["records"], by[(other, seed)].records[s]["records"])
             for seed, v in out["per_seed"].items()
@@ -1124,12 +1125,14 @@ def _change(cell: dict[str, Any] | None) -> str:
     return f"{format_interval(cell['delta'], cell['delta_ci'])} p={cell['p_value']:.2g}"
 
 
-EMPTY = {
-    "mean": None,
-    "std": None,
-    "per_seed": [],
-}  # a number a report made before it existed lacks
-SETS = ("heldout", *TRANSFER)  # every set a comparison is paired on
+# a number that a report made before it existed lacks
+EMPTY = {"mean": None, "std": None, "per_seed": [], "seeds": 0}
+
+
+def _fewer_seeds(cell: dict[str, Any] | None, row_seeds: int) -> str:
+    """ " (N seeds)" where a set was paired on fewer seeds than its row says (SVAMP came later)."""
+    n = (cell or {}).get("seeds") or 0
+    return f" ({n} seeds)" if n and n != row_seeds else ""
 
 
 def _mean_acc(cell: dict[str, Any]) -> str:
@@ -1250,17 +1253,12 @@ def markdown(report: dict[str, Any]) -> str:
                 )
             m = comp["mean"]
             rows.append(
-                [name, f"mean of {m['heldout_strict']['seeds']}"]
+                [name, f"mean of {(n := m['heldout_strict']['seeds'])}"]
                 + [
-                    _mean_pts(c)
-                    + (
-                        f" ({c['seeds']} seeds)"
-                        if c["seeds"] and c["seeds"] != m["heldout_strict"]["seeds"]
-                        else ""
-                    )
+                    _mean_pts(c) + _fewer_seeds(c, n)
                     for s in SETS
                     for k in ("strict", "lenient")
-                    for c in [m.get(f"{s}_{k}") or {**EMPTY, "seeds": 0}]
+                    for c in [m.get(f"{s}_{k}") or EMPTY]
                 ]
             )
             pooled = comp.get("pooled") or {}
@@ -1268,7 +1266,7 @@ def markdown(report: dict[str, Any]) -> str:
                 rows.append(
                     [name, f"pooled over {(n := pooled['heldout_strict']['seeds'])}"]
                     + [
-                        _change(c) + (f" ({c['seeds']} seeds)" if c and c["seeds"] != n else "")
+                        _change(c) + _fewer_seeds(c, n)
                         for s in SETS
                         for k in ("strict", "lenient")
                         for c in [pooled.get(f"{s}_{k}")]

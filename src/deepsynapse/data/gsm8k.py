@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,7 +95,9 @@ def calculator_annotations(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def _problem_from_row(row: Any, problem_id: str, calculations: bool = False) -> Problem:
+def _problem_from_row(
+    row: Any, problem_id: str, calculations: bool = False, source: str = "gsm8k"
+) -> Problem:
     """Build a Problem from one decoded GSM8K row, or raise _BadRow saying why not.
 
     With ``calculations``, ``columns["calculations"]`` keeps the calculator annotations as
@@ -132,7 +134,7 @@ def _problem_from_row(row: Any, problem_id: str, calculations: bool = False) -> 
         answer=gold,
         solution="\n".join(lines),
         difficulty=len(lines),
-        source="gsm8k",
+        source=source,
         columns=extras,
     )
 
@@ -148,8 +150,12 @@ def load_gsm8k_jsonl(
     skip_malformed: bool = False,
     limit: int | None = None,
     calculations: bool = False,
+    source: str = "gsm8k",
 ) -> tuple[list[Problem], int]:
     """Read a GSM8K JSONL file into problems; return ``(problems, skipped_rows)``.
+
+    ``source`` names the set: each problem's ``source`` and its id ``{source}-{stem}-{line}``
+    (a packaged outside set in GSM8K's format keeps ids of its own).
 
     The file is read as bytes and decoded line by line so that a bad byte is reported
     with its line number rather than as an opaque decode error for the whole file.
@@ -195,7 +201,9 @@ def load_gsm8k_jsonl(
                         f"invalid JSON ({exc.msg} at column {exc.colno})", _ROW_EXPECTED
                     ) from None
                 problems.append(
-                    _problem_from_row(row, f"gsm8k-{path.stem}-{line_number}", calculations)
+                    _problem_from_row(
+                        row, f"{source}-{path.stem}-{line_number}", calculations, source
+                    )
                 )
             except _BadRow as bad:
                 if skip_malformed:
@@ -344,13 +352,14 @@ def _parsed_jsonl(
     skip_malformed: bool,
     limit: int | None,
     calculations: bool,
+    source: str,
 ) -> tuple[tuple[Problem, ...], int]:
     """A file's problems, parsed once per process while its size and mtime stay the same.
     Why: a trainer reads its train and eval splits (7,473 + 1,319 rows, 0.07-0.4 s), and
     a process that builds several (the benchmarks, the tests: 248 loads) read them anew
     each time. Problems are frozen; callers get a list of their own."""
     problems, skipped = load_gsm8k_jsonl(
-        path, skip_malformed=skip_malformed, limit=limit, calculations=calculations
+        path, skip_malformed=skip_malformed, limit=limit, calculations=calculations, source=source
     )
     return tuple(problems), skipped
 
@@ -375,12 +384,9 @@ def load_gsm8k(
     if source.kind == "jsonl":
         path = str(source.path)
         stamp = files_stamp(path)  # None when missing: load_gsm8k_jsonl says so, naming it
-        problems, skipped = _parsed_jsonl(path, stamp, skip_malformed, limit, calculations)
-        if name.lower() in PACKAGED_SETS:  # its own ids: never paired with GSM8K's by mistake
-            label = name.lower()
-            return [
-                replace(p, id=p.id.replace("gsm8k", label, 1), source=label) for p in problems
-            ], skipped
+        # a packaged set keeps ids of its own: never paired with GSM8K's by mistake
+        label = name.lower() if name.lower() in PACKAGED_SETS else "gsm8k"
+        problems, skipped = _parsed_jsonl(path, stamp, skip_malformed, limit, calculations, label)
         return list(problems), skipped
     return _load_from_hub(
         source, skip_malformed=skip_malformed, limit=limit, calculations=calculations

@@ -22,7 +22,7 @@ the same supervised step on the same examples (the warm-up's own, ``SFTWarmup.ex
   no real step reaches it.
 
 Medians over ``--repeats`` steps after one untimed step; each configuration in a fresh child
-process. Writes ``benchmarks/results/sft-step[-quick].json`` and ``.md``.
+process, on the C allocator ``deepsynapse train`` picks (tcmalloc where installed). Writes ``benchmarks/results/sft-step[-quick].json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -92,6 +92,9 @@ def _linear_params(model) -> tuple[int, int]:
 
 
 def child(spec: dict[str, Any]) -> None:
+    from deepsynapse.allocator import active_allocator, reexec_with_allocator
+
+    reexec_with_allocator()  # as `deepsynapse train` runs: on tcmalloc where the machine has it
     import torch
 
     from deepsynapse.config import load_config
@@ -171,6 +174,7 @@ def child(spec: dict[str, Any]) -> None:
             "head_params": head,
             "gemm_gflops": gflops,
             "peak_rss_mb": peak_rss_mb(),
+            "allocator": active_allocator(),
         }
     )
 
@@ -200,7 +204,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"## SFT warm-up step at `{report['recipe']}` ({m.get('cpu_class')}, "
-            f"{report['threads']} thread(s))",
+            f"{report['threads']} thread(s), "
+            f"{next(iter(report['results'].values()), {}).get('allocator', 'glibc')})",
             "",
             f"Medians of {report['repeats']} steps after one untimed; seconds. *tokens*: "
             "prompt + target tokens of the step's examples (target tokens); *cells / token*: "
@@ -245,6 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny-random, 2 steps")
     ap.add_argument("--results", type=Path, help="results stem (default benchmarks/results/...)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override after the study's own (e.g. model.dtype=fp32); repeatable",
+    )
     args = ap.parse_args(argv)
     st = Learning(recipe=args.config, configs=tuple(args.configs), backend="ours")
     if args.quick:
@@ -262,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train.time_budget=",
                 "train.report=false",
                 f"train.threads={args.threads}",
+                *args.set,
             ]
             spec = {
                 "recipe": st.recipe,

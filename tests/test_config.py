@@ -124,3 +124,28 @@ def test_training_difficulty_leaves_the_held_out_set_of_record_alone():
     card = _data_line(load_config(None, [*synthetic, *pinned_overrides]))
     assert "GRPO on synthetic arithmetic word problems (2-3 steps)" in card
     assert "evaluated on synthetic arithmetic word problems (1-3 steps)" in card
+
+
+def test_synthetic_variants_vary_training_draws_and_never_the_held_out_set():
+    from deepsynapse.rl.setup import build_problems
+
+    default = load_config(None, [])
+    varied = load_config(None, ["data.synthetic_variants=0.5"])
+
+    def problems(cfg: Config, split: str):
+        return build_problems("synthetic", split, cfg)[0][:300]
+
+    assert problems(varied, "test") == problems(default, "test")
+    train = problems(varied, "train")
+    share = sum("variant" in p.columns for p in train) / len(train)
+    assert 0.4 < share < 0.6
+    unvaried = {p.id: p for p in build_problems("synthetic", "train", default)[0]}
+    assert all(unvaried[p.id] == p for p in train if "variant" not in p.columns)
+    from deepsynapse.export import _data_line
+
+    synthetic = ["data.train=synthetic", "data.eval=synthetic", "sft.data=synthetic", "sft.steps=9"]
+    card = _data_line(load_config(None, [*synthetic, "data.synthetic_variants=0.5"]))
+    assert card.count("(1-3 steps, 50% varied as SVAMP varies problems)") == 2  # warm-up, GRPO
+    assert "evaluated on synthetic arithmetic word problems (1-3 steps) (test split)" in card
+    with pytest.raises(ConfigError, match="data.synthetic_variants: got 1.5"):
+        load_config(None, ["data.synthetic_variants=1.5"])

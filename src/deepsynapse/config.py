@@ -121,6 +121,11 @@ class DataConfig:
         "it to change what training draws while the evaluation of record stays the same",
     )
     synthetic_size: int = _f(2000, "number of synthetic problems generated when train=synthetic")
+    synthetic_variants: float = _f(
+        0.0,
+        "share of synthetic training problems varied as SVAMP varies problems: an irrelevant "
+        "fact, the unknown at the start, or a how-many-more question (the held-out set never is)",
+    )
     skip_malformed: bool = _f(False, "skip (and count) malformed dataset rows instead of failing")
 
     @property
@@ -537,6 +542,11 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= cfg.train.budget_sft_share <= 1.0:
         raise ConfigError(
             f"train.budget_sft_share: got {cfg.train.budget_sft_share}, expected 0 <= share <= 1"
+        )
+    if not 0.0 <= cfg.data.synthetic_variants <= 1.0:
+        raise ConfigError(
+            f"data.synthetic_variants: got {cfg.data.synthetic_variants}, expected a share "
+            "within 0..1"
         )
     unknown = [g for g in cfg.sft.trainable_groups if g not in KNOWN_GROUPS]
     if unknown or not cfg.sft.trainable_groups:

@@ -666,12 +666,17 @@ def _eval_table(run_dir: Path) -> str:
 
 
 def _data_line(cfg: Config) -> str:
-    def name(source: str, difficulty: Sequence[int] = cfg.data.synthetic_difficulty) -> str:
+    def name(
+        source: str,
+        difficulty: Sequence[int] = cfg.data.synthetic_difficulty,
+        varied: float = cfg.data.synthetic_variants,
+    ) -> str:
         if source == "gsm8k":
             return "GSM8K (openai/gsm8k, main)"
         if source == "synthetic":
             lo, hi = difficulty
-            return f"synthetic arithmetic word problems ({lo}-{hi} steps)"
+            how = f", {varied:.0%} varied as SVAMP varies problems" if varied else ""
+            return f"synthetic arithmetic word problems ({lo}-{hi} steps{how})"
         return f"`{source}`"
 
     split = "" if cfg.data.train == "synthetic" else " (train split)"
@@ -682,7 +687,8 @@ def _data_line(cfg: Config) -> str:
             f"SFT warm-up on {name(cfg.sft.data)} worked solutions rewritten into the XML "
             f"format ({cfg.sft.steps} steps x {cfg.sft.batch_size})",
         )
-    parts.append(f"evaluated on {name(cfg.data.eval, cfg.data.heldout_difficulty)} (test split)")
+    held_out = name(cfg.data.eval, cfg.data.heldout_difficulty, varied=0.0)  # never varied
+    parts.append(f"evaluated on {held_out} (test split)")
     return "; ".join(parts) + "."
 
 

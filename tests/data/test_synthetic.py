@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from deepsynapse.data.answers import normalize_answer
-from deepsynapse.data.synthetic import generate_problems
+from deepsynapse.data.synthetic import VARIANTS, generate_problems
 
 # "... 3 * 12 = 36 ..." or "... 24 * 75 / 100 = 18 ..."
 _EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+)(?: / (100))? = \$?(\d+)")
@@ -121,3 +121,66 @@ def test_500_problems_quickly() -> None:
     problems = generate_problems(500, seed=123, difficulty=(1, 6))
     assert len(problems) == 500
     assert time.perf_counter() - start < 2.0
+
+
+# ------------------------------------------------------------------ SVAMP-style variations
+
+
+def _unused_numbers(p) -> set[str]:
+    """Numbers the question states that no line of the worked solution starts from."""
+    operands = set()
+    for line in p.solution.split("\n"):
+        a, _, b, _, _ = _EQUATION.search(line).groups()
+        operands |= {a, b}
+    return set(re.findall(r"\d+", p.question)) - operands
+
+
+def test_no_variants_leave_the_stream_as_it_always_was() -> None:
+    """Every earlier study trained on this stream: a share of 0 must not move one problem."""
+    plain = generate_problems(300, seed=7, difficulty=(1, 6))
+    assert generate_problems(300, seed=7, difficulty=(1, 6), variants=0.0) == plain
+    assert all("variant" not in p.columns for p in plain)
+
+
+def test_varied_problems_compute_their_answers_from_their_own_facts() -> None:
+    problems = generate_problems(600, seed=9, difficulty=(1, 6), variants=1.0)
+    assert {p.columns["variant"] for p in problems} == set(VARIANTS)
+    assert {p.difficulty for p in problems if p.columns["variant"] == "inverse"} == {1, 2}
+    assert {p.difficulty for p in problems} == {1, 2, 3, 4, 5, 6}
+    assert len({p.question for p in problems}) == 600
+    for p in problems:
+        intermediates = p.columns["intermediates"]
+        lines = p.solution.split("\n")
+        assert p.question.endswith("?") and re.fullmatch(r"\d+", p.answer)
+        assert len(intermediates) == len(lines) == p.difficulty
+        assert intermediates[-1] == p.answer
+        known = set(re.findall(r"\d+", p.question)) | {"2", "60", "100", "1000"}
+        for line, expected in zip(lines, intermediates, strict=True):
+            a, op, b, percent, result = _EQUATION.search(line).groups()
+            assert result == expected and _evaluate(a, op, b, percent) == int(result), line
+            assert a in known and b in known, (p.question, line)
+            known.add(result)
+
+
+def test_each_variation_varies_what_its_name_says() -> None:
+    problems = generate_problems(900, seed=4, difficulty=(1, 3), variants=0.6)
+    by = {v: [p for p in problems if p.columns.get("variant") == v] for v in VARIANTS}
+    plain = [p for p in problems if "variant" not in p.columns]
+    assert 0.5 < 1 - len(plain) / len(problems) < 0.7  # the share asked for
+    assert all(len(ps) > 60 for ps in by.values())
+    # irrelevant: a stated number no step uses (never so in an unvaried problem)
+    assert all(_unused_numbers(p) for p in by["irrelevant"])
+    assert not any(_unused_numbers(p) for p in plain)
+    # inverse: the unknown is where the story starts, and the last step undoes a change
+    for p in by["inverse"]:
+        assert re.search(r"at first\?|before\?", p.question), p.question
+        assert p.solution.split("\n")[-1].startswith(("At first", "Before that")), p.solution
+    # compare: a difference between two people's amounts is asked, whatever came before
+    for p in by["compare"]:
+        assert re.search(r"How (many|much) (more|fewer) .* than \w+\?$", p.question), p.question
+        assert p.columns["steps"][-1] == "compare"
+
+
+def test_variants_must_be_a_share() -> None:
+    with pytest.raises(ValueError, match="variants"):
+        generate_problems(3, variants=1.5)

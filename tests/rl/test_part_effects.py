@@ -18,6 +18,7 @@ computes.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 from conftest import EXTRA_REWARDS, TINY
 
 from deepsynapse.config import load_config
+from deepsynapse.data.synthetic import VARIANTS
 from deepsynapse.prompting import build_prompt
 from deepsynapse.rewards.fusion import rank_in_groups
 from deepsynapse.rl.batch import GroupBatch
@@ -1293,3 +1295,30 @@ def test_telemetry_logs_every_part_of_the_step(tmp_path_factory):
     assert all(f"weights/{k}" in rows[0] for k in PLAIN_WEIGHTS)
     assert read_jsonl(run_dir / "samples.jsonl") and read_jsonl(run_dir / "events.jsonl")
     assert (run_dir / "report.html").stat().st_size > 0
+
+
+def test_synthetic_variants_reach_the_warm_up_and_the_grpo_batch(tmp_path_factory):
+    """``data.synthetic_variants`` changes what the loss trains on, both the warm-up's gold
+    solutions and GRPO's prompts; off, both draw the plain stream (every earlier study's)."""
+    synthetic = [*PLAIN, "data.train=synthetic", "sft.data=synthetic"]
+    seen = {}
+    for share in (0.0, 1.0):
+        h = harness(tmp_path_factory, [*synthetic, f"data.synthetic_variants={share}"])
+        t = h.trainer
+        prompts, targets = t.sft.examples(0, 8, salt=99)
+        batch = h.step().batch
+        seen[share] = {
+            "warm-up": [p.columns.get("variant") for p in t.sft.pool()],
+            "grpo": [p.columns.get("variant") for p in batch.problems],
+            "prompts": batch.prompts,
+            "targets": targets,
+        }
+        for p, prompt in zip(batch.problems, batch.prompts, strict=True):
+            assert p.question in prompt  # the loss's prompts are these problems'
+    off, on = seen[0.0], seen[1.0]
+    assert set(off["warm-up"]) == set(off["grpo"]) == {None}
+    assert None not in on["warm-up"] and None not in on["grpo"]
+    assert set(on["warm-up"]) == set(VARIANTS)
+    assert on["prompts"] != off["prompts"] and on["targets"] != off["targets"]
+    # a varied solution's own steps are what the warm-up teaches
+    assert any(re.search(r"(more|fewer) .* than|At first|Before that", t) for t in on["targets"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -26,6 +27,7 @@ __all__ = [
     "HELDOUT_SHARE",
     "HELDOUT_SIZE",
     "MAX_DIFFICULTY",
+    "VARIANTS",
     "generate_problems",
     "heldout_problems",
     "is_heldout",
@@ -994,14 +996,250 @@ def _make_problem(seed: int, index: int, steps: int) -> Problem:
     )
 
 
+# ------------------------------------------------------------------ SVAMP-style variations
+# SVAMP (Patel et al., 2021) showed that models which solve simple word problems often read
+# them shallowly: it varied each problem three ways, the question asked about the same facts,
+# the structure of the reasoning, and facts that do not matter, and accuracy fell. Our chains
+# state their facts in the order they are used and ask for the last result, which teaches
+# exactly that shallow reading (measured: trained models stay at the untrained model's
+# SVAMP score). These variations vary training problems the same three ways, with their own
+# templates (none of SVAMP's problems); the held-out set of record is never varied.
+
+VARIANTS = ("irrelevant", "inverse", "compare")
+"""``irrelevant``: a fact with a number the question does not need; ``inverse``: the unknown
+at the start ("how many did she have at first?"); ``compare``: "how many more ... than ...?"
+about the chain's result and someone else's amount."""
+
+_PRONOUNS = frozenset({"He", "She", "His", "Her"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Varied:
+    """A varied problem before it becomes a `Problem`: facts, question, worked solution."""
+
+    facts: list[str]
+    question: str
+    lines: list[str]
+    values: list[int]
+    names: list[str]
+
+
+def _chain_facts(chain: list[_Step]) -> list[str]:
+    return [step.text for step in chain if step.text]
+
+
+def _fresh_number(c: _Ctx, low: int, high: int, taken: set[int]) -> int:
+    """A number in ``low..high`` that the problem does not state or compute already, so an
+    irrelevant fact can never be mistaken for a relevant one."""
+    return c.rng.choice([n for n in range(low, high + 1) if n not in taken])
+
+
+def _irrelevant_fact(c: _Ctx, final: _State, taken: set[int]) -> str:
+    """A sentence with a number that the question does not need.
+
+    Another person's amount of the *same* thing is the hardest kind (SVAMP's "Jack had 8
+    pens and Mary had 5 pens"), so it is used where the question names its owner and cannot
+    be read as including them; otherwise the fact is about something else entirely.
+    """
+    other, n = c.person(), _fresh_number(c, 2, 60, taken)
+    owned = final.per is None and final.owner.name in final.question
+    if owned and final.kind == "items" and c.rng.random() < 0.5:
+        return f"{other.name} has {n} {final.unit}."
+    if owned and final.kind == "money" and c.rng.random() < 0.5:
+        return f"{other.name} has ${n} in {other.his} wallet."
+    units = final.unit.split()
+    item = c.rng.choice([i for i in _ITEMS if i.plural.split()[-1] not in units])
+    return c.pick(
+        (
+            f"{other.name} has {n} {item.plural}.",
+            f"{other.name} is {_fresh_number(c, 7, 70, taken)} years old.",
+            f"{final.owner.name}'s school is {_fresh_number(c, 2, 15, taken)} miles from home.",
+            f"There are {n} {item.plural} on the kitchen table.",
+        )
+    )
+
+
+def _vary_irrelevant(c: _Ctx, steps: int) -> _Varied | None:
+    built = _try_chain(c, steps)
+    if built is None:
+        return None
+    chain, names = built
+    facts, final = _chain_facts(chain), chain[-1].state
+    # never between a sentence and the pronoun that refers back to it
+    places = [
+        i for i in range(len(facts) + 1) if i == len(facts) or facts[i].split()[0] not in _PRONOUNS
+    ]
+    taken = {int(n) for n in re.findall(r"\d+", " ".join(facts))}
+    taken |= {s.state.value for s in chain}
+    facts.insert(c.rng.choice(places), _irrelevant_fact(c, final, taken))
+    return _Varied(
+        facts, final.question, [s.line for s in chain], [s.state.value for s in chain], names
+    )
+
+
+def _vary_inverse(c: _Ctx, steps: int) -> _Varied | None:
+    """The amount at the start is the unknown: one step (undo a gain, a loss, a purchase) or
+    two (first work out what was bought)."""
+    o, item = c.person(), c.rng.choice(_ITEMS)
+    if steps == 1:
+        a, b = c.rng.randint(5, 60), c.rng.randint(2, 40)
+        kind = c.rng.randrange(3)
+        if kind == 0:
+            how = c.pick(
+                (
+                    f"bought {b} more {item.plural}",
+                    f"got {b} {item.plural} from {c.person().name}",
+                    f"found {b} more {item.plural}",
+                )
+            )
+            facts = [f"{o.name} {how}. Now {o.he} has {a + b} {item.plural}."]
+            line = f"Before that, {o.name} had {a + b} - {b} = {a} {item.plural}."
+        elif kind == 1:
+            verbs = [f"gave {b} {item.plural} to {c.person().name}", f"lost {b} {item.plural}"]
+            verbs.append(f"ate {b} {item.plural}" if item.food else f"sold {b} {item.plural}")
+            facts = [f"{o.name} {c.pick(verbs)}. {_cap(o.he)} has {a} {item.plural} left."]
+            line = f"At first, {o.name} had {a} + {b} = {a + b} {item.plural}."
+            a = a + b
+        else:
+            facts = [f"{o.name} spent ${b} on {c.pick(_THINGS)}. Now {o.he} has ${a} left."]
+            line = f"At first, {o.name} had {a} + {b} = ${a + b}."
+            question = f"How much money did {o.name} have at first?"
+            return _Varied(facts, question, [line], [a + b], ["inverse_spent"])
+        question = f"How many {item.plural} did {o.name} have at first?"
+        names = ["inverse_gain" if kind == 0 else "inverse_loss"]
+        return _Varied(facts, question, [line], [a], names)
+    if steps != 2:
+        return None
+    if c.rng.random() < 0.5:  # bought whole containers, then counted
+        k, size, a = c.rng.randint(2, 6), c.rng.choice(item.sizes), c.rng.randint(3, 40)
+        bought = k * size
+        facts = [
+            f"{o.name} bought {k} {item.container} of {item.plural} with {size} in each. "
+            f"Now {o.he} has {a + bought} {item.plural}."
+        ]
+        lines = [
+            f"{o.name} bought {k} * {size} = {bought} {item.plural}.",
+            f"Before that, {o.name} had {a + bought} - {bought} = {a} {item.plural}.",
+        ]
+        question = f"How many {item.plural} did {o.name} have before?"
+        return _Varied(facts, question, lines, [bought, a], ["groups", "inverse_gain"])
+    n, price, left = c.rng.randint(2, 9), c.rng.randint(*item.price), c.rng.randint(2, 60)
+    spent = n * price
+    facts = [f"{o.name} bought {n} {item.plural} for ${price} each and has ${left} left."]
+    lines = [
+        f"{o.name} spent {n} * {price} = ${spent}.",
+        f"At first, {o.name} had {left} + {spent} = ${left + spent}.",
+    ]
+    question = f"How much money did {o.name} have at first?"
+    return _Varied(facts, question, lines, [spent, left + spent], ["purchase", "inverse_spent"])
+
+
+_COMPARE_VERBS = {"has": ("has", "have"), "spent": ("spends", "spend"), "earned": ("earns", "earn")}
+
+
+def _vary_compare(c: _Ctx, steps: int) -> _Varied | None:
+    """The question asks how many more one person has than another: after a chain of
+    ``steps - 1`` steps about the first, or (one step) of two stated amounts."""
+    if steps == 1:
+        o, other, item = c.person(), c.person(), c.rng.choice(_ITEMS)
+        a, b = c.rng.sample(range(3, 80), 2)
+        facts = [f"{o.name} has {a} {item.plural}. {other.name} has {b} {item.plural}."]
+        chain_lines: list[str] = []
+        chain_values: list[int] = []
+        names: list[str] = []
+        v, unit, kind, mode, owner = a, item.plural, "items", "has", o
+    else:
+        built = _try_chain(c, steps - 1)
+        if built is None:
+            return None
+        chain, names = built
+        final = chain[-1].state
+        if final.per is not None or final.kind not in ("items", "money"):
+            return None
+        if final.kind == "money" and final.mode not in _COMPARE_VERBS:
+            return None
+        other = c.person()
+        v, unit, kind, owner = final.value, final.unit, final.kind, final.owner
+        mode = final.mode if kind == "money" else "has"
+        gap = c.rng.randint(1, max(2, v // 2))
+        b = v + gap if c.rng.random() < 0.5 or v - gap < 2 else v - gap
+        verb = _COMPARE_VERBS[mode][0]
+        amount = f"${b}" if kind == "money" else f"{b} {unit}"
+        facts = [*_chain_facts(chain), f"{other.name} {verb} {amount}."]
+        chain_lines = [s.line for s in chain]
+        chain_values = [s.state.value for s in chain]
+        a = v
+    (big, big_v), (small, small_v) = sorted(((owner, a), (other, b)), key=lambda x: -x[1])
+    r = big_v - small_v
+    verbs, base = _COMPARE_VERBS[mode]
+    if kind == "money":
+        question = f"How much more money does {big.name} {base} than {small.name}?"
+        line = f"{big.name} {verbs} {big_v} - {small_v} = ${r} more than {small.name}."
+    elif c.rng.random() < 0.5:
+        question = f"How many more {unit} does {big.name} have than {small.name}?"
+        line = f"{big.name} has {big_v} - {small_v} = {r} more {unit} than {small.name}."
+    else:
+        question = f"How many fewer {unit} does {small.name} have than {big.name}?"
+        line = f"{small.name} has {big_v} - {small_v} = {r} fewer {unit} than {big.name}."
+    return _Varied(facts, question, [*chain_lines, line], [*chain_values, r], [*names, "compare"])
+
+
+_VARY: dict[str, Callable[[_Ctx, int], _Varied | None]] = {
+    "irrelevant": _vary_irrelevant,
+    "inverse": _vary_inverse,
+    "compare": _vary_compare,
+}
+
+
+def _variant_for(seed: int, index: int, steps: int, share: float) -> str | None:
+    """Which variation problem ``index`` gets, if any: a stream of its own, so a share of 0
+    leaves every problem what it was."""
+    if share <= 0:
+        return None
+    pick = random.Random(f"deepsynapse-variant:{seed}:{index}")
+    if pick.random() >= share:
+        return None
+    return pick.choice([v for v in VARIANTS if v != "inverse" or steps <= 2])
+
+
+def _make_varied(seed: int, index: int, steps: int, variant: str) -> Problem:
+    rng = random.Random(f"deepsynapse-synthetic:{seed}:{index}:{variant}")
+    for _attempt in range(1000):
+        varied = _VARY[variant](_Ctx(rng), steps)
+        if varied is not None and all(2 <= v <= _LIMIT for v in varied.values[:-1]):
+            if 1 <= varied.values[-1] <= _LIMIT:
+                break
+    else:  # pragma: no cover - a one-step variation always exists
+        raise RuntimeError(f"could not vary a {steps}-step problem as {variant} ({seed}, {index})")
+    return Problem(
+        id=f"synthetic-{seed}-{index}",
+        question=" ".join([*varied.facts, varied.question]),
+        answer=str(varied.values[-1]),
+        solution="\n".join(varied.lines),
+        difficulty=steps,
+        source="synthetic",
+        columns={
+            "intermediates": [str(v) for v in varied.values],
+            "steps": varied.names,
+            "variant": variant,
+        },
+    )
+
+
 def generate_problems(
-    n: int, *, seed: int = 0, difficulty: int | tuple[int, int] = (1, 3)
+    n: int,
+    *,
+    seed: int = 0,
+    difficulty: int | tuple[int, int] = (1, 3),
+    variants: float = 0.0,
 ) -> list[Problem]:
     """Generate ``n`` word problems whose difficulty is their number of arithmetic steps.
 
     ``difficulty`` is an exact step count or an inclusive ``(low, high)`` range (within
-    1..6). The output depends only on ``(n, seed, difficulty)``; problem ``i`` depends
-    only on ``(seed, i, difficulty)``, so a longer list extends a shorter one.
+    1..6). ``variants``: the share of problems varied as SVAMP varies problems (`VARIANTS`;
+    0 leaves the stream as it always was). The output depends only on ``(n, seed,
+    difficulty, variants)``; problem ``i`` only on ``(seed, i, difficulty, variants)``, so a
+    longer list extends a shorter one.
 
     >>> p = generate_problems(1, seed=3, difficulty=2)[0]
     >>> p.difficulty, len(p.solution.splitlines()), p.columns["intermediates"][-1] == p.answer
@@ -1015,10 +1253,17 @@ def generate_problems(
             f"difficulty must be an int or (low, high) within 1..{MAX_DIFFICULTY}, "
             f"got {difficulty!r}"
         )
+    if not 0.0 <= variants <= 1.0:
+        raise ValueError(f"variants must be a share within 0..1, got {variants!r}")
     problems = []
     for index in range(n):
         pick = random.Random(f"deepsynapse-difficulty:{seed}:{index}")
-        problems.append(_make_problem(seed, index, pick.randint(low, high)))
+        steps = pick.randint(low, high)
+        variant = _variant_for(seed, index, steps, variants)
+        if variant is None:
+            problems.append(_make_problem(seed, index, steps))
+        else:
+            problems.append(_make_varied(seed, index, steps, variant))
     return problems
 
 
@@ -1079,17 +1324,19 @@ def _heldout(n: int, low: int, high: int) -> tuple[Problem, ...]:
     return tuple(interleaved[:n])
 
 
-def training_problems(n: int, *, seed: int, difficulty: int | tuple[int, int]) -> list[Problem]:
+def training_problems(
+    n: int, *, seed: int, difficulty: int | tuple[int, int], variants: float = 0.0
+) -> list[Problem]:
     """``n`` generated problems outside the held-out partition (what training may see).
 
     The stream is ``generate_problems``'s with held-out texts skipped, so it depends only on
-    ``(n, seed, difficulty)`` and a longer list extends a shorter one.
+    ``(n, seed, difficulty, variants)`` and a longer list extends a shorter one.
     """
     drawn = n + n // (HELDOUT_SHARE - 1) + 16
     while True:
         kept = [
             p
-            for p in generate_problems(drawn, seed=seed, difficulty=difficulty)
+            for p in generate_problems(drawn, seed=seed, difficulty=difficulty, variants=variants)
             if not is_heldout(p.question)
         ]
         if len(kept) >= n:

@@ -95,7 +95,13 @@ def build_problems(
         if split == "train":
             lo, hi = cfg.data.synthetic_difficulty
             seed = cfg.train.seed + seed_offset
-            return training_problems(cfg.data.synthetic_size, seed=seed, difficulty=(lo, hi)), 0
+            problems = training_problems(
+                cfg.data.synthetic_size,
+                seed=seed,
+                difficulty=(lo, hi),
+                variants=cfg.data.synthetic_variants,
+            )
+            return problems, 0
         # the held-out set of record: fixed, stratified, never drawn by training
         return heldout_problems(HELDOUT_SIZE, cfg.data.heldout_difficulty), 0
     return load_gsm8k(name, split, skip_malformed=cfg.data.skip_malformed)

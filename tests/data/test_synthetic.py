@@ -171,13 +171,17 @@ def test_each_variation_varies_what_its_name_says() -> None:
     # irrelevant: a stated number no step uses (never so in an unvaried problem)
     assert all(_unused_numbers(p) for p in by["irrelevant"])
     assert not any(_unused_numbers(p) for p in plain)
-    # inverse: the unknown is where the story starts, and the last step undoes a change
+    # inverse: the unknown is where the story starts or the change in it, never stated; the
+    # question asks about the past
     for p in by["inverse"]:
-        assert re.search(r"at first\?|before\?", p.question), p.question
-        assert p.solution.split("\n")[-1].startswith(("At first", "Before that")), p.solution
+        assert re.search(r"did \w+ (have at first|have before|give to \w+|find)\?$", p.question)
+        assert p.answer not in re.findall(r"\d+", p.question), p.question
+    # if_clause: the question carries the last fact as its condition
+    for p in by["if_clause"]:
+        assert re.fullmatch(r"If [^?]+, (how|what)[^?]+\?", p.question.split(". ")[-1]), p.question
     # compare: a difference between two people's amounts is asked, whatever came before
     for p in by["compare"]:
-        assert re.search(r"How (many|much) (more|fewer) .* than \w+\?$", p.question), p.question
+        assert re.search(r"How (many|much) (more|fewer) .* than .*\?$", p.question), p.question
         assert p.columns["steps"][-1] == "compare"
 
 

@@ -1005,10 +1005,12 @@ def _make_problem(seed: int, index: int, steps: int) -> Problem:
 # SVAMP score). These variations vary training problems the same three ways, with their own
 # templates (none of SVAMP's problems); the held-out set of record is never varied.
 
-VARIANTS = ("irrelevant", "inverse", "compare")
+VARIANTS = ("irrelevant", "inverse", "compare", "if_clause")
 """``irrelevant``: a fact with a number the question does not need; ``inverse``: the unknown
-at the start ("how many did she have at first?"); ``compare``: "how many more ... than ...?"
-about the chain's result and someone else's amount."""
+at the start or in the middle ("how many did she have at first?", "how many did he give
+away?"); ``compare``: "how many more ... than ...?" (the chain's result against someone
+else's amount, or two kinds of one person's things); ``if_clause``: the last fact becomes
+the question's condition ("If ..., how many ...?")."""
 
 _PRONOUNS = frozenset({"He", "She", "His", "Her"})
 
@@ -1078,12 +1080,30 @@ def _vary_irrelevant(c: _Ctx, steps: int) -> _Varied | None:
 
 
 def _vary_inverse(c: _Ctx, steps: int) -> _Varied | None:
-    """The amount at the start is the unknown: one step (undo a gain, a loss, a purchase) or
-    two (first work out what was bought)."""
+    """The unknown is where the story starts or the change in its middle: one step (undo a
+    gain, a loss, a purchase; or find the change "some" stood for) or two (first work out
+    what was bought)."""
     o, item = c.person(), c.rng.choice(_ITEMS)
     if steps == 1:
         a, b = c.rng.randint(5, 60), c.rng.randint(2, 40)
-        kind = c.rng.randrange(3)
+        kind = c.rng.randrange(5)
+        if kind >= 3:  # the change is the unknown
+            if kind == 3:
+                other = c.person()
+                facts = [
+                    f"{o.name} had {a + b} {item.plural}. {_cap(o.he)} gave some of them to "
+                    f"{other.name}. Now {o.he} has {a} {item.plural}."
+                ]
+                question = f"How many {item.plural} did {o.name} give to {other.name}?"
+                line = f"{o.name} gave {a + b} - {a} = {b} {item.plural} to {other.name}."
+            else:
+                facts = [
+                    f"{o.name} had {a} {item.plural}. {_cap(o.he)} found some more. Now {o.he} "
+                    f"has {a + b} {item.plural}."
+                ]
+                question = f"How many {item.plural} did {o.name} find?"
+                line = f"{o.name} found {a + b} - {a} = {b} {item.plural}."
+            return _Varied(facts, question, [line], [b], ["inverse_change"])
         if kind == 0:
             how = c.pick(
                 (
@@ -1140,6 +1160,17 @@ _COMPARE_VERBS = {"has": ("has", "have"), "spent": ("spends", "spend"), "earned"
 def _vary_compare(c: _Ctx, steps: int) -> _Varied | None:
     """The question asks how many more one person has than another: after a chain of
     ``steps - 1`` steps about the first, or (one step) of two stated amounts."""
+    if steps == 1 and c.rng.random() < 0.4:  # two kinds of one person's things
+        o, item = c.person(), c.rng.choice(_ITEMS)
+        (a, first), (b, second) = zip(c.rng.sample(range(3, 80), 2), item.adjectives, strict=True)
+        if a < b:
+            (a, first), (b, second) = (b, second), (a, first)
+        facts = [f"{o.name} has {a} {first} {item.plural} and {b} {second} {item.plural}."]
+        question = (
+            f"How many more {first} {item.plural} than {second} {item.plural} does {o.name} have?"
+        )
+        line = f"{o.name} has {a} - {b} = {a - b} more {first} {item.plural} than {second} ones."
+        return _Varied(facts, question, [line], [a - b], ["compare"])
     if steps == 1:
         o, other, item = c.person(), c.person(), c.rng.choice(_ITEMS)
         a, b = c.rng.sample(range(3, 80), 2)
@@ -1184,10 +1215,32 @@ def _vary_compare(c: _Ctx, steps: int) -> _Varied | None:
     return _Varied(facts, question, [*chain_lines, line], [*chain_values, r], [*names, "compare"])
 
 
+def _vary_if_clause(c: _Ctx, steps: int) -> _Varied | None:
+    """The last fact moves into the question as a condition ("If she then buys 5 more, how
+    many ...?"): the question no longer stands alone after the facts."""
+    built = _try_chain(c, steps)
+    if built is None:
+        return None
+    chain, names = built
+    facts, final = _chain_facts(chain), chain[-1].state
+    last = facts[-1] if facts else ""
+    if (
+        last.count(".") != 1
+        or not last.endswith(".")
+        or last.split()[0] not in {p.name for p in c.people}
+    ):
+        return None
+    question = f"If {last[:-1]}, {final.question[:1].lower()}{final.question[1:]}"
+    return _Varied(
+        facts[:-1], question, [s.line for s in chain], [s.state.value for s in chain], names
+    )
+
+
 _VARY: dict[str, Callable[[_Ctx, int], _Varied | None]] = {
     "irrelevant": _vary_irrelevant,
     "inverse": _vary_inverse,
     "compare": _vary_compare,
+    "if_clause": _vary_if_clause,
 }
 
 
@@ -1202,13 +1255,20 @@ def _variant_for(seed: int, index: int, steps: int, share: float) -> str | None:
     return pick.choice([v for v in VARIANTS if v != "inverse" or steps <= 2])
 
 
+def _fits(varied: _Varied) -> bool:
+    """Values in range, and an answer the problem does not state: copying a number from
+    the text must never be right."""
+    *steps, answer = varied.values
+    stated = {int(n) for n in re.findall(r"\d+", " ".join([*varied.facts, varied.question]))}
+    return all(2 <= v <= _LIMIT for v in steps) and 1 <= answer <= _LIMIT and answer not in stated
+
+
 def _make_varied(seed: int, index: int, steps: int, variant: str) -> Problem:
     rng = random.Random(f"deepsynapse-synthetic:{seed}:{index}:{variant}")
     for _attempt in range(1000):
         varied = _VARY[variant](_Ctx(rng), steps)
-        if varied is not None and all(2 <= v <= _LIMIT for v in varied.values[:-1]):
-            if 1 <= varied.values[-1] <= _LIMIT:
-                break
+        if varied is not None and _fits(varied):
+            break
     else:  # pragma: no cover - a one-step variation always exists
         raise RuntimeError(f"could not vary a {steps}-step problem as {variant} ({seed}, {index})")
     return Problem(

@@ -437,7 +437,8 @@ def inspect_run(run_dir: Path, expected: dict[str, Any]) -> tuple[str, str]:
 
 # What decides the untrained model's held-out answers: the model, the held-out set and its
 # decoding, the prompt's schema, the sampler, the parts on the forward pass from the start.
-# The seed, LoRA's shape (its B starts at 0), rewards, GRPO and the warm-up cannot.
+# The seed, LoRA's shape (its B starts at 0), rewards, GRPO and the warm-up cannot, nor the
+# training problems' own settings (``TRAINING_ONLY``: the held-out set never follows them).
 BEFORE_KEYS = (
     "model.",
     "eval.",
@@ -447,11 +448,16 @@ BEFORE_KEYS = (
     "hypernet.enabled",
     "memory.enabled",
 )
+TRAINING_ONLY = ("data.train", "data.synthetic_size", "data.synthetic_variants")
 
 
 def before_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The settings an evaluation of the untrained model depends on (``BEFORE_KEYS``)."""
-    return {k: v for k, v in _flatten(config).items() if k.startswith(BEFORE_KEYS)}
+    return {
+        k: v
+        for k, v in _flatten(config).items()
+        if k.startswith(BEFORE_KEYS) and k not in TRAINING_ONLY
+    }
 
 
 def _made_in_dtype(run_dir: Path, result: dict[str, Any]) -> str | None:

@@ -438,6 +438,9 @@ def test_learning_shares_the_untrained_models_evaluation_only_where_it_is_the_sa
     # Never across what the untrained model's answers depend on, nor another share of cores.
     assert share(full1) is None  # its schema, memory and hypernetwork
     assert share(full0, eval__limit=7) is None
+    assert share(plain1, data__synthetic_variants=0.5) == str(d)  # what training draws only
+    assert expected[plain1.run_dir]["data"]["eval_difficulty"] is None  # so the set follows:
+    assert share(plain1, data__synthetic_difficulty=[2, 3]) is None
     assert share(plain1, cores=(0, 1)) is None
     assert share(plain1, rollout__backend="auto") is None  # the decoder is picked at run time
     row["cpu_class"] = "another class"

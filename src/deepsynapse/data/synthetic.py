@@ -1119,15 +1119,15 @@ def _vary_inverse(c: _Ctx, steps: int) -> _Varied | None:
             verbs.append(f"ate {b} {item.plural}" if item.food else f"sold {b} {item.plural}")
             facts = [f"{o.name} {c.pick(verbs)}. {_cap(o.he)} has {a} {item.plural} left."]
             line = f"At first, {o.name} had {a} + {b} = {a + b} {item.plural}."
-            a = a + b
         else:
             facts = [f"{o.name} spent ${b} on {c.pick(_THINGS)}. Now {o.he} has ${a} left."]
             line = f"At first, {o.name} had {a} + {b} = ${a + b}."
             question = f"How much money did {o.name} have at first?"
             return _Varied(facts, question, [line], [a + b], ["inverse_spent"])
         question = f"How many {item.plural} did {o.name} have at first?"
-        names = ["inverse_gain" if kind == 0 else "inverse_loss"]
-        return _Varied(facts, question, [line], [a], names)
+        if kind == 0:
+            return _Varied(facts, question, [line], [a], ["inverse_gain"])
+        return _Varied(facts, question, [line], [a + b], ["inverse_loss"])
     if steps != 2:
         return None
     if c.rng.random() < 0.5:  # bought whole containers, then counted

@@ -1030,6 +1030,11 @@ def _chain_facts(chain: list[_Step]) -> list[str]:
     return [step.text for step in chain if step.text]
 
 
+def _chain_solution(chain: list[_Step]) -> tuple[list[str], list[int]]:
+    """A chain's worked lines and the value each computes."""
+    return [step.line for step in chain], [step.state.value for step in chain]
+
+
 def _fresh_number(c: _Ctx, low: int, high: int, taken: set[int]) -> int:
     """A number in ``low..high`` that the problem does not state or compute already, so an
     irrelevant fact can never be mistaken for a relevant one."""
@@ -1074,9 +1079,7 @@ def _vary_irrelevant(c: _Ctx, steps: int) -> _Varied | None:
     taken = {int(n) for n in re.findall(r"\d+", " ".join(facts))}
     taken |= {s.state.value for s in chain}
     facts.insert(c.rng.choice(places), _irrelevant_fact(c, final, taken))
-    return _Varied(
-        facts, final.question, [s.line for s in chain], [s.state.value for s in chain], names
-    )
+    return _Varied(facts, final.question, *_chain_solution(chain), names)
 
 
 def _vary_inverse(c: _Ctx, steps: int) -> _Varied | None:
@@ -1197,8 +1200,7 @@ def _vary_compare(c: _Ctx, steps: int) -> _Varied | None:
         verb = _COMPARE_VERBS[mode][0]
         amount = f"${b}" if kind == "money" else f"{b} {unit}"
         facts = [*_chain_facts(chain), f"{other.name} {verb} {amount}."]
-        chain_lines = [s.line for s in chain]
-        chain_values = [s.state.value for s in chain]
+        chain_lines, chain_values = _chain_solution(chain)
         a = v
     (big, big_v), (small, small_v) = sorted(((owner, a), (other, b)), key=lambda x: -x[1])
     r = big_v - small_v
@@ -1231,9 +1233,7 @@ def _vary_if_clause(c: _Ctx, steps: int) -> _Varied | None:
     ):
         return None
     question = f"If {last[:-1]}, {final.question[:1].lower()}{final.question[1:]}"
-    return _Varied(
-        facts[:-1], question, [s.line for s in chain], [s.state.value for s in chain], names
-    )
+    return _Varied(facts[:-1], question, *_chain_solution(chain), names)
 
 
 _VARY: dict[str, Callable[[_Ctx, int], _Varied | None]] = {

@@ -49,8 +49,8 @@ changed since the source ran does not reach it (pass the key as an override, e.g
 ``control.kl_temperature.couple=false``). Every override acts from the first GRPO step, and
 the trainer prints the settings that changed (until 2026-12-07 the sampling temperature, KL
 beta, reward weights and lengths stayed the checkpoint's: a variant of those was its source
-again). Variants live in ``runs/from-start/<source>-<name>``; a stopped one is resumed by running the
-same command again.
+again). Variants live in ``runs/from-start/<source>-<name>``. A Ctrl-C or SIGTERM to this script is
+passed to the trainer, which checkpoints and exits; the same command again resumes it.
 """
 
 from __future__ import annotations
@@ -58,13 +58,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS_DIR, child_env, fmt, markdown_table, save_json
-from learning import DEEPSYNAPSE, QUICK, RECIPE, REPO, archive_run
+from _common import RESULTS_DIR, fmt, markdown_table, save_json
+from learning import (
+    DEEPSYNAPSE,
+    QUICK,
+    RECIPE,
+    REPO,
+    archive_run,
+    run_forwarded,
+    stop_forwarded,
+    stop_requested,
+)
 
 from deepsynapse.checkpoint import latest_checkpoint
 from deepsynapse.eval.stats import wilson_interval
@@ -396,11 +404,24 @@ def pooled_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(headers, table)
 
 
+class Stopped(Exception):
+    """A Ctrl-C or SIGTERM stopped the child (which checkpointed): rerun to go on."""
+
+
+def _checked(cmd: list[str], quiet: bool = False) -> None:
+    """Run ``cmd``; a stop passed to it, or its failure, ends this script."""
+    code = run_forwarded(cmd, quiet=quiet)
+    if stop := stop_requested():
+        raise Stopped(stop)
+    if code:
+        raise SystemExit(f"failed (exit {code}): {' '.join(cmd)}")
+
+
 def train(dest: Path, overrides: list[str]) -> None:
     cmd = [*DEEPSYNAPSE, "train", "--resume", str(dest), "--quiet"]
     cmd += [*overrides, f"train.output_dir={dest.parent}", f"train.run_name={dest.name}"]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=REPO, env=child_env(), check=True)
+    _checked(cmd)
 
 
 def sample(run: Path, checkpoint: str, limit: int, out: Path) -> dict[str, Any]:
@@ -410,7 +431,7 @@ def sample(run: Path, checkpoint: str, limit: int, out: Path) -> dict[str, Any]:
         cmd += ["--data", "synthetic", "--limit", str(limit), "--mode", "majority"]
         cmd += ["--k", str(REACH_SAMPLES), "--temperature", str(REACH_TEMPERATURE)]
         cmd += ["--seed", "0", "--quiet", "-o", str(out)]
-        subprocess.run(cmd, cwd=REPO, env=child_env(), check=True, stdout=subprocess.DEVNULL)
+        _checked(cmd, quiet=True)
     return json.loads(out.read_text())
 
 
@@ -438,6 +459,16 @@ def reach(greedy: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the variant; a Ctrl-C or SIGTERM is passed to the trainer, which checkpoints."""
+    with stop_forwarded():
+        try:
+            return _main(argv)
+        except Stopped as stop:
+            print(f"{stop}: stopped; run the same command again to go on", flush=True)
+            return 130
+
+
+def _main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("source", nargs="?", type=Path, help="a finished run with a warm-up")
     ap.add_argument("name", nargs="?", help="the variant's name")
@@ -473,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [*DEEPSYNAPSE, "train", "--quiet", "--config", RECIPE, *QUICK.extra]
             cmd += ["train.time_budget=", "train.steps=1", "eval.limit=3", "probes.every=0"]
             cmd += [f"train.output_dir={args.out_dir}", "train.run_name=quick-source"]
-            subprocess.run(cmd, cwd=REPO, env=child_env(), check=True, stdout=subprocess.DEVNULL)
+            _checked(cmd, quiet=True)
         args.source, args.name = source, "g4"
         args.overrides = ["rollout.num_generations=4", "train.steps=2", *args.overrides]
         args.reach = args.reach or 3

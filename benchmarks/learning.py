@@ -94,6 +94,7 @@ and ``.png`` (the curves).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -102,7 +103,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -667,6 +668,49 @@ def _on_signal(signum: int, frame: Any) -> None:
             child.send_signal(signum)
     else:
         print(f"\n{name}: stopping after this", flush=True)
+
+
+@contextlib.contextmanager
+def stop_forwarded() -> Iterator[None]:
+    """While inside, a Ctrl-C or SIGTERM to this script is passed to its running children.
+
+    Each child (started by ``run_forwarded`` or ``run_logged``) runs in a session of its
+    own, so the stop reaches it once, through here: a trainer finishes its step,
+    checkpoints and exits, and the same command resumes it. Without this a SIGTERM killed
+    the script and left its trainer running, orphaned.
+    """
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested() -> str | None:
+    """The signal that asked this script to stop (``SIGTERM``, ...), if one did."""
+    return _STOP[0] if _STOP else None
+
+
+def run_forwarded(cmd: list[str], quiet: bool = False) -> int:
+    """Run ``cmd`` to its end in the repository, its output this script's (or dropped).
+
+    Returns its exit code; a stop this script gets inside ``stop_forwarded`` is passed on.
+    """
+    child = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.DEVNULL if quiet else None,
+        start_new_session=True,
+    )
+    _CHILDREN.add(child)
+    try:
+        return child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        _CHILDREN.discard(child)
 
 
 def run_logged(
@@ -1710,16 +1754,12 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; nothing starts after {args.max_minutes:g} min" if deadline else ""),
         flush=True,
     )
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_forwarded():
         if args.side_by_side:
             run_side_by_side(runs, st, recipe, expected, deadline, len(configs))
         else:
             for run in runs:
                 advance(run, st, recipe, expected[run.run_dir], deadline)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
     results, left = [], []
     for run in runs:

@@ -14,8 +14,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -1046,3 +1048,43 @@ def test_soak_tells_a_rise_at_a_wider_batch_from_one_without():
         {"step": 3, "mb": 95.0, "width": 192.0, "widest_yet": True},
         {"step": 6, "mb": 79.0, "width": 192.0, "widest_yet": False},
     ]
+
+
+def test_a_stop_to_from_start_reaches_its_trainer_once_and_ends_the_script(tmp_path):
+    """SIGTERM to the script is passed to the child (a trainer checkpoints on it), never
+    left behind: until 2026-12-08 from_start.py died and its trainer ran on, orphaned."""
+    ready, caught = tmp_path / "ready", tmp_path / "caught"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"def stop(*_): pathlib.Path({str(caught)!r}).write_text('x'); sys.exit(3)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        f"pathlib.Path({str(ready)!r}).write_text('x')\n"
+        "time.sleep(60)\n"
+    )
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "import from_start, learning\n"
+        "with learning.stop_forwarded():\n"
+        "    try:\n"
+        f"        from_start._checked([sys.executable, '-c', {child!r}])\n"
+        "    except from_start.Stopped as stop:\n"
+        "        print('stopped by', stop)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=BENCH.parent
+    )
+    for _ in range(300):
+        if ready.exists():
+            break
+        time.sleep(0.1)
+    assert ready.exists(), "the child never started"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in out
+    assert caught.exists()  # the child got the stop (once) and handled it
+
+
+def test_a_failing_child_of_from_start_ends_the_script_with_its_command():
+    with pytest.raises(SystemExit, match=r"failed \(exit 4\).*SystemExit\(4\)"):
+        from_start._checked([sys.executable, "-c", "raise SystemExit(4)"], quiet=True)

@@ -449,7 +449,12 @@ BEFORE_KEYS = (
     "hypernet.enabled",
     "memory.enabled",
 )
-TRAINING_ONLY = ("data.train", "data.synthetic_size", "data.synthetic_variants")
+TRAINING_ONLY = (
+    "data.train",
+    "data.synthetic_size",
+    "data.synthetic_variants",
+    "data.synthetic_variant_kinds",
+)
 
 
 def before_settings(config: dict[str, Any]) -> dict[str, Any]:

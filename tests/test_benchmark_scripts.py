@@ -441,6 +441,7 @@ def test_learning_shares_the_untrained_models_evaluation_only_where_it_is_the_sa
     assert share(full1) is None  # its schema, memory and hypernetwork
     assert share(full0, eval__limit=7) is None
     assert share(plain1, data__synthetic_variants=0.5) == str(d)  # what training draws only
+    assert share(plain1, data__synthetic_variant_kinds=["compare"]) == str(d)
     assert expected[plain1.run_dir]["data"]["eval_difficulty"] is None  # so the set follows:
     assert share(plain1, data__synthetic_difficulty=[2, 3]) is None
     assert share(plain1, cores=(0, 1)) is None

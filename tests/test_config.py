@@ -149,3 +149,17 @@ def test_synthetic_variants_vary_training_draws_and_never_the_held_out_set():
     assert "evaluated on synthetic arithmetic word problems (1-3 steps) (test split)" in card
     with pytest.raises(ConfigError, match="data.synthetic_variants: got 1.5"):
         load_config(None, ["data.synthetic_variants=1.5"])
+    compare = load_config(
+        None, ["data.synthetic_variants=0.5", "data.synthetic_variant_kinds=[compare]"]
+    )
+    assert {p.columns.get("variant") for p in problems(compare, "train")} == {None, "compare"}
+    assert problems(compare, "test") == problems(default, "test")
+    card = _data_line(
+        load_config(
+            None,
+            [*synthetic, "data.synthetic_variants=0.1", "data.synthetic_variant_kinds=[compare]"],
+        )
+    )
+    assert "(1-3 steps, 10% varied as SVAMP varies problems (compare))" in card
+    with pytest.raises(ConfigError, match="data.synthetic_variant_kinds: variant kinds must be"):
+        load_config(None, ["data.synthetic_variant_kinds=[compared]"])

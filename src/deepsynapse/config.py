@@ -20,6 +20,7 @@ import yaml
 
 from deepsynapse.control.build import ControlConfig
 from deepsynapse.control.curriculum import KNOWN_GROUPS
+from deepsynapse.data.synthetic import check_variant_kinds
 from deepsynapse.rl.budget import parse_duration
 from deepsynapse.strict import ConfigError, from_mapping
 
@@ -125,6 +126,11 @@ class DataConfig:
         0.0,
         "share of synthetic training problems varied as SVAMP varies problems: an irrelevant "
         "fact, the unknown at the start, or a how-many-more question (the held-out set never is)",
+    )
+    synthetic_variant_kinds: list[str] | None = _f(
+        None,
+        "which variations data.synthetic_variants draws from (None = all: irrelevant, inverse, "
+        "compare, if_clause); e.g. [compare] varies that share as how-many-more questions only",
     )
     skip_malformed: bool = _f(False, "skip (and count) malformed dataset rows instead of failing")
 
@@ -548,6 +554,11 @@ def _validate(cfg: Config) -> None:
             f"data.synthetic_variants: got {cfg.data.synthetic_variants}, expected a share "
             "within 0..1"
         )
+    if cfg.data.synthetic_variant_kinds is not None:
+        try:
+            check_variant_kinds(cfg.data.synthetic_variant_kinds)
+        except ValueError as exc:
+            raise ConfigError(f"data.synthetic_variant_kinds: {exc}") from None
     unknown = [g for g in cfg.sft.trainable_groups if g not in KNOWN_GROUPS]
     if unknown or not cfg.sft.trainable_groups:
         raise ConfigError(

@@ -675,7 +675,9 @@ def _data_line(cfg: Config) -> str:
             return "GSM8K (openai/gsm8k, main)"
         if source == "synthetic":
             lo, hi = difficulty
-            how = f", {varied:.0%} varied as SVAMP varies problems" if varied else ""
+            kinds = cfg.data.synthetic_variant_kinds
+            only = f" ({', '.join(kinds)})" if kinds else ""
+            how = f", {varied:.0%} varied as SVAMP varies problems{only}" if varied else ""
             return f"synthetic arithmetic word problems ({lo}-{hi} steps{how})"
         return f"`{source}`"
 

@@ -188,3 +188,27 @@ def test_each_variation_varies_what_its_name_says() -> None:
 def test_variants_must_be_a_share() -> None:
     with pytest.raises(ValueError, match="variants"):
         generate_problems(3, variants=1.5)
+
+
+def test_chosen_variant_kinds_vary_only_that_way_and_leave_the_rest_of_the_stream() -> None:
+    """A share of compare questions alone (the form every trained hour loses on SVAMP)."""
+    every = generate_problems(400, seed=5, difficulty=(1, 3), variants=0.3)
+    named = generate_problems(400, seed=5, difficulty=(1, 3), variants=0.3, variant_kinds=VARIANTS)
+    assert named == every  # all kinds named: the stream as it was before kinds could be chosen
+    compare = generate_problems(
+        400, seed=5, difficulty=(1, 3), variants=0.3, variant_kinds=["compare"]
+    )
+    varied = [p for p in compare if "variant" in p.columns]
+    assert {p.columns["variant"] for p in varied} == {"compare"}
+    assert 0.2 < len(varied) / len(compare) < 0.4
+    # the same problems are varied (the share's draw is its own), the others are unchanged
+    assert [i for i, p in enumerate(compare) if "variant" in p.columns] == [
+        i for i, p in enumerate(every) if "variant" in p.columns
+    ]
+    assert all(a == b for a, b in zip(compare, every, strict=True) if "variant" not in a.columns)
+    # a kind that cannot vary a problem (inverse needs at most two steps) leaves it as it was
+    inverse = generate_problems(200, seed=5, difficulty=3, variants=1.0, variant_kinds=["inverse"])
+    assert inverse == generate_problems(200, seed=5, difficulty=3)
+    for bad in ([], ["comparison"], "compare"):
+        with pytest.raises(ValueError, match="variant kinds must be a non-empty list"):
+            generate_problems(3, variants=0.5, variant_kinds=bad)

@@ -28,6 +28,7 @@ __all__ = [
     "HELDOUT_SIZE",
     "MAX_DIFFICULTY",
     "VARIANTS",
+    "check_variant_kinds",
     "generate_problems",
     "heldout_problems",
     "is_heldout",
@@ -1244,15 +1245,30 @@ _VARY: dict[str, Callable[[_Ctx, int], _Varied | None]] = {
 }
 
 
-def _variant_for(seed: int, index: int, steps: int, share: float) -> str | None:
-    """Which variation problem ``index`` gets, if any: a stream of its own, so a share of 0
-    leaves every problem what it was."""
+def _variant_for(
+    seed: int, index: int, steps: int, share: float, kinds: Sequence[str] = VARIANTS
+) -> str | None:
+    """Which variation problem ``index`` gets, if any, among ``kinds``: a stream of its own,
+    so a share of 0 leaves every problem what it was (and all kinds, the stream as before
+    kinds could be chosen). A problem no chosen kind can vary (``inverse`` alone, three
+    steps or more) stays as it was."""
     if share <= 0:
         return None
     pick = random.Random(f"deepsynapse-variant:{seed}:{index}")
     if pick.random() >= share:
         return None
-    return pick.choice([v for v in VARIANTS if v != "inverse" or steps <= 2])
+    fitting = [v for v in VARIANTS if v in kinds and (v != "inverse" or steps <= 2)]
+    return pick.choice(fitting) if fitting else None
+
+
+def check_variant_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
+    """``kinds`` as a tuple of known variations, or a ValueError naming what is expected."""
+    unknown = [k for k in kinds if k not in VARIANTS]
+    if unknown or not kinds or isinstance(kinds, str):
+        raise ValueError(
+            f"variant kinds must be a non-empty list of {', '.join(VARIANTS)}; got {kinds!r}"
+        )
+    return tuple(kinds)
 
 
 def _fits(varied: _Varied) -> bool:
@@ -1292,14 +1308,15 @@ def generate_problems(
     seed: int = 0,
     difficulty: int | tuple[int, int] = (1, 3),
     variants: float = 0.0,
+    variant_kinds: Sequence[str] = VARIANTS,
 ) -> list[Problem]:
     """Generate ``n`` word problems whose difficulty is their number of arithmetic steps.
 
     ``difficulty`` is an exact step count or an inclusive ``(low, high)`` range (within
-    1..6). ``variants``: the share of problems varied as SVAMP varies problems (`VARIANTS`;
-    0 leaves the stream as it always was). The output depends only on ``(n, seed,
-    difficulty, variants)``; problem ``i`` only on ``(seed, i, difficulty, variants)``, so a
-    longer list extends a shorter one.
+    1..6). ``variants``: the share of problems varied as SVAMP varies problems, each by one
+    of ``variant_kinds`` (`VARIANTS`; 0 leaves the stream as it always was). The output
+    depends only on ``(n, seed, difficulty, variants, variant_kinds)``; problem ``i`` only on
+    ``(seed, i)`` and those settings, so a longer list extends a shorter one.
 
     >>> p = generate_problems(1, seed=3, difficulty=2)[0]
     >>> p.difficulty, len(p.solution.splitlines()), p.columns["intermediates"][-1] == p.answer
@@ -1315,11 +1332,12 @@ def generate_problems(
         )
     if not 0.0 <= variants <= 1.0:
         raise ValueError(f"variants must be a share within 0..1, got {variants!r}")
+    kinds = check_variant_kinds(variant_kinds)
     problems = []
     for index in range(n):
         pick = random.Random(f"deepsynapse-difficulty:{seed}:{index}")
         steps = pick.randint(low, high)
-        variant = _variant_for(seed, index, steps, variants)
+        variant = _variant_for(seed, index, steps, variants, kinds)
         if variant is None:
             problems.append(_make_problem(seed, index, steps))
         else:
@@ -1385,18 +1403,29 @@ def _heldout(n: int, low: int, high: int) -> tuple[Problem, ...]:
 
 
 def training_problems(
-    n: int, *, seed: int, difficulty: int | tuple[int, int], variants: float = 0.0
+    n: int,
+    *,
+    seed: int,
+    difficulty: int | tuple[int, int],
+    variants: float = 0.0,
+    variant_kinds: Sequence[str] = VARIANTS,
 ) -> list[Problem]:
     """``n`` generated problems outside the held-out partition (what training may see).
 
     The stream is ``generate_problems``'s with held-out texts skipped, so it depends only on
-    ``(n, seed, difficulty, variants)`` and a longer list extends a shorter one.
+    its settings and a longer list extends a shorter one.
     """
     drawn = n + n // (HELDOUT_SHARE - 1) + 16
     while True:
         kept = [
             p
-            for p in generate_problems(drawn, seed=seed, difficulty=difficulty, variants=variants)
+            for p in generate_problems(
+                drawn,
+                seed=seed,
+                difficulty=difficulty,
+                variants=variants,
+                variant_kinds=variant_kinds,
+            )
             if not is_heldout(p.question)
         ]
         if len(kept) >= n:

@@ -19,7 +19,12 @@ from deepsynapse.checkpoint import CheckpointError
 from deepsynapse.config import Config
 from deepsynapse.data.gsm8k import load_gsm8k
 from deepsynapse.data.problems import Problem
-from deepsynapse.data.synthetic import HELDOUT_SIZE, heldout_problems, training_problems
+from deepsynapse.data.synthetic import (
+    HELDOUT_SIZE,
+    VARIANTS,
+    heldout_problems,
+    training_problems,
+)
 from deepsynapse.models.loading import load_model
 from deepsynapse.models.policy import PolicyModule, apply_lora
 
@@ -100,6 +105,7 @@ def build_problems(
                 seed=seed,
                 difficulty=(lo, hi),
                 variants=cfg.data.synthetic_variants,
+                variant_kinds=cfg.data.synthetic_variant_kinds or VARIANTS,
             )
             return problems, 0
         # the held-out set of record: fixed, stratified, never drawn by training

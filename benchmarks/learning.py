@@ -122,6 +122,7 @@ from ablation import (
 from ablation import part_overrides as ablation_part_overrides
 
 from deepsynapse.rl.budget import parse_duration
+from deepsynapse.rl.stopping import stop_signals_handled
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = "configs/hour-cpu.yaml"
@@ -684,12 +685,8 @@ def stop_forwarded() -> Iterator[None]:
     checkpoints and exits, and the same command resumes it. Without this a SIGTERM killed
     the script and left its trainer running, orphaned.
     """
-    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_signals_handled(_on_signal):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def stop_requested() -> str | None:

@@ -8,9 +8,22 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
 
 from deepsynapse.rl.ranks import reduce_scalar
+
+
+@contextlib.contextmanager
+def stop_signals_handled(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
+    """``handler`` takes SIGINT and SIGTERM while inside; the previous handlers come back."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class StopRequest:
@@ -34,12 +47,8 @@ class StopRequest:
             self.reason = signal.Signals(signum).name
             self.say(f"{self.reason} received: finishing this step, then checkpointing")
 
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_signals_handled(handler):
             yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
 
     def requested(self) -> bool:
         """Whether any process asked to stop (all must agree, or collectives would hang)."""

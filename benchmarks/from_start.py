@@ -409,8 +409,9 @@ class Stopped(Exception):
 
 
 def _checked(cmd: list[str], quiet: bool = False) -> None:
-    """Run ``cmd``; a stop passed to it, or its failure, ends this script."""
-    code = run_forwarded(cmd, quiet=quiet)
+    """Run ``cmd``; a stop (passed to it, or asked before it began), or its failure, ends
+    this script."""
+    code = run_forwarded(cmd, quiet=quiet) if not stop_requested() else 0
     if stop := stop_requested():
         raise Stopped(stop)
     if code:
